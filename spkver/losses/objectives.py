@@ -1,0 +1,302 @@
+r"""Margin objectives on cosine similarities: the baselines and the alpha-divergence family.
+
+Every objective takes the cosines :math:`\cos(x, w_j)` (B, C) between
+L2-normalised embeddings and class prototypes, and integer targets (B,).  It
+forms logits :math:`\theta_j = s\cos_j` with a margin on the target, and scores
+them with :func:`~spkver.losses.operator.alpha_divergence_loss` (cross-entropy
+at :math:`\alpha = 1`):
+
+==============  ==========================================  ======================  =========
+objective       target logit :math:`\theta_y`               reference :math:`q`     alpha
+==============  ==========================================  ======================  =========
+``Softmax``     :math:`s\cos_y`                             1                       1
+``CosFace``     :math:`s(\cos_y - m)`                       1                       1
+``ArcFace``     :math:`s\cos(\phi_y + m)`                   1                       1
+``AlphaDiv``    :math:`s\cos_y`                             1                       > 1
+``QMargin``     :math:`s\cos_y`                             :math:`q_y < 1`         > 1
+``A3M``         :math:`s\cos(\phi_y + m)`                   1                       > 1
+==============  ==========================================  ======================  =========
+
+Each objective keeps its configured ``base_margin`` and a current ``margin``
+that a :class:`MarginWarmup` moves with :meth:`CosineMarginObjective.update`,
+and leaves the :class:`~spkver.losses.operator.SparsityStatistics` of its last
+batch in ``last_statistics``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from spkver.losses.operator import (
+    SparsityStatistics,
+    check_alpha,
+    check_targets,
+    check_reduction,
+    loss_rows_and_statistics,
+    reduce_loss,
+)
+
+__all__ = [
+    "CosineMarginObjective",
+    "Softmax",
+    "CosFace",
+    "ArcFace",
+    "AlphaDiv",
+    "QMargin",
+    "A3M",
+    "MarginWarmup",
+    "additive_angular_cosine",
+    "qmargin_log_q_target",
+]
+
+
+def additive_angular_cosine(cosine: torch.Tensor, margin: float) -> torch.Tensor:
+    r"""ArcFace's :math:`\cos(\phi + m)` with the usual fallback past :math:`\pi`.
+
+    .. math::
+        \psi(\cos\phi) = \begin{cases}
+            \cos(\phi + m) & \phi + m \le \pi \\
+            \cos\phi - m\sin m & \text{otherwise,}
+        \end{cases}
+
+    which keeps :math:`\psi` decreasing in :math:`\phi` (InsightFace's rule).
+
+    Examples
+    --------
+    >>> additive_angular_cosine(torch.tensor([1.0, 0.0, -1.0]), 0.5)
+    tensor([ 0.8776, -0.4794, -1.2397])
+    """
+    if margin == 0:
+        return cosine
+    cosine = cosine.clamp(-1.0, 1.0)
+    sine = torch.sqrt((1.0 - cosine * cosine).clamp_min(1e-12))
+    shifted = cosine * math.cos(margin) - sine * math.sin(margin)
+    return torch.where(cosine > math.cos(math.pi - margin), shifted, cosine - margin * math.sin(margin))
+
+
+def qmargin_log_q_target(scale: float, margin: float, alpha: float) -> float:
+    r"""Q-Margin's target reference mass :math:`\log q_y = -\log\exp_\alpha(s m)`.
+
+    .. math::
+        \log q_y = -\frac{\log(1 + (\alpha-1) s m)}{\alpha - 1}
+        \;\xrightarrow[\alpha\to 1]{}\; -s m.
+
+    With this :math:`q_y` (and :math:`q_j = 1` elsewhere) the loss is zero
+    exactly when :math:`s\cos_y - s\cos_j \ge 1/(\alpha-1) + s m` for all
+    :math:`j \ne y`: an additive cosine margin :math:`m` on top of the
+    alpha-divergence's own separation.
+
+    Examples
+    --------
+    >>> round(qmargin_log_q_target(30.0, 0.2, 1.5), 4)
+    -2.7726
+    >>> qmargin_log_q_target(30.0, 0.2, 1.0)
+    -6.0
+    """
+    if alpha == 1.0:
+        return -scale * margin
+    return -math.log1p((alpha - 1.0) * scale * margin) / (alpha - 1.0)
+
+
+class CosineMarginObjective(nn.Module):
+    r"""Alpha-divergence loss of :math:`s\cos` with a margin on the target.
+
+    Subclasses choose the target cosine (:meth:`target_cosine`) and the
+    target's reference mass (:meth:`target_log_q`).
+
+    Parameters
+    ----------
+    scale : float
+        :math:`s > 0`.
+    margin : float
+        Final margin :math:`m \ge 0` (``base_margin``); ``margin`` is the current one.
+    alpha : float
+        :math:`\alpha \ge 1` (1 is softmax cross-entropy).
+    reduction : {"mean", "sum", "none"}
+    """
+
+    def __init__(self, scale: float, margin: float = 0.0, alpha: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+        self.scale = float(scale)
+        self.base_margin = float(margin)
+        self.margin = float(margin)
+        self.alpha = check_alpha(alpha)
+        self.reduction = check_reduction(reduction)
+        self.last_statistics: Optional[SparsityStatistics] = None
+
+    def update(self, margin: float) -> None:
+        """Set the current margin (called by schedules such as :class:`MarginWarmup`)."""
+        if not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+        self.margin = float(margin)
+
+    def target_cosine(self, cosine_y: torch.Tensor) -> torch.Tensor:
+        """The target's cosine after the geometric margin; identity by default."""
+        return cosine_y
+
+    def target_log_q(self) -> Optional[float]:
+        r""":math:`\log q_y` of the target; ``None`` means the unit measure."""
+        return None
+
+    def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(cosine, torch.Tensor) or cosine.dim() != 2:
+            shape = tuple(cosine.shape) if isinstance(cosine, torch.Tensor) else type(cosine).__name__
+            raise ValueError(f"cosine must be a (batch, classes) tensor, got {shape}")
+        targets = check_targets(targets, cosine)
+        logits = cosine * self.scale
+        cosine_y = cosine.gather(1, targets[:, None])
+        margined = self.target_cosine(cosine_y)
+        if margined is not cosine_y:
+            logits = logits.scatter(1, targets[:, None], margined * self.scale)
+        loss, self.last_statistics = loss_rows_and_statistics(
+            logits, targets, self.alpha, log_q_target=self.target_log_q()
+        )
+        return reduce_loss(loss, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, margin={self.margin} (base {self.base_margin}), alpha={self.alpha}"
+
+
+class Softmax(CosineMarginObjective):
+    r"""Normalised softmax: cross-entropy of :math:`s\cos`.
+
+    >>> loss = Softmax(scale=30.0)(torch.tensor([[0.9, 0.1]]), torch.tensor([0]))
+    >>> float(loss) < 1e-9
+    True
+    """
+
+    def __init__(self, scale: float, reduction: str = "mean"):
+        super().__init__(scale, 0.0, 1.0, reduction)
+
+
+class CosFace(CosineMarginObjective):
+    r"""Additive cosine margin (CosFace / AM-softmax): :math:`\theta_y = s(\cos_y - m)`."""
+
+    def __init__(self, scale: float, margin: float, reduction: str = "mean"):
+        super().__init__(scale, margin, 1.0, reduction)
+
+    def target_cosine(self, cosine_y):
+        return cosine_y - self.margin if self.margin else cosine_y
+
+
+class ArcFace(CosineMarginObjective):
+    r"""Additive angular margin: :math:`\theta_y = s\cos(\phi_y + m)` (see :func:`additive_angular_cosine`)."""
+
+    def __init__(self, scale: float, margin: float, reduction: str = "mean"):
+        super().__init__(scale, margin, 1.0, reduction)
+
+    def target_cosine(self, cosine_y):
+        return additive_angular_cosine(cosine_y, self.margin) if self.margin else cosine_y
+
+
+class AlphaDiv(CosineMarginObjective):
+    r"""Alpha-divergence loss of :math:`s\cos`, unit :math:`q`, no margin.
+
+    Zero loss once :math:`s\cos_y - s\cos_j \ge 1/(\alpha-1)` for every :math:`j \ne y`.
+
+    >>> AlphaDiv(scale=10.0, alpha=1.5)(torch.tensor([[0.5, 0.2, 0.0]]), torch.tensor([0]))
+    tensor(0.)
+    """
+
+    def __init__(self, scale: float, alpha: float, reduction: str = "mean"):
+        super().__init__(scale, 0.0, alpha, reduction)
+
+
+class QMargin(CosineMarginObjective):
+    r"""Margin in the reference measure (Q-Margin).
+
+    Logits :math:`s\cos` without a geometric margin; :math:`q_j = 1` for
+    :math:`j \ne y` and :math:`\log q_y` from :func:`qmargin_log_q_target`, so
+    the loss vanishes exactly when :math:`s\cos_y - s\cos_j \ge 1/(\alpha-1) + s m`,
+    and ``QMargin(s, m, alpha -> 1)`` is ``CosFace(s, m)``.
+
+    Parameters
+    ----------
+    log_q_target : float, optional
+        Overrides the formula with a fixed :math:`\log q_y` (for experiments,
+        e.g. the naive :math:`-s m`); warm-up then scales it by ``margin / base_margin``.
+
+    >>> QMargin(scale=30.0, margin=0.2, alpha=1.5).target_log_q() == qmargin_log_q_target(30, 0.2, 1.5)
+    True
+    """
+
+    def __init__(self, scale: float, margin: float, alpha: float, log_q_target: Optional[float] = None,
+                 reduction: str = "mean"):
+        super().__init__(scale, margin, alpha, reduction)
+        if log_q_target is not None and not math.isfinite(log_q_target):
+            raise ValueError(f"log_q_target must be finite, got {log_q_target!r}")
+        self.log_q_target_override = log_q_target
+
+    def target_log_q(self) -> Optional[float]:
+        if self.log_q_target_override is not None:
+            ramp = self.margin / self.base_margin if self.base_margin else 1.0
+            return self.log_q_target_override * ramp
+        if self.margin == 0:
+            return None
+        return qmargin_log_q_target(self.scale, self.margin, self.alpha)
+
+
+class A3M(CosineMarginObjective):
+    r"""Margin in the logits (A3M): ArcFace's :math:`s\cos(\phi_y + m)` under the alpha-divergence loss, unit :math:`q`.
+
+    Prone to :math:`p_y = 0` early in training; see
+    :class:`~spkver.losses.reinit.ReinitializationPolicy` (A3M-I).
+    """
+
+    def __init__(self, scale: float, margin: float, alpha: float, reduction: str = "mean"):
+        super().__init__(scale, margin, alpha, reduction)
+
+    target_cosine = ArcFace.target_cosine
+
+
+class MarginWarmup:
+    r"""Linear margin warm-up: :math:`m(t) = m_{final}\,\mathrm{clip}((t - t_0)/T, 0, 1)`.
+
+    ``t`` is training progress in epochs (fractional within an epoch), so the
+    schedule can be stepped per batch or per epoch.
+
+    Parameters
+    ----------
+    warmup_epochs : float
+        :math:`T`, epochs to reach the full margin (0 disables warm-up).
+    start_epoch : float
+        :math:`t_0`, epochs trained with zero margin first.
+
+    Examples
+    --------
+    >>> objective = CosFace(scale=30.0, margin=0.2)
+    >>> warmup = MarginWarmup(warmup_epochs=2.0)
+    >>> warmup.step(objective, 0.5)
+    0.05
+    >>> warmup.step(objective, 10.0)
+    0.2
+    """
+
+    def __init__(self, warmup_epochs: float, start_epoch: float = 0.0):
+        if warmup_epochs < 0 or start_epoch < 0:
+            raise ValueError(
+                f"warmup_epochs and start_epoch must be >= 0, got {warmup_epochs!r} and {start_epoch!r}"
+            )
+        self.warmup_epochs = float(warmup_epochs)
+        self.start_epoch = float(start_epoch)
+
+    def fraction(self, progress: float) -> float:
+        """Fraction of the final margin at ``progress`` epochs."""
+        if progress < self.start_epoch:
+            return 0.0
+        if self.warmup_epochs == 0:
+            return 1.0
+        return min(1.0, (progress - self.start_epoch) / self.warmup_epochs)
+
+    def step(self, objective: CosineMarginObjective, progress: float) -> float:
+        """Set ``objective``'s margin for ``progress`` epochs; return it."""
+        margin = objective.base_margin * self.fraction(progress)
+        objective.update(margin)
+        return margin

@@ -1,0 +1,569 @@
+r"""The alpha-divergence f-softargmax and its Fenchel--Young loss.
+
+This module knows nothing of speakers: it maps rows of logits to sparse
+probability vectors and scores them against integer targets.
+
+Notation (one row): logits :math:`\theta \in \mathbb{R}^C`, target :math:`y`,
+reference measure :math:`q \in (0, \infty)^C` given as ``log_q``, and
+:math:`\alpha \ge 1`, :math:`k = 1/(\alpha - 1)`.
+
+* :math:`\exp_\alpha(v) = [1 + (\alpha-1) v]_+^{k}` and
+  :math:`\log_\alpha(u) = (u^{\alpha-1} - 1)/(\alpha-1)`; both tend to exp and
+  log as :math:`\alpha \to 1`.
+* f-softargmax (Roulet et al., 2025):
+  :math:`p_j = q_j \exp_\alpha(\theta_j - \tau)` with :math:`\tau` the root of
+  :math:`\sum_j p_j = 1`.  For :math:`\alpha > 1` the posterior is sparse:
+  :math:`p_j = 0` exactly when :math:`\theta_j \le \tau - 1/(\alpha-1)`.
+* Fenchel--Young loss:
+  :math:`L = \langle p - e_y, \theta\rangle +
+  (q_y^{1-\alpha} - \sum_j q_j^{1-\alpha} p_j^\alpha)/(\alpha(\alpha-1))`,
+  whose gradient is exactly :math:`p - e_y`.  With :math:`v = \theta - \tau`
+  and :math:`\sum_j p_j = 1` it simplifies to
+  :math:`L = \tfrac{\alpha-1}{\alpha}\langle p, v\rangle - v_y +
+  \log_\alpha(1/q_y)/\alpha`, the form computed here (no large terms cancel).
+* :math:`\alpha = 1` is the exact limit :math:`p = \mathrm{softmax}(\theta +
+  \log q)`, :math:`L = \mathrm{CE}(\theta + \log q, y)`, computed on that path.
+
+Root finding.  Every :math:`p_j \le 1` gives the lower bound
+:math:`\tau \ge \tau_{lo} = \max_j[\theta_j - \log_\alpha(1/q_j)]`, so only the
+classes with :math:`\theta_j > \tau_{lo} - 1/(\alpha-1)` can be in the support.
+The solver keeps just those candidates (one ``topk``), then runs a safeguarded
+Newton iteration on :math:`\varphi(\tau) = (\sum_j q_j z_j^k)^{1/k} - 1`,
+:math:`z_j = [1 + (\alpha-1)(\theta_j - \tau)]_+`, from :math:`\tau_{lo}`.  For
+:math:`1 < \alpha \le 2` :math:`\varphi` is convex and decreasing, so the
+iterates rise monotonically to the root (3--6 passes to float32 accuracy); a
+bracket :math:`[\tau_{lo}, \tau_{hi}]` with bisection guards :math:`\alpha > 2`.
+Everything runs in float32 whatever the input dtype; the result is renormalised.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "alpha_softargmax",
+    "alpha_divergence_loss",
+    "SparseRows",
+    "solve_alpha_softargmax",
+    "SparsityStatistics",
+    "loss_rows_and_statistics",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+#: Newton passes are cheap; the cap only guards against pathological rows.
+_MAX_ITERATIONS = 60
+#: Convergence is declared when every row's :math:`|\sum_j p_j - 1|` is below this.
+_TOLERANCE = 1e-6
+#: Above this fraction of candidate classes the solve is done densely (no topk).
+_DENSE_FRACTION = 0.25
+
+
+def _log_alpha_of_inverse(log_q: torch.Tensor, alpha: float) -> torch.Tensor:
+    r""":math:`\log_\alpha(1/q) = \mathrm{expm1}((1-\alpha)\log q)/(\alpha-1)`, stable near 1."""
+    return torch.expm1((1.0 - alpha) * log_q) / (alpha - 1.0)
+
+
+@dataclass
+class SparseRows:
+    r"""The solution of the f-softargmax for a batch of rows.
+
+    Attributes
+    ----------
+    probs : Tensor (B, K)
+        :math:`p` on the candidate classes ``index`` (zero outside the support).
+    shifted : Tensor (B, K)
+        :math:`v = \theta - \tau` on the candidate classes.
+    index : Tensor (B, K) or None
+        Class index of each column; ``None`` when the solve was dense (K = C).
+    tau : Tensor (B,)
+        The threshold :math:`\tau` relative to the row maximum of the logits.
+    num_classes : int
+        C, the number of classes of the full rows.
+    """
+
+    probs: torch.Tensor
+    shifted: torch.Tensor
+    index: Optional[torch.Tensor]
+    tau: torch.Tensor
+    num_classes: int
+
+    def dense(self) -> torch.Tensor:
+        """The full (B, C) probability matrix."""
+        if self.index is None:
+            return self.probs
+        out = self.probs.new_zeros(self.probs.shape[0], self.num_classes)
+        return out.scatter_(1, self.index, self.probs)
+
+    def at(self, targets: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Entries of ``values`` (B, K) at class ``targets`` (B,), zero if not a candidate."""
+        if self.index is None:
+            return values.gather(1, targets[:, None]).squeeze(1)
+        hit = self.index == targets[:, None]
+        return torch.where(hit, values, torch.zeros_like(values)).sum(1)
+
+    def support_size(self) -> torch.Tensor:
+        """Number of classes with :math:`p_j > 0` in each row."""
+        return (self.probs > 0).sum(1)
+
+
+def check_alpha(alpha) -> float:
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number >= 1, got {alpha!r}") from None
+    if not math.isfinite(alpha) or alpha < 1.0:
+        raise ValueError(f"alpha must be a finite number >= 1, got {alpha!r}")
+    return alpha
+
+
+def _check_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Validate and return the row maxima (which also reveal NaN and +inf cheaply)."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (batch, classes), got {tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have at least one class (got 0 columns)")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, dtype=torch.float32)
+    row_max = logits.detach().amax(dim=1).float()
+    bad = ~torch.isfinite(row_max)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        value = float(row_max[row])
+        if math.isnan(value):
+            raise ValueError(f"logits contain NaN (first in row {row})")
+        if value > 0:
+            raise ValueError(f"logits contain +inf (first in row {row})")
+        raise ValueError(f"logits row {row} is entirely -inf: no class is allowed")
+    return row_max
+
+
+def _check_log_q(log_q, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    if log_q is None:
+        return None
+    if not isinstance(log_q, torch.Tensor):
+        log_q = torch.as_tensor(log_q, dtype=torch.float32, device=logits.device)
+    if log_q.requires_grad:
+        raise ValueError(
+            "log_q is treated as a constant reference measure and receives no gradient; "
+            "pass log_q.detach()"
+        )
+    batch, classes = logits.shape
+    if tuple(log_q.shape) not in ((classes,), (batch, classes)):
+        raise ValueError(
+            f"log_q must have shape ({classes},) or ({batch}, {classes}) to match logits, "
+            f"got {tuple(log_q.shape)}"
+        )
+    log_q = log_q.to(device=logits.device, dtype=torch.float32)
+    if bool(torch.isnan(log_q).any()) or bool((log_q == math.inf).any()):
+        raise ValueError("log_q must not contain NaN or +inf (q must be finite and >= 0)")
+    return log_q
+
+
+def check_targets(targets, logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(targets, torch.Tensor):
+        targets = torch.as_tensor(targets, device=logits.device)
+    if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"targets must have shape ({logits.shape[0]},) to match logits, got {tuple(targets.shape)}"
+        )
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
+    targets = targets.to(device=logits.device, dtype=torch.long)
+    if targets.numel():
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= logits.shape[1]:
+            bad = low if low < 0 else high
+            raise ValueError(f"targets must lie in [0, {logits.shape[1] - 1}], got {bad}")
+    return targets
+
+
+def _check_log_q_target(log_q_target, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    if log_q_target is None:
+        return None
+    log_q_target = torch.as_tensor(log_q_target, dtype=torch.float32, device=logits.device)
+    if log_q_target.dim() == 0:
+        log_q_target = log_q_target.expand(logits.shape[0])
+    if tuple(log_q_target.shape) != (logits.shape[0],):
+        raise ValueError(
+            f"log_q_target must be a scalar or have shape ({logits.shape[0]},), "
+            f"got {tuple(log_q_target.shape)}"
+        )
+    if not bool(torch.isfinite(log_q_target).all()):
+        raise ValueError("log_q_target must be finite")
+    return log_q_target.detach()
+
+
+def _powers(z: torch.Tensor, alpha: float):
+    r"""Return :math:`(z^k, z^{k-1})` for :math:`z \ge 0`, zero where :math:`z = 0`."""
+    if alpha == 1.5:  # k = 2: the paper's default, no transcendental functions
+        return z * z, z
+    if alpha == 2.0:  # k = 1: sparsemax
+        return z, (z > 0).to(z.dtype)
+    k = 1.0 / (alpha - 1.0)
+    positive = z > 0
+    log_z = torch.log(torch.where(positive, z, torch.ones_like(z)))
+    zero = torch.zeros_like(z)
+    return (
+        torch.where(positive, torch.exp(k * log_z), zero),
+        torch.where(positive, torch.exp((k - 1.0) * log_z), zero),
+    )
+
+
+def _newton_tau(theta, log_q, alpha, tau_lo, tau_hi):
+    r"""Safeguarded Newton for :math:`\sum_j q_j [1 + (\alpha-1)(\theta_j-\tau)]_+^k = 1`.
+
+    ``theta`` (B, K) float32, ``log_q`` broadcastable to it or None, bounds (B,).
+    Returns :math:`\tau` (B,) and the unnormalised :math:`p` (B, K).
+    """
+    q = None if log_q is None else torch.exp(log_q)
+    lo, hi, tau = tau_lo.clone(), tau_hi.clone(), tau_lo.clone()
+    for _ in range(_MAX_ITERATIONS):
+        z = (1.0 + (alpha - 1.0) * (theta - tau[:, None])).clamp_min_(0.0)
+        w, w_prime = _powers(z, alpha)
+        if q is not None:
+            w, w_prime = w * q, w_prime * q
+        mass = w.sum(1)
+        slope = w_prime.sum(1)
+        error = mass - 1.0
+        if float(error.abs().max()) <= _TOLERANCE:
+            return tau, w
+        above = error > 0
+        lo = torch.where(above, tau, lo)
+        hi = torch.where(above, hi, tau)
+        # Newton on phi = mass^(1/k) - 1:  step = mass * (1 - mass^(-1/k)) / ((alpha-1) * slope)
+        log_mass = torch.log(mass.clamp_min(1e-30))
+        step = -mass * torch.expm1(-(alpha - 1.0) * log_mass) / ((alpha - 1.0) * slope)
+        candidate = tau + step
+        inside = (slope > 0) & (candidate >= lo) & (candidate <= hi) & torch.isfinite(candidate)
+        tau = torch.where(inside, candidate, 0.5 * (lo + hi))
+    return tau, w
+
+
+def solve_alpha_softargmax(
+    logits: torch.Tensor,
+    alpha: float,
+    log_q: Optional[torch.Tensor] = None,
+    targets: Optional[torch.Tensor] = None,
+    log_q_target: Optional[torch.Tensor] = None,
+    row_max: Optional[torch.Tensor] = None,
+) -> SparseRows:
+    r"""Solve the f-softargmax for :math:`\alpha > 1` on the provable support candidates.
+
+    Inputs are assumed validated (see :func:`alpha_softargmax`).  ``log_q`` is
+    (C,) or (B, C); ``log_q_target`` (B,) overrides :math:`\log q_y` at
+    ``targets`` (all other classes then have unit mass unless ``log_q`` is given).
+    Computation is in float32.
+    """
+    theta = logits.detach().float()
+    batch, classes = theta.shape
+    if row_max is None:
+        row_max = theta.amax(1)
+    theta = theta - row_max[:, None]  # exact for the top classes; p is shift invariant
+    if log_q is not None and log_q.dim() == 1:
+        log_q = log_q[None, :].expand(batch, classes)
+
+    # Lower bound tau_lo = max_j [theta_j - log_alpha(1/q_j)].
+    if log_q is not None:
+        bound = theta - _log_alpha_of_inverse(log_q, alpha)
+        if log_q_target is not None:
+            bound = bound.scatter(
+                1, targets[:, None],
+                theta.gather(1, targets[:, None]) - _log_alpha_of_inverse(log_q_target, alpha)[:, None],
+            )
+        tau_lo = bound.amax(1)
+    elif log_q_target is not None:
+        top2 = theta.topk(min(2, classes), dim=1).indices
+        theta_y = theta.gather(1, targets[:, None]).squeeze(1)
+        if classes > 1:
+            others = torch.where(top2[:, 0] == targets,
+                                 theta.gather(1, top2[:, 1:2]).squeeze(1),
+                                 torch.zeros_like(theta_y))
+        else:
+            others = torch.full_like(theta_y, -math.inf)
+        tau_lo = torch.maximum(others, theta_y - _log_alpha_of_inverse(log_q_target, alpha))
+    else:
+        tau_lo = torch.zeros(batch, dtype=theta.dtype, device=theta.device)
+
+    threshold = tau_lo - 1.0 / (alpha - 1.0)
+    num_candidates = int((theta > threshold[:, None]).sum(1).max()) if batch else 0
+    num_candidates = max(num_candidates, 1)
+
+    if num_candidates > _DENSE_FRACTION * classes:
+        index, sub_theta, sub_log_q = None, theta, log_q
+    else:
+        sub_theta, index = theta.topk(num_candidates, dim=1, sorted=False)
+        sub_log_q = None if log_q is None else log_q.gather(1, index)
+    if log_q_target is not None:
+        is_target = (
+            torch.arange(classes, device=theta.device)[None, :] == targets[:, None]
+            if index is None else index == targets[:, None]
+        )
+        base = torch.zeros_like(sub_theta) if sub_log_q is None else sub_log_q
+        sub_log_q = torch.where(is_target, log_q_target[:, None].expand_as(base), base)
+
+    # Upper bound: every class contributes at most 1/n when tau >= tau_hi.
+    n = sub_theta.shape[1]
+    sub_q_for_hi = torch.zeros_like(sub_theta) if sub_log_q is None else sub_log_q
+    tau_hi = (sub_theta - _log_alpha_of_inverse(sub_q_for_hi + math.log(n), alpha)).amax(1)
+    tau_hi = torch.maximum(tau_hi, tau_lo)
+
+    tau, w = _newton_tau(sub_theta, sub_log_q, alpha, tau_lo, tau_hi)
+    probs = w / w.sum(1, keepdim=True)
+    shifted = sub_theta - tau[:, None]
+    return SparseRows(probs=probs, shifted=shifted, index=index, tau=tau, num_classes=classes)
+
+
+class _AlphaSoftargmax(torch.autograd.Function):
+    r"""f-softargmax with its exact Jacobian-vector product.
+
+    With :math:`g_j = \partial p_j/\partial\theta_j|_\tau = p_j / z_j` on the
+    support (zero elsewhere), :math:`J = \mathrm{diag}(g) - g g^\top / \sum g`.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, alpha, log_q, row_max):
+        rows = solve_alpha_softargmax(logits, alpha, log_q=log_q, row_max=row_max)
+        p = rows.dense()
+        z = (1.0 + (alpha - 1.0) * rows.shifted).clamp_min(0.0)
+        g = torch.where(rows.probs > 0, rows.probs / z.clamp_min(1e-30), torch.zeros_like(z))
+        ctx.save_for_backward(g, rows.index if rows.index is not None else torch.empty(0))
+        ctx.dense = rows.index is None
+        ctx.num_classes = logits.shape[1]
+        ctx.input_dtype = logits.dtype
+        return p.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        g, index = ctx.saved_tensors
+        grad_p = grad_p.float()
+        if not ctx.dense:
+            grad_p = grad_p.gather(1, index)
+        gd = g * grad_p
+        grad_sub = gd - g * (gd.sum(1, keepdim=True) / g.sum(1, keepdim=True))
+        if ctx.dense:
+            grad = grad_sub
+        else:
+            grad = grad_sub.new_zeros(grad_sub.shape[0], ctx.num_classes).scatter_(1, index, grad_sub)
+        return grad.to(ctx.input_dtype), None, None, None
+
+
+def alpha_softargmax(logits: torch.Tensor, alpha: float, log_q: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""The alpha-divergence f-softargmax of each row of ``logits``.
+
+    .. math::
+        p_j = q_j\,[1 + (\alpha-1)(\theta_j - \tau)]_+^{1/(\alpha-1)},
+        \qquad \sum_j p_j = 1,
+
+    and :math:`p = \mathrm{softmax}(\theta + \log q)` at :math:`\alpha = 1`.
+
+    Parameters
+    ----------
+    logits : Tensor (B, C)
+        Any floating dtype; computed in float32, returned in the input dtype.
+        ``-inf`` masks a class out.
+    alpha : float
+        :math:`\alpha \ge 1`; :math:`\alpha > 1` gives sparse outputs.
+    log_q : Tensor (C,) or (B, C), optional
+        Log of the reference measure :math:`q` (a constant); default
+        :math:`q \equiv 1`.
+
+    Returns
+    -------
+    Tensor (B, C), rows summing to 1, differentiable with respect to ``logits``.
+
+    Examples
+    --------
+    >>> p = alpha_softargmax(torch.tensor([[3.0, 2.5, 0.0]]), alpha=1.5)
+    >>> p
+    tensor([[0.6740, 0.3260, 0.0000]])
+    >>> float(p.sum())
+    1.0
+    """
+    alpha = check_alpha(alpha)
+    row_max = _check_logits(logits)
+    log_q = _check_log_q(log_q, logits)
+    if alpha == 1.0:
+        shifted = logits.float() if log_q is None else logits.float() + log_q
+        return torch.softmax(shifted, dim=1).to(logits.dtype)
+    return _AlphaSoftargmax.apply(logits, alpha, log_q, row_max)
+
+
+class _AlphaDivergenceLoss(torch.autograd.Function):
+    """Per-row Fenchel--Young loss; backward is a scaling of the saved :math:`p - e_y`."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, alpha, log_q, log_q_target, row_max):
+        rows = solve_alpha_softargmax(
+            logits, alpha, log_q=log_q, targets=targets, log_q_target=log_q_target, row_max=row_max
+        )
+        if log_q_target is not None:
+            log_q_y = log_q_target
+        elif log_q is not None:
+            log_q_y = log_q[targets] if log_q.dim() == 1 else log_q.gather(1, targets[:, None]).squeeze(1)
+        else:
+            log_q_y = None
+        # v_y = theta_y - tau: from the solve when y is a candidate, else from the logits.
+        theta_y = logits.detach().float().gather(1, targets[:, None]).squeeze(1) - row_max
+        v_y = theta_y - rows.tau
+        loss = (alpha - 1.0) / alpha * (rows.probs * rows.shifted).sum(1) - v_y
+        if log_q_y is not None:
+            loss = loss + _log_alpha_of_inverse(log_q_y, alpha) / alpha
+        loss = loss.clamp_min(0.0)  # the loss is >= 0; remove float32 rounding below zero
+        p_y = rows.at(targets, rows.probs)
+        ctx.save_for_backward(rows.probs, rows.index if rows.index is not None else torch.empty(0), targets)
+        ctx.dense = rows.index is None
+        ctx.num_classes = logits.shape[1]
+        ctx.input_dtype = logits.dtype
+        ctx.mark_non_differentiable(p_y)
+        support = rows.support_size()
+        ctx.mark_non_differentiable(support)
+        return loss, p_y, support
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_p_y, _grad_support):
+        probs, index, targets = ctx.saved_tensors
+        scale = grad_loss.float()[:, None]
+        if ctx.dense:
+            grad = probs * scale
+        else:
+            grad = probs.new_zeros(probs.shape[0], ctx.num_classes).scatter_(1, index, probs * scale)
+        grad.scatter_add_(1, targets[:, None], -scale)
+        return grad.to(ctx.input_dtype), None, None, None, None, None
+
+
+@dataclass
+class SparsityStatistics:
+    r"""Per-batch statistics of the posterior :math:`p` behind a loss.
+
+    Attributes
+    ----------
+    support_size : float
+        Mean number of classes with :math:`p_j > 0` per row.
+    target_zero_fraction : float
+        Fraction of rows whose target has :math:`p_y = 0` (the A3M collapse).
+    target_prob : float
+        Mean :math:`p_y`.
+    """
+
+    support_size: float
+    target_zero_fraction: float
+    target_prob: float
+
+
+def loss_rows_and_statistics(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    log_q: Optional[torch.Tensor] = None,
+    log_q_target: Optional[torch.Tensor] = None,
+):
+    """Validated per-row loss (B,) with its :class:`SparsityStatistics`.
+
+    The shared engine of :func:`alpha_divergence_loss` and of the margin
+    objectives; see there for the arguments.
+    """
+    alpha = check_alpha(alpha)
+    row_max = _check_logits(logits)
+    targets = check_targets(targets, logits)
+    log_q = _check_log_q(log_q, logits)
+    log_q_target = _check_log_q_target(log_q_target, logits)
+    target_logit = logits.detach().gather(1, targets[:, None]).squeeze(1)
+    if bool((target_logit == -math.inf).any()):
+        row = int((target_logit == -math.inf).nonzero()[0])
+        raise ValueError(f"the target class of row {row} has logit -inf (masked): the loss is infinite")
+    if logits.shape[0] == 0:
+        empty = logits.new_zeros(0, dtype=torch.float32)
+        return empty.requires_grad_(logits.requires_grad), SparsityStatistics(math.nan, math.nan, math.nan)
+
+    if alpha == 1.0:
+        shifted = logits.float()
+        if log_q is not None:
+            shifted = shifted + log_q
+        if log_q_target is not None:
+            theta_y = logits.float().gather(1, targets[:, None])
+            shifted = shifted.scatter(1, targets[:, None], theta_y + log_q_target[:, None])
+        loss = F.cross_entropy(shifted, targets, reduction="none")
+        with torch.no_grad():
+            p_y = torch.exp(-loss)
+            support = torch.isfinite(shifted).sum(1)
+    else:
+        loss, p_y, support = _AlphaDivergenceLoss.apply(logits, targets, alpha, log_q, log_q_target, row_max)
+    with torch.no_grad():
+        stats = SparsityStatistics(
+            support_size=float(support.float().mean()),
+            target_zero_fraction=float((p_y == 0).float().mean()),
+            target_prob=float(p_y.mean()),
+        )
+    return loss, stats
+
+
+def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def alpha_divergence_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    log_q: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    log_q_target: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Fenchel--Young loss of the alpha-divergence.
+
+    .. math::
+        L(\theta, y; q) = \langle p - e_y, \theta\rangle
+        + \frac{q_y^{1-\alpha} - \sum_j q_j^{1-\alpha} p_j^\alpha}{\alpha(\alpha-1)}
+        \;\ge 0,
+
+    with :math:`p` = :func:`alpha_softargmax` :math:`(\theta; q)`; zero iff
+    :math:`p = e_y`.  :math:`\partial L/\partial\theta = p - e_y` exactly.  At
+    :math:`\alpha = 1` it is the cross-entropy of :math:`\theta + \log q`, and
+    with :math:`q \equiv 1` the entmax loss.
+
+    Parameters
+    ----------
+    logits : Tensor (B, C)
+        Any floating dtype (computed in float32; the gradient has the input dtype).
+    targets : Tensor (B,)
+        Integer classes in ``[0, C)``.
+    alpha : float
+        :math:`\alpha \ge 1`.
+    log_q : Tensor (C,) or (B, C), optional
+        Log reference measure (a constant); default :math:`q \equiv 1`.
+    reduction : {"mean", "sum", "none"}
+    log_q_target : Tensor (B,) or float, optional
+        :math:`\log q_y` of each row's target, overriding ``log_q`` there: the
+        Q-Margin measure without building a (B, C) tensor.
+
+    The loss is returned in float32; its value overflows to ``inf`` only when
+    the exact value exceeds float32's range (possible only for extreme ``q``
+    and large ``alpha``, e.g. :math:`q_y^{1-\alpha} > 10^{38}`).
+
+    Examples
+    --------
+    >>> logits = torch.tensor([[3.0, 2.5, 0.0], [0.0, 1.0, 4.0]])
+    >>> alpha_divergence_loss(logits, torch.tensor([0, 2]), alpha=1.5, reduction="none")
+    tensor([0.1844, 0.0000])
+    """
+    check_reduction(reduction)
+    loss, _ = loss_rows_and_statistics(logits, targets, alpha, log_q=log_q, log_q_target=log_q_target)
+    return reduce_loss(loss, reduction)
