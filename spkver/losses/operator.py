@@ -83,6 +83,9 @@ class SparseRows:
         The threshold :math:`\tau` relative to the row maximum of the logits.
     num_classes : int
         C, the number of classes of the full rows.
+    jacobian_diagonal : Tensor (B, K)
+        :math:`g_j = \partial p_j / \partial \theta_j` at fixed :math:`\tau`
+        (:math:`q_j^{\alpha-1} p_j^{2-\alpha}`), zero off the support.
     """
 
     probs: torch.Tensor
@@ -90,6 +93,7 @@ class SparseRows:
     index: Optional[torch.Tensor]
     tau: torch.Tensor
     num_classes: int
+    jacobian_diagonal: torch.Tensor
 
     def dense(self) -> torch.Tensor:
         """The full (B, C) probability matrix."""
@@ -217,24 +221,31 @@ def _powers(z: torch.Tensor, alpha: float):
     )
 
 
-def _newton_tau(theta, log_q, alpha, tau_lo, tau_hi):
-    r"""Safeguarded Newton for :math:`\sum_j q_j [1 + (\alpha-1)(\theta_j-\tau)]_+^k = 1`.
+def _newton_tau(bound, steepness, alpha, tau_lo, tau_hi):
+    r"""Safeguarded Newton for :math:`\sum_j [1 + (\alpha-1) a_j (b_j - \tau)]_+^k = 1`.
 
-    ``theta`` (B, K) float32, ``log_q`` broadcastable to it or None, bounds (B,).
-    Returns :math:`\tau` (B,) and the unnormalised :math:`p` (B, K).
+    This is the f-softargmax equation written per class around
+    :math:`b_j = \theta_j - \log_\alpha(1/q_j)` (where :math:`p_j` alone would
+    be 1) with steepness :math:`a_j = q_j^{\alpha-1}`: no large terms cancel,
+    whatever :math:`q`.  ``bound`` (B, K), ``steepness`` (B, K) or None (unit
+    measure), bounds (B,).  Returns :math:`\tau` (B,), the unnormalised
+    :math:`p` and :math:`g = \partial p_j/\partial b_j|_\tau` (both (B, K)).
     """
-    q = None if log_q is None else torch.exp(log_q)
     lo, hi, tau = tau_lo.clone(), tau_hi.clone(), tau_lo.clone()
+    last_step = torch.full_like(tau, math.inf)
     for _ in range(_MAX_ITERATIONS):
-        z = (1.0 + (alpha - 1.0) * (theta - tau[:, None])).clamp_min_(0.0)
+        u = bound - tau[:, None]
+        if steepness is not None:
+            u = u * steepness
+        z = (1.0 + (alpha - 1.0) * u).clamp_min_(0.0)
         w, w_prime = _powers(z, alpha)
-        if q is not None:
-            w, w_prime = w * q, w_prime * q
+        if steepness is not None:
+            w_prime = w_prime * steepness
         mass = w.sum(1)
         slope = w_prime.sum(1)
         error = mass - 1.0
         if float(error.abs().max()) <= _TOLERANCE:
-            return tau, w
+            break
         above = error > 0
         lo = torch.where(above, tau, lo)
         hi = torch.where(above, hi, tau)
@@ -242,9 +253,36 @@ def _newton_tau(theta, log_q, alpha, tau_lo, tau_hi):
         log_mass = torch.log(mass.clamp_min(1e-30))
         step = -mass * torch.expm1(-(alpha - 1.0) * log_mass) / ((alpha - 1.0) * slope)
         candidate = tau + step
-        inside = (slope > 0) & (candidate >= lo) & (candidate <= hi) & torch.isfinite(candidate)
-        tau = torch.where(inside, candidate, 0.5 * (lo + hi))
-    return tau, w
+        accept = (slope > 0) & (candidate >= lo) & (candidate <= hi) & torch.isfinite(candidate)
+        if alpha > 2.0:
+            # phi is not convex there: as in rtsafe, accept Newton only while its steps
+            # halve, else bisect; this breaks the 2-cycles Newton can fall into.
+            accept &= step.abs() <= 0.5 * last_step
+        new_tau = torch.where(accept, candidate, 0.5 * (lo + hi))
+        last_step = (new_tau - tau).abs()
+        tau = new_tau
+    return tau, w, w_prime
+
+
+#: Largest steepness a_j = q_j^(alpha-1) used: the window of tau over which such a
+#: class goes from p_j = 1 to 0 is already far below float32 resolution.
+_MAX_LOG_STEEPNESS = 69.0
+
+
+def _bound_and_steepness(theta, log_q, alpha):
+    r"""Per-class :math:`b_j = \theta_j - \log_\alpha(1/q_j)` and :math:`a_j = q_j^{\alpha-1}`.
+
+    Classes with :math:`q_j = 0`, or so small that :math:`q_j^{1-\alpha}`
+    overflows float32, are excluded (:math:`b_j = -\infty`): their
+    :math:`p_j` is below float32 resolution.
+    """
+    bound = theta - _log_alpha_of_inverse(log_q, alpha)
+    steepness = torch.exp(((alpha - 1.0) * log_q).clamp(max=_MAX_LOG_STEEPNESS))
+    excluded = ~torch.isfinite(bound) | (steepness == 0)
+    if bool(excluded.any()):
+        bound = bound.masked_fill(excluded, -math.inf)
+        steepness = steepness.masked_fill(excluded, 1.0)
+    return bound, steepness
 
 
 def solve_alpha_softargmax(
@@ -269,23 +307,25 @@ def solve_alpha_softargmax(
     theta = theta - row_max[:, None]  # exact for the top classes; p is shift invariant
     if log_q is not None and log_q.dim() == 1:
         log_q = log_q[None, :].expand(batch, classes)
+    if log_q is not None and log_q_target is not None:
+        log_q = log_q.scatter(1, targets[:, None], log_q_target[:, None])
 
-    # Lower bound tau_lo = max_j [theta_j - log_alpha(1/q_j)].
+    # Lower bound tau_lo = max_j b_j, b_j = theta_j - log_alpha(1/q_j).
     if log_q is not None:
-        bound = theta - _log_alpha_of_inverse(log_q, alpha)
-        if log_q_target is not None:
-            bound = bound.scatter(
-                1, targets[:, None],
-                theta.gather(1, targets[:, None]) - _log_alpha_of_inverse(log_q_target, alpha)[:, None],
+        tau_lo = _bound_and_steepness(theta, log_q, alpha)[0].amax(1)
+        if not bool(torch.isfinite(tau_lo).all()):
+            row = int((~torch.isfinite(tau_lo)).nonzero()[0])
+            raise ValueError(
+                f"log_q of row {row} is too small for float32 at alpha={alpha}: q^(1-alpha) overflows "
+                "for every allowed class; rescale q (scaling q by c equals scaling the logits by c^(alpha-1))"
             )
-        tau_lo = bound.amax(1)
     elif log_q_target is not None:
-        top2 = theta.topk(min(2, classes), dim=1).indices
         theta_y = theta.gather(1, targets[:, None]).squeeze(1)
         if classes > 1:
+            top2 = theta.topk(2, dim=1).indices
             others = torch.where(top2[:, 0] == targets,
                                  theta.gather(1, top2[:, 1:2]).squeeze(1),
-                                 torch.zeros_like(theta_y))
+                                 torch.zeros_like(theta_y))  # the row max, 0 after the shift
         else:
             others = torch.full_like(theta_y, -math.inf)
         tau_lo = torch.maximum(others, theta_y - _log_alpha_of_inverse(log_q_target, alpha))
@@ -293,38 +333,44 @@ def solve_alpha_softargmax(
         tau_lo = torch.zeros(batch, dtype=theta.dtype, device=theta.device)
 
     threshold = tau_lo - 1.0 / (alpha - 1.0)
-    num_candidates = int((theta > threshold[:, None]).sum(1).max()) if batch else 0
+    num_candidates = int((theta >= threshold[:, None]).sum(1).max()) if batch else 0
     num_candidates = max(num_candidates, 1)
 
     if num_candidates > _DENSE_FRACTION * classes:
-        index, sub_theta, sub_log_q = None, theta, log_q
+        index, sub_theta = None, theta
+        sub_log_q = log_q
+        if log_q is None and log_q_target is not None:
+            sub_log_q = theta.new_zeros(batch, classes).scatter_(1, targets[:, None], log_q_target[:, None])
     else:
         sub_theta, index = theta.topk(num_candidates, dim=1, sorted=False)
-        sub_log_q = None if log_q is None else log_q.gather(1, index)
-    if log_q_target is not None:
-        is_target = (
-            torch.arange(classes, device=theta.device)[None, :] == targets[:, None]
-            if index is None else index == targets[:, None]
-        )
-        base = torch.zeros_like(sub_theta) if sub_log_q is None else sub_log_q
-        sub_log_q = torch.where(is_target, log_q_target[:, None].expand_as(base), base)
+        if log_q is not None:
+            sub_log_q = log_q.gather(1, index)
+        elif log_q_target is not None:
+            sub_log_q = torch.where(index == targets[:, None], log_q_target[:, None], 0.0)
+        else:
+            sub_log_q = None
 
-    # Upper bound: every class contributes at most 1/n when tau >= tau_hi.
+    if sub_log_q is None:
+        bound, steepness = sub_theta, None
+    else:
+        bound, steepness = _bound_and_steepness(sub_theta, sub_log_q, alpha)
+    # Upper bound: p_j <= 1/n for every class once a_j (b_j - tau) <= log_alpha(1/n).
     n = sub_theta.shape[1]
-    sub_q_for_hi = torch.zeros_like(sub_theta) if sub_log_q is None else sub_log_q
-    tau_hi = (sub_theta - _log_alpha_of_inverse(sub_q_for_hi + math.log(n), alpha)).amax(1)
-    tau_hi = torch.maximum(tau_hi, tau_lo)
+    margin = -_log_alpha_of_inverse(torch.tensor(math.log(n)), alpha).item()
+    tau_hi = (bound + margin if steepness is None else bound + margin / steepness).amax(1)
+    tau_hi = torch.maximum(tau_hi, tau_lo).nan_to_num(posinf=torch.finfo(torch.float32).max / 4)
 
-    tau, w = _newton_tau(sub_theta, sub_log_q, alpha, tau_lo, tau_hi)
-    probs = w / w.sum(1, keepdim=True)
-    shifted = sub_theta - tau[:, None]
-    return SparseRows(probs=probs, shifted=shifted, index=index, tau=tau, num_classes=classes)
+    tau, w, w_prime = _newton_tau(bound, steepness, alpha, tau_lo, tau_hi)
+    total = w.sum(1, keepdim=True)
+    probs = w / total
+    return SparseRows(probs=probs, shifted=sub_theta - tau[:, None], index=index, tau=tau,
+                      num_classes=classes, jacobian_diagonal=w_prime / total)
 
 
 class _AlphaSoftargmax(torch.autograd.Function):
     r"""f-softargmax with its exact Jacobian-vector product.
 
-    With :math:`g_j = \partial p_j/\partial\theta_j|_\tau = p_j / z_j` on the
+    With :math:`g_j = \partial p_j/\partial\theta_j|_\tau` on the
     support (zero elsewhere), :math:`J = \mathrm{diag}(g) - g g^\top / \sum g`.
     """
 
@@ -332,8 +378,7 @@ class _AlphaSoftargmax(torch.autograd.Function):
     def forward(ctx, logits, alpha, log_q, row_max):
         rows = solve_alpha_softargmax(logits, alpha, log_q=log_q, row_max=row_max)
         p = rows.dense()
-        z = (1.0 + (alpha - 1.0) * rows.shifted).clamp_min(0.0)
-        g = torch.where(rows.probs > 0, rows.probs / z.clamp_min(1e-30), torch.zeros_like(z))
+        g = rows.jacobian_diagonal
         ctx.save_for_backward(g, rows.index if rows.index is not None else torch.empty(0))
         ctx.dense = rows.index is None
         ctx.num_classes = logits.shape[1]
@@ -413,7 +458,8 @@ class _AlphaDivergenceLoss(torch.autograd.Function):
         # v_y = theta_y - tau: from the solve when y is a candidate, else from the logits.
         theta_y = logits.detach().float().gather(1, targets[:, None]).squeeze(1) - row_max
         v_y = theta_y - rows.tau
-        loss = (alpha - 1.0) / alpha * (rows.probs * rows.shifted).sum(1) - v_y
+        inner = torch.where(rows.probs > 0, rows.probs * rows.shifted, torch.zeros_like(rows.probs))  # -inf masked
+        loss = (alpha - 1.0) / alpha * inner.sum(1) - v_y
         if log_q_y is not None:
             loss = loss + _log_alpha_of_inverse(log_q_y, alpha) / alpha
         loss = loss.clamp_min(0.0)  # the loss is >= 0; remove float32 rounding below zero
