@@ -150,13 +150,14 @@ class CosineMarginObjective(nn.Module):
             shape = tuple(cosine.shape) if isinstance(cosine, torch.Tensor) else type(cosine).__name__
             raise ValueError(f"cosine must be a (batch, classes) tensor, got {shape}")
         targets = check_targets(targets, cosine)
-        logits = cosine * self.scale
-        cosine_y = cosine.gather(1, targets[:, None])
+        cosine_y = cosine.gather(1, targets[:, None]).squeeze(1)
         margined = self.target_cosine(cosine_y)
-        if margined is not cosine_y:
-            logits = logits.scatter(1, targets[:, None], margined * self.scale)
+        target_logits = None if margined is cosine_y else margined * self.scale
+        # Consecutive batches need about as many candidates; a little slack avoids a redo.
+        hint = None if self.last_statistics is None else self.last_statistics.candidates * 5 // 4 + 8
         loss, self.last_statistics = loss_rows_and_statistics(
-            logits, targets, self.alpha, log_q_target=self.target_log_q()
+            cosine * self.scale, targets, self.alpha, log_q_target=self.target_log_q(),
+            candidates_hint=hint, target_logits=target_logits,
         )
         return reduce_loss(loss, self.reduction)
 

@@ -60,6 +60,8 @@ _MAX_ITERATIONS = 60
 _TOLERANCE = 1e-6
 #: Above this fraction of candidate classes the solve is done densely (no topk).
 _DENSE_FRACTION = 0.25
+#: Number of top logits tried first when the caller has no better guess.
+_INITIAL_CANDIDATES = 16
 
 
 def _log_alpha_of_inverse(log_q: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -86,6 +88,8 @@ class SparseRows:
     jacobian_diagonal : Tensor (B, K)
         :math:`g_j = \partial p_j / \partial \theta_j` at fixed :math:`\tau`
         (:math:`q_j^{\alpha-1} p_j^{2-\alpha}`), zero off the support.
+    candidates_needed : int
+        Columns a certified sparse solve of this batch needs (max candidates + 1).
     """
 
     probs: torch.Tensor
@@ -94,13 +98,14 @@ class SparseRows:
     tau: torch.Tensor
     num_classes: int
     jacobian_diagonal: torch.Tensor
+    candidates_needed: int
 
     def dense(self) -> torch.Tensor:
         """The full (B, C) probability matrix."""
         if self.index is None:
             return self.probs
         out = self.probs.new_zeros(self.probs.shape[0], self.num_classes)
-        return out.scatter_(1, self.index, self.probs)
+        return out.scatter_add_(1, self.index, self.probs)  # add: a special target may appear twice
 
     def at(self, targets: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Entries of ``values`` (B, K) at class ``targets`` (B,), zero if not a candidate."""
@@ -285,6 +290,13 @@ def _bound_and_steepness(theta, log_q, alpha):
     return bound, steepness
 
 
+def _target_lower_bound(theta_y, others_max, log_q_target, alpha):
+    r""":math:`\tau_{lo} = \max(b_y, \max_{j \ne y}\theta_j)` when only the target is special."""
+    if log_q_target is None:
+        return torch.maximum(others_max, theta_y)
+    return torch.maximum(others_max, theta_y - _log_alpha_of_inverse(log_q_target, alpha))
+
+
 def solve_alpha_softargmax(
     logits: torch.Tensor,
     alpha: float,
@@ -292,71 +304,98 @@ def solve_alpha_softargmax(
     targets: Optional[torch.Tensor] = None,
     log_q_target: Optional[torch.Tensor] = None,
     row_max: Optional[torch.Tensor] = None,
+    candidates_hint: Optional[int] = None,
+    target_logits: Optional[torch.Tensor] = None,
 ) -> SparseRows:
     r"""Solve the f-softargmax for :math:`\alpha > 1` on the provable support candidates.
 
     Inputs are assumed validated (see :func:`alpha_softargmax`).  ``log_q`` is
-    (C,) or (B, C); ``log_q_target`` (B,) overrides :math:`\log q_y` at
-    ``targets`` (all other classes then have unit mass unless ``log_q`` is given).
+    (C,) or (B, C).  Two per-row overrides at ``targets`` avoid building a
+    modified (B, C) copy: ``log_q_target`` (B,) replaces :math:`\log q_y` (all
+    other classes then have unit mass unless ``log_q`` is given), and
+    ``target_logits`` (B,) replaces :math:`\theta_y` (a margin on the target).
     Computation is in float32.
+
+    The top ``candidates_hint`` logits of each row (16 by default) are taken
+    with one ``topk`` and *certified*: if the smallest of them lies below
+    :math:`\tau_{lo} - 1/(\alpha-1)`, no class outside can be in the support.
+    Rows that fail the certificate make the solve count the candidates and
+    redo the ``topk``; above a quarter of the classes the solve is dense.  With
+    a special target, its column is appended to the candidates (and masked
+    out of the ``topk`` part), so ``index`` may name the target twice, once
+    with :math:`p = 0`.
     """
     theta = logits.detach().float()
     batch, classes = theta.shape
     if row_max is None:
         row_max = theta.amax(1)
-    theta = theta - row_max[:, None]  # exact for the top classes; p is shift invariant
     if log_q is not None and log_q.dim() == 1:
         log_q = log_q[None, :].expand(batch, classes)
     if log_q is not None and log_q_target is not None:
         log_q = log_q.scatter(1, targets[:, None], log_q_target[:, None])
+    if log_q is not None and target_logits is not None:
+        theta = theta.scatter(1, targets[:, None], target_logits[:, None])  # the general path is dense anyway
+        target_logits = None
+    special_target = log_q is None and (log_q_target is not None or target_logits is not None)
+    reach = 1.0 / (alpha - 1.0)  # p_j > 0 requires theta_j > tau - reach
+    if special_target:
+        theta_y = target_logits if target_logits is not None else theta.gather(1, targets[:, None]).squeeze(1)
 
-    # Lower bound tau_lo = max_j b_j, b_j = theta_j - log_alpha(1/q_j).
-    if log_q is not None:
-        tau_lo = _bound_and_steepness(theta, log_q, alpha)[0].amax(1)
+    tau_lo = row_max  # unit measure: tau >= max_j theta_j
+    if log_q is not None:  # a general measure needs every class's bound b_j (one pass)
+        bound = _bound_and_steepness(theta - row_max[:, None], log_q, alpha)[0]
+        tau_lo = bound.amax(1) + row_max
         if not bool(torch.isfinite(tau_lo).all()):
             row = int((~torch.isfinite(tau_lo)).nonzero()[0])
             raise ValueError(
                 f"log_q of row {row} is too small for float32 at alpha={alpha}: q^(1-alpha) overflows "
                 "for every allowed class; rescale q (scaling q by c equals scaling the logits by c^(alpha-1))"
             )
-    elif log_q_target is not None:
-        theta_y = theta.gather(1, targets[:, None]).squeeze(1)
-        if classes > 1:
-            top2 = theta.topk(2, dim=1).indices
-            others = torch.where(top2[:, 0] == targets,
-                                 theta.gather(1, top2[:, 1:2]).squeeze(1),
-                                 torch.zeros_like(theta_y))  # the row max, 0 after the shift
+
+    k = min(classes, max(2, candidates_hint or _INITIAL_CANDIDATES))
+    sub_log_q = log_q
+    while True:
+        if k > _DENSE_FRACTION * classes:
+            index, sub_theta = None, theta
+            if special_target:
+                others = theta.scatter(1, targets[:, None], -math.inf).amax(1)
+                tau_lo = _target_lower_bound(theta_y, others, log_q_target, alpha)
+                sub_theta = theta.scatter(1, targets[:, None], theta_y[:, None])
+                if log_q_target is not None:
+                    sub_log_q = theta.new_zeros(batch, classes).scatter_(1, targets[:, None], log_q_target[:, None])
+            break
+        sub_theta, index = theta.topk(k, dim=1, sorted=False)
+        if special_target:
+            is_target = index == targets[:, None]
+            others_theta = sub_theta.masked_fill(is_target, -math.inf)
+            tau_lo = _target_lower_bound(theta_y, others_theta.amax(1), log_q_target, alpha)
+            smallest = sub_theta.masked_fill(is_target, math.inf).amin(1)
         else:
-            others = torch.full_like(theta_y, -math.inf)
-        tau_lo = torch.maximum(others, theta_y - _log_alpha_of_inverse(log_q_target, alpha))
-    else:
-        tau_lo = torch.zeros(batch, dtype=theta.dtype, device=theta.device)
+            smallest = sub_theta.amin(1)
+        threshold = tau_lo - reach
+        if bool((smallest < threshold).all()):
+            # Certified: every class left out of the topk has p_j = 0.
+            if special_target:
+                sub_theta = torch.cat([others_theta, theta_y[:, None]], dim=1)
+                index = torch.cat([index, targets[:, None]], dim=1)
+                if log_q_target is not None:
+                    sub_log_q = torch.cat([torch.zeros_like(others_theta), log_q_target[:, None]], dim=1)
+            elif log_q is not None:
+                sub_log_q = log_q.gather(1, index)
+            # What this batch needed: its candidates plus one column to certify them.
+            k = int((sub_theta >= threshold[:, None]).sum(1).max()) + 1
+            break
+        k = int((theta >= threshold[:, None]).sum(1).max()) + 2
 
-    threshold = tau_lo - 1.0 / (alpha - 1.0)
-    num_candidates = int((theta >= threshold[:, None]).sum(1).max()) if batch else 0
-    num_candidates = max(num_candidates, 1)
-
-    if num_candidates > _DENSE_FRACTION * classes:
-        index, sub_theta = None, theta
-        sub_log_q = log_q
-        if log_q is None and log_q_target is not None:
-            sub_log_q = theta.new_zeros(batch, classes).scatter_(1, targets[:, None], log_q_target[:, None])
-    else:
-        sub_theta, index = theta.topk(num_candidates, dim=1, sorted=False)
-        if log_q is not None:
-            sub_log_q = log_q.gather(1, index)
-        elif log_q_target is not None:
-            sub_log_q = torch.where(index == targets[:, None], log_q_target[:, None], 0.0)
-        else:
-            sub_log_q = None
-
+    sub_theta = sub_theta - row_max[:, None]  # exact for the top classes; p is shift invariant
+    tau_lo = tau_lo - row_max
     if sub_log_q is None:
         bound, steepness = sub_theta, None
     else:
         bound, steepness = _bound_and_steepness(sub_theta, sub_log_q, alpha)
-    # Upper bound: p_j <= 1/n for every class once a_j (b_j - tau) <= log_alpha(1/n).
+    # Upper bound: every p_j <= 1/n once a_j (b_j - tau) <= log_alpha(1/n) <= 0 for all j.
     n = sub_theta.shape[1]
-    margin = -_log_alpha_of_inverse(torch.tensor(math.log(n)), alpha).item()
+    margin = -math.expm1(-(alpha - 1.0) * math.log(n)) / (alpha - 1.0)
     tau_hi = (bound + margin if steepness is None else bound + margin / steepness).amax(1)
     tau_hi = torch.maximum(tau_hi, tau_lo).nan_to_num(posinf=torch.finfo(torch.float32).max / 4)
 
@@ -364,7 +403,7 @@ def solve_alpha_softargmax(
     total = w.sum(1, keepdim=True)
     probs = w / total
     return SparseRows(probs=probs, shifted=sub_theta - tau[:, None], index=index, tau=tau,
-                      num_classes=classes, jacobian_diagonal=w_prime / total)
+                      num_classes=classes, jacobian_diagonal=w_prime / total, candidates_needed=min(k, classes))
 
 
 class _AlphaSoftargmax(torch.autograd.Function):
@@ -442,12 +481,18 @@ def alpha_softargmax(logits: torch.Tensor, alpha: float, log_q: Optional[torch.T
 
 
 class _AlphaDivergenceLoss(torch.autograd.Function):
-    """Per-row Fenchel--Young loss; backward is a scaling of the saved :math:`p - e_y`."""
+    """Per-row Fenchel--Young loss; backward is a scaling of the saved :math:`p - e_y`.
+
+    With ``target_logits`` the target's logit is that tensor, not the column
+    of ``logits``: the gradient :math:`p_y - 1` goes to it, and zero to the column.
+    """
 
     @staticmethod
-    def forward(ctx, logits, targets, alpha, log_q, log_q_target, row_max):
+    def forward(ctx, logits, targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits):
+        detached_target = None if target_logits is None else target_logits.detach().float()
         rows = solve_alpha_softargmax(
-            logits, alpha, log_q=log_q, targets=targets, log_q_target=log_q_target, row_max=row_max
+            logits, alpha, log_q=log_q, targets=targets, log_q_target=log_q_target, row_max=row_max,
+            candidates_hint=candidates_hint, target_logits=detached_target,
         )
         if log_q_target is not None:
             log_q_y = log_q_target
@@ -455,34 +500,41 @@ class _AlphaDivergenceLoss(torch.autograd.Function):
             log_q_y = log_q[targets] if log_q.dim() == 1 else log_q.gather(1, targets[:, None]).squeeze(1)
         else:
             log_q_y = None
-        # v_y = theta_y - tau: from the solve when y is a candidate, else from the logits.
-        theta_y = logits.detach().float().gather(1, targets[:, None]).squeeze(1) - row_max
-        v_y = theta_y - rows.tau
+        theta_y = detached_target if detached_target is not None else \
+            logits.detach().float().gather(1, targets[:, None]).squeeze(1)
+        v_y = theta_y - row_max - rows.tau
         inner = torch.where(rows.probs > 0, rows.probs * rows.shifted, torch.zeros_like(rows.probs))  # -inf masked
         loss = (alpha - 1.0) / alpha * inner.sum(1) - v_y
         if log_q_y is not None:
             loss = loss + _log_alpha_of_inverse(log_q_y, alpha) / alpha
         loss = loss.clamp_min(0.0)  # the loss is >= 0; remove float32 rounding below zero
         p_y = rows.at(targets, rows.probs)
-        ctx.save_for_backward(rows.probs, rows.index if rows.index is not None else torch.empty(0), targets)
+        support = rows.support_size()
+        columns = torch.tensor(rows.candidates_needed)
+        ctx.save_for_backward(rows.probs, rows.index if rows.index is not None else torch.empty(0), targets, p_y)
         ctx.dense = rows.index is None
         ctx.num_classes = logits.shape[1]
         ctx.input_dtype = logits.dtype
-        ctx.mark_non_differentiable(p_y)
-        support = rows.support_size()
-        ctx.mark_non_differentiable(support)
-        return loss, p_y, support
+        ctx.separate_target = target_logits is not None
+        ctx.target_dtype = None if target_logits is None else target_logits.dtype
+        ctx.mark_non_differentiable(p_y, support, columns)
+        return loss, p_y, support, columns
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_p_y, _grad_support):
-        probs, index, targets = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_p_y, _grad_support, _grad_columns):
+        probs, index, targets, p_y = ctx.saved_tensors
         scale = grad_loss.float()[:, None]
         if ctx.dense:
             grad = probs * scale
         else:
-            grad = probs.new_zeros(probs.shape[0], ctx.num_classes).scatter_(1, index, probs * scale)
-        grad.scatter_add_(1, targets[:, None], -scale)
-        return grad.to(ctx.input_dtype), None, None, None, None, None
+            grad = probs.new_zeros(probs.shape[0], ctx.num_classes).scatter_add_(1, index, probs * scale)
+        grad_target = None
+        if ctx.separate_target:
+            grad.scatter_(1, targets[:, None], 0.0)
+            grad_target = ((p_y - 1.0) * scale.squeeze(1)).to(ctx.target_dtype)
+        else:
+            grad.scatter_add_(1, targets[:, None], -scale)
+        return grad.to(ctx.input_dtype), None, None, None, None, None, None, grad_target
 
 
 @dataclass
@@ -497,11 +549,16 @@ class SparsityStatistics:
         Fraction of rows whose target has :math:`p_y = 0` (the A3M collapse).
     target_prob : float
         Mean :math:`p_y`.
+    candidates : int
+        Columns per row the solver needed: the largest number of classes in
+        reach of :math:`\tau_{lo}` plus one (C at :math:`\alpha = 1`); the
+        objectives start the next batch's ``topk`` from it.
     """
 
     support_size: float
     target_zero_fraction: float
     target_prob: float
+    candidates: int = 0
 
 
 def loss_rows_and_statistics(
@@ -510,43 +567,68 @@ def loss_rows_and_statistics(
     alpha: float,
     log_q: Optional[torch.Tensor] = None,
     log_q_target: Optional[torch.Tensor] = None,
+    candidates_hint: Optional[int] = None,
+    target_logits: Optional[torch.Tensor] = None,
 ):
     """Validated per-row loss (B,) with its :class:`SparsityStatistics`.
 
     The shared engine of :func:`alpha_divergence_loss` and of the margin
-    objectives; see there for the arguments.
+    objectives; see there for the arguments.  ``candidates_hint`` is the
+    number of top logits to try first (see :func:`solve_alpha_softargmax`);
+    ``target_logits`` (B,) replaces each row's target logit (a margin) without
+    a modified copy of ``logits`` and receives its gradient.  For
+    :math:`\alpha = 1` the support is reported as all C classes.
     """
     alpha = check_alpha(alpha)
     row_max = _check_logits(logits)
     targets = check_targets(targets, logits)
     log_q = _check_log_q(log_q, logits)
     log_q_target = _check_log_q_target(log_q_target, logits)
-    target_logit = logits.detach().gather(1, targets[:, None]).squeeze(1)
+    if target_logits is not None:
+        if not isinstance(target_logits, torch.Tensor) or tuple(target_logits.shape) != (logits.shape[0],):
+            raise ValueError(f"target_logits must be a tensor of shape ({logits.shape[0]},)")
+        if not bool(torch.isfinite(target_logits.detach()).all()):
+            raise ValueError("target_logits must be finite")
+    target_logit = logits.detach().gather(1, targets[:, None]).squeeze(1) if target_logits is None \
+        else target_logits.detach()
     if bool((target_logit == -math.inf).any()):
         row = int((target_logit == -math.inf).nonzero()[0])
         raise ValueError(f"the target class of row {row} has logit -inf (masked): the loss is infinite")
-    if logits.shape[0] == 0:
+    batch, classes = logits.shape
+    if batch == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
         return empty.requires_grad_(logits.requires_grad), SparsityStatistics(math.nan, math.nan, math.nan)
 
     if alpha == 1.0:
         shifted = logits.float()
+        if target_logits is not None:
+            shifted = shifted.scatter(1, targets[:, None], target_logits.float()[:, None])
         if log_q is not None:
             shifted = shifted + log_q
         if log_q_target is not None:
-            theta_y = logits.float().gather(1, targets[:, None])
+            theta_y = shifted.gather(1, targets[:, None])
+            if log_q is not None:
+                theta_y = theta_y - (log_q if log_q.dim() == 2 else log_q[None, :].expand_as(shifted)) \
+                    .gather(1, targets[:, None])
             shifted = shifted.scatter(1, targets[:, None], theta_y + log_q_target[:, None])
         loss = F.cross_entropy(shifted, targets, reduction="none")
         with torch.no_grad():
             p_y = torch.exp(-loss)
-            support = torch.isfinite(shifted).sum(1)
-    else:
-        loss, p_y, support = _AlphaDivergenceLoss.apply(logits, targets, alpha, log_q, log_q_target, row_max)
+        return loss, SparsityStatistics(
+            support_size=float(classes),
+            target_zero_fraction=float((p_y == 0).float().mean()),
+            target_prob=float(p_y.mean()),
+            candidates=classes,
+        )
+    loss, p_y, support, columns = _AlphaDivergenceLoss.apply(
+        logits, targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits
+    )
     with torch.no_grad():
         stats = SparsityStatistics(
             support_size=float(support.float().mean()),
             target_zero_fraction=float((p_y == 0).float().mean()),
             target_prob=float(p_y.mean()),
+            candidates=int(columns),
         )
     return loss, stats
 
