@@ -150,7 +150,8 @@ class CosineMarginObjective(nn.Module):
             shape = tuple(cosine.shape) if isinstance(cosine, torch.Tensor) else type(cosine).__name__
             raise ValueError(f"cosine must be a (batch, classes) tensor, got {shape}")
         targets = check_targets(targets, cosine)
-        cosine_y = cosine.gather(1, targets[:, None]).squeeze(1)
+        # Clamped for a safe gather: the engine checks the range with its other checks.
+        cosine_y = cosine.gather(1, targets.clamp(0, cosine.shape[1] - 1)[:, None]).squeeze(1)
         margined = self.target_cosine(cosine_y)
         target_logits = None if margined is cosine_y else margined * self.scale
         # Consecutive batches need about as many candidates; a little slack avoids a redo.

@@ -130,7 +130,10 @@ def check_alpha(alpha) -> float:
 
 
 def _check_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Validate and return the row maxima (which also reveal NaN and +inf cheaply)."""
+    """Check the structure of ``logits`` and return its row maxima, float32.
+
+    The maxima also reveal NaN and +inf rows; :func:`_raise_for_bad_rows` reads them.
+    """
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -139,9 +142,22 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
         raise ValueError("logits must have at least one class (got 0 columns)")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
-    if logits.shape[0] == 0:
-        return logits.new_zeros(0, dtype=torch.float32)
-    row_max = logits.detach().amax(dim=1).float()
+    return logits.detach().amax(dim=1).float() if logits.shape[0] else logits.new_zeros(0, dtype=torch.float32)
+
+
+def _raise_for_bad_rows(row_max, targets=None, num_classes=None, target_logit=None, overrides=()):
+    """Raise a ``ValueError`` naming the first problem; one device sync when there is none.
+
+    ``overrides`` are (name, tensor) pairs that must be finite.
+    """
+    flags = [~torch.isfinite(row_max).all()]
+    if targets is not None:
+        flags.append(((targets < 0) | (targets >= num_classes)).any())
+    if target_logit is not None:
+        flags.append((target_logit == -math.inf).any())
+    flags += [~torch.isfinite(value).all() for _, value in overrides]
+    if not bool(torch.stack(flags).any()):
+        return
     bad = ~torch.isfinite(row_max)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
@@ -151,7 +167,15 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
         if value > 0:
             raise ValueError(f"logits contain +inf (first in row {row})")
         raise ValueError(f"logits row {row} is entirely -inf: no class is allowed")
-    return row_max
+    if targets is not None:
+        out = (targets < 0) | (targets >= num_classes)
+        if bool(out.any()):
+            raise ValueError(f"targets must lie in [0, {num_classes - 1}], got {int(targets[out][0])}")
+    for name, value in overrides:
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite")
+    row = int((target_logit == -math.inf).nonzero()[0])
+    raise ValueError(f"the target class of row {row} has logit -inf (masked): the loss is infinite")
 
 
 def _check_log_q(log_q, logits: torch.Tensor) -> Optional[torch.Tensor]:
@@ -177,6 +201,7 @@ def _check_log_q(log_q, logits: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def check_targets(targets, logits: torch.Tensor) -> torch.Tensor:
+    """Check the shape and dtype of ``targets`` (their range is checked with the rows)."""
     if not isinstance(targets, torch.Tensor):
         targets = torch.as_tensor(targets, device=logits.device)
     if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
@@ -185,18 +210,17 @@ def check_targets(targets, logits: torch.Tensor) -> torch.Tensor:
         )
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
-    targets = targets.to(device=logits.device, dtype=torch.long)
-    if targets.numel():
-        low, high = int(targets.min()), int(targets.max())
-        if low < 0 or high >= logits.shape[1]:
-            bad = low if low < 0 else high
-            raise ValueError(f"targets must lie in [0, {logits.shape[1] - 1}], got {bad}")
-    return targets
+    return targets.to(device=logits.device, dtype=torch.long)
 
 
 def _check_log_q_target(log_q_target, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """A (B,) float32 tensor; finiteness is checked with the rows (or here, for a number)."""
     if log_q_target is None:
         return None
+    if isinstance(log_q_target, (int, float)):
+        if not math.isfinite(log_q_target):
+            raise ValueError(f"log_q_target must be finite, got {log_q_target!r}")
+        return torch.full((logits.shape[0],), float(log_q_target), device=logits.device)
     log_q_target = torch.as_tensor(log_q_target, dtype=torch.float32, device=logits.device)
     if log_q_target.dim() == 0:
         log_q_target = log_q_target.expand(logits.shape[0])
@@ -205,8 +229,6 @@ def _check_log_q_target(log_q_target, logits: torch.Tensor) -> Optional[torch.Te
             f"log_q_target must be a scalar or have shape ({logits.shape[0]},), "
             f"got {tuple(log_q_target.shape)}"
         )
-    if not bool(torch.isfinite(log_q_target).all()):
-        raise ValueError("log_q_target must be finite")
     return log_q_target.detach()
 
 
@@ -238,7 +260,9 @@ def _newton_tau(bound, steepness, alpha, tau_lo, tau_hi):
     """
     lo, hi, tau = tau_lo.clone(), tau_hi.clone(), tau_lo.clone()
     last_step = torch.full_like(tau, math.inf)
-    for _ in range(_MAX_ITERATIONS):
+    # Reading the error back costs a device sync: on accelerators check every few passes.
+    check_every = 1 if bound.device.type == "cpu" else 3
+    for iteration in range(_MAX_ITERATIONS):
         u = bound - tau[:, None]
         if steepness is not None:
             u = u * steepness
@@ -249,7 +273,7 @@ def _newton_tau(bound, steepness, alpha, tau_lo, tau_hi):
         mass = w.sum(1)
         slope = w_prime.sum(1)
         error = mass - 1.0
-        if float(error.abs().max()) <= _TOLERANCE:
+        if (iteration + 1) % check_every == 0 and float(error.abs().max()) <= _TOLERANCE:
             break
         above = error > 0
         lo = torch.where(above, tau, lo)
@@ -473,6 +497,7 @@ def alpha_softargmax(logits: torch.Tensor, alpha: float, log_q: Optional[torch.T
     """
     alpha = check_alpha(alpha)
     row_max = _check_logits(logits)
+    _raise_for_bad_rows(row_max)
     log_q = _check_log_q(log_q, logits)
     if alpha == 1.0:
         shifted = logits.float() if log_q is None else logits.float() + log_q
@@ -584,16 +609,16 @@ def loss_rows_and_statistics(
     targets = check_targets(targets, logits)
     log_q = _check_log_q(log_q, logits)
     log_q_target = _check_log_q_target(log_q_target, logits)
-    if target_logits is not None:
-        if not isinstance(target_logits, torch.Tensor) or tuple(target_logits.shape) != (logits.shape[0],):
-            raise ValueError(f"target_logits must be a tensor of shape ({logits.shape[0]},)")
-        if not bool(torch.isfinite(target_logits.detach()).all()):
-            raise ValueError("target_logits must be finite")
-    target_logit = logits.detach().gather(1, targets[:, None]).squeeze(1) if target_logits is None \
-        else target_logits.detach()
-    if bool((target_logit == -math.inf).any()):
-        row = int((target_logit == -math.inf).nonzero()[0])
-        raise ValueError(f"the target class of row {row} has logit -inf (masked): the loss is infinite")
+    if target_logits is not None and (
+            not isinstance(target_logits, torch.Tensor) or tuple(target_logits.shape) != (logits.shape[0],)):
+        raise ValueError(f"target_logits must be a tensor of shape ({logits.shape[0]},)")
+    if logits.shape[0]:
+        safe_targets = targets.clamp(0, logits.shape[1] - 1)  # gather safely; the range is checked below
+        target_logit = logits.detach().gather(1, safe_targets[:, None]).squeeze(1) if target_logits is None \
+            else target_logits.detach()
+        overrides = [(name, value.detach()) for name, value in
+                     (("log_q_target", log_q_target), ("target_logits", target_logits)) if value is not None]
+        _raise_for_bad_rows(row_max, targets, logits.shape[1], target_logit, overrides)
     batch, classes = logits.shape
     if batch == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
@@ -614,23 +639,19 @@ def loss_rows_and_statistics(
         loss = F.cross_entropy(shifted, targets, reduction="none")
         with torch.no_grad():
             p_y = torch.exp(-loss)
-        return loss, SparsityStatistics(
-            support_size=float(classes),
-            target_zero_fraction=float((p_y == 0).float().mean()),
-            target_prob=float(p_y.mean()),
-            candidates=classes,
-        )
+        return loss, _statistics(torch.full_like(p_y, classes), p_y, classes)
     loss, p_y, support, columns = _AlphaDivergenceLoss.apply(
         logits, targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits
     )
-    with torch.no_grad():
-        stats = SparsityStatistics(
-            support_size=float(support.float().mean()),
-            target_zero_fraction=float((p_y == 0).float().mean()),
-            target_prob=float(p_y.mean()),
-            candidates=int(columns),
-        )
-    return loss, stats
+    return loss, _statistics(support, p_y, int(columns))
+
+
+@torch.no_grad()
+def _statistics(support: torch.Tensor, p_y: torch.Tensor, candidates: int) -> SparsityStatistics:
+    """Batch statistics, read from the device in one transfer."""
+    support_size, zero_fraction, target_prob = torch.stack(
+        [support.float().mean(), (p_y == 0).float().mean(), p_y.float().mean()]).tolist()
+    return SparsityStatistics(support_size, zero_fraction, target_prob, candidates)
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:

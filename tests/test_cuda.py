@@ -1,0 +1,42 @@
+"""The objectives on an NVIDIA GPU agree with the CPU (skipped where there is none)."""
+import pytest
+import torch
+
+from spkver.losses import A3M, AlphaDiv, ArcFace, CosFace, QMargin, Softmax, alpha_softargmax
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+OBJECTIVES = [lambda: Softmax(30.0), lambda: CosFace(30.0, 0.2), lambda: ArcFace(30.0, 0.2),
+              lambda: AlphaDiv(30.0, 1.5), lambda: QMargin(30.0, 0.2, 1.5), lambda: A3M(30.0, 0.2, 1.5),
+              lambda: QMargin(30.0, 0.2, 1.25), lambda: A3M(30.0, 0.3, 2.5)]
+
+
+def _cosine(batch=64, classes=3000, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(batch, 64, generator=generator), dim=1)
+    w = torch.nn.functional.normalize(torch.randn(classes, 64, generator=generator), dim=1)
+    return x @ w.T, torch.randint(0, classes, (batch,), generator=generator)
+
+
+@pytest.mark.parametrize("make", OBJECTIVES)
+def test_objective_loss_and_gradient_on_cuda_match_the_cpu(make):
+    cosine, targets = _cosine()
+    results = []
+    for device in ("cpu", "cuda"):
+        x = cosine.to(device).requires_grad_(True)
+        loss = make()(x, targets.to(device))
+        loss.backward()
+        results.append((loss.detach().cpu(), x.grad.cpu()))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 3.0])
+def test_softargmax_on_cuda_in_bfloat16_sums_to_one_and_matches_the_cpu(alpha):
+    cosine, _ = _cosine(seed=1)
+    logits = (30 * cosine).cuda().bfloat16()
+    p = alpha_softargmax(logits, alpha)
+    assert p.dtype == torch.bfloat16
+    torch.testing.assert_close(p.float().sum(1).cpu(), torch.ones(64), atol=2e-2, rtol=0)
+    torch.testing.assert_close(alpha_softargmax(logits.float(), alpha).cpu(),
+                               alpha_softargmax(logits.float().cpu(), alpha), atol=1e-5, rtol=0)
