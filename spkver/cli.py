@@ -1,0 +1,186 @@
+"""The ``spkver`` command line.
+
+``spkver score`` scores trial lists from an embedding store and prints EER,
+minDCF and TAR@FAR; bad input ends with one clear message and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from spkver import metrics
+from spkver.scoring import ScoringError, as_norm, cosine_scores, load_embeddings, read_trials, speaker_mean_cohort
+
+DEFAULT_FARS = (1e-2, 1e-3, 1e-4, 1e-5)
+
+
+class CommandError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _load_mean(path: Optional[str]):
+    if path is None:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"{path}: cannot read the mean embedding ({error})") from None
+
+
+def evaluate(scores: np.ndarray, labels: Optional[np.ndarray], fars=DEFAULT_FARS) -> dict:
+    """EER, minDCF(0.01), minDCF(0.05) and TAR@FAR of one scored list; undefined figures are None."""
+    result = {"trials": int(scores.size)}
+    if labels is None:
+        result.update(targets=None, nontargets=None, eer=None, min_dcf_0_01=None, min_dcf_0_05=None,
+                      tar_at_far={}, note="no labels: scored only")
+        return result
+    targets = int(labels.sum())
+    result.update(targets=targets, nontargets=int(labels.size - targets))
+    if targets == 0 or targets == labels.size:
+        result.update(eer=None, eer_threshold=None, min_dcf_0_01=None, min_dcf_0_05=None, tar_at_far={},
+                      note="metrics undefined: the list needs both targets and non-targets")
+        return result
+    rate, threshold = metrics.eer(scores, labels)
+    result.update(eer=rate, eer_threshold=threshold,
+                  min_dcf_0_01=metrics.min_dcf(scores, labels, p_target=0.01)[0],
+                  min_dcf_0_05=metrics.min_dcf(scores, labels, p_target=0.05)[0])
+    result["tar_at_far"] = {f"{point.far:g}": point.tar for point in metrics.tar_at_far(scores, labels, fars)}
+    return result
+
+
+def _format_table(rows: List[dict], fars) -> str:
+    header = ["trial list", "trials", "targets", "EER %", "minDCF(0.01)", "minDCF(0.05)"] + \
+        [f"TAR@FAR={far:g} %" for far in fars]
+
+    def cell(value, scale=1.0, digits=4):
+        return "n/a" if value is None else f"{scale * value:.{digits}f}"
+
+    lines = [header]
+    for row in rows:
+        lines.append([row["name"], str(row["trials"]), "-" if row["targets"] is None else str(row["targets"]),
+                      cell(row["eer"], 100, 3), cell(row["min_dcf_0_01"]), cell(row["min_dcf_0_05"])]
+                     + [cell(row["tar_at_far"].get(f"{far:g}"), 100, 2) for far in fars])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(value.rjust(width) if i else value.ljust(width) for i, (value, width) in
+                      enumerate(zip(line, widths))) for line in lines]
+    text.insert(1, "  ".join("-" * width for width in widths))
+    notes = [f"{row['name']}: {row['note']}" for row in rows if row.get("note")]
+    undefined = []
+    for row in rows:
+        missing = [f"{far:g}" for far in fars if row["tar_at_far"] and row["tar_at_far"].get(f"{far:g}") is None]
+        if missing:
+            undefined.append(f"{row['name']}: TAR@FAR={', '.join(missing)} undefined: {row['nontargets']} "
+                             "non-targets, and a FAR f needs at least 1/f")
+    return "\n".join(text + notes + undefined)
+
+
+def _scores_path(out: str, trials_path: str, several: bool) -> Path:
+    if not several:
+        return Path(out)
+    return Path(out) / (Path(trials_path).stem + ".scores.txt")
+
+
+def command_score(args) -> int:
+    store = load_embeddings(args.embeddings)
+    mean = _load_mean(args.mean)
+    cohort = None
+    if args.cohort:
+        cohort = load_embeddings(args.cohort)
+        if args.cohort_speaker_means:
+            cohort = speaker_mean_cohort(cohort)
+    several = len(args.trials) > 1
+    rows, curves = [], {}
+    for trials_path in args.trials:
+        trials = read_trials(trials_path)
+        if cohort is not None:
+            scored = as_norm(store, trials, cohort, top_k=args.asnorm_topk, mean=mean,
+                             allow_missing=args.allow_missing, progress=sys.stderr.isatty())
+        else:
+            scored = cosine_scores(store, trials, mean=mean, allow_missing=args.allow_missing)
+        name = Path(trials_path).name
+        row = {"name": name, **evaluate(scored.scores, scored.trials.labels, args.far)}
+        if scored.num_skipped:
+            row["skipped_missing"] = scored.num_skipped
+            print(f"{name}: skipped {scored.num_skipped} trials with missing embeddings", file=sys.stderr)
+        rows.append(row)
+        if args.scores_out:
+            path = _scores_path(args.scores_out, trials_path, several)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_scores(path, scored)
+        if args.det and row["eer"] is not None:
+            p_fa, p_miss, _ = metrics.det_curve(scored.scores, scored.trials.labels)
+            curves[f"{name} (EER {100 * row['eer']:.2f} %)"] = (p_fa, p_miss)
+    print(_format_table(rows, args.far))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"lists": rows}, indent=2) + "\n")
+    if args.det:
+        if not curves:
+            raise CommandError("--det: no trial list has both targets and non-targets to plot")
+        metrics.plot_det(curves, args.det, title=f"DET: {Path(args.embeddings).name}")
+    return 0
+
+
+def _write_scores(path: Path, scored) -> None:
+    trials = scored.trials
+    with open(path, "w") as out:
+        if trials.labels is None:
+            out.writelines(f"{e} {t} {s:.6f}\n" for e, t, s in zip(trials.enroll, trials.test, scored.scores))
+        else:
+            out.writelines(f"{e} {t} {s:.6f} {int(l)}\n"
+                           for e, t, s, l in zip(trials.enroll, trials.test, scored.scores, trials.labels))
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spkver", description="Speaker verification with alpha-divergence losses.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    score = commands.add_parser(
+        "score", help="score trial lists with cosine (and AS-norm) and report EER, minDCF, TAR@FAR",
+        description="Score VoxCeleb-format trial lists ('label enroll test', or 'enroll test' to score without "
+                    "metrics) from an embedding store (.npz with 'ids' and 'embeddings', or a folder of .npy).")
+    score.add_argument("--trials", nargs="+", required=True, metavar="FILE", help="one or more trial lists")
+    score.add_argument("--embeddings", required=True, metavar="STORE", help=".npz store or folder of .npy files")
+    score.add_argument("--cohort", metavar="STORE", help="cohort embeddings: enables AS-norm")
+    score.add_argument("--cohort-speaker-means", action="store_true",
+                       help="average the cohort per speaker (first path component of the ID) first")
+    score.add_argument("--asnorm-topk", type=int, default=300, metavar="K", help="AS-norm top-K (default 300)")
+    score.add_argument("--mean", metavar="NPY", help="mean embedding (.npy) subtracted before normalisation")
+    score.add_argument("--scores-out", metavar="PATH",
+                       help="write 'enroll test score [label]' lines; a folder when several lists are given")
+    score.add_argument("--det", metavar="PNG", help="write a DET plot (needs matplotlib)")
+    score.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    score.add_argument("--far", type=_rate, nargs="+", default=list(DEFAULT_FARS), metavar="FAR",
+                       help="false-acceptance rates for TAR@FAR (default 1e-2 1e-3 1e-4 1e-5)")
+    score.add_argument("--allow-missing", action="store_true",
+                       help="skip trials whose utterances have no embedding (and report how many)")
+    score.set_defaults(handler=command_score)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CommandError, ScoringError, ImportError) as error:
+        print(f"spkver {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
