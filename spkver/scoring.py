@@ -109,12 +109,17 @@ class EmbeddingStore:
         return self._index
 
     def rows(self, utterance_ids: Sequence[str]) -> Tuple[np.ndarray, List[str]]:
-        """Row of each ID (-1 where missing) and the list of missing IDs."""
+        """Row of each ID (-1 where missing) and the list of distinct missing IDs."""
+        # Trial lists name each utterance many times: look up every distinct ID once.
+        codes: Dict[str, int] = {}
+        code_of = np.fromiter((codes.setdefault(u, len(codes)) for u in utterance_ids),
+                              dtype=np.int64, count=len(utterance_ids))
         index = self.index
-        rows = np.fromiter((index.get(utterance_key(u), -1) for u in utterance_ids),
-                           dtype=np.int64, count=len(utterance_ids))
-        missing = [utterance_ids[i] for i in np.flatnonzero(rows < 0)]
-        return rows, missing
+        distinct = list(codes)
+        distinct_rows = np.fromiter((index.get(utterance_key(u), -1) for u in distinct),
+                                    dtype=np.int64, count=len(distinct))
+        missing = [distinct[i] for i in np.flatnonzero(distinct_rows < 0)]
+        return distinct_rows[code_of], missing
 
     def check_finite_and_nonzero(self, rows: Optional[np.ndarray] = None) -> None:
         """Raise naming the first IDs whose embeddings are NaN/inf or of zero norm."""
@@ -209,6 +214,22 @@ def read_trials(path) -> Trials:
         text = path.read_text()
     except OSError as error:
         raise ScoringError(f"{path}: cannot read trial list ({error.strerror})") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ScoringError(f"{path}: the trial list is empty")
+    columns = len(lines[0].split())
+    tokens = text.split()
+    if columns in (2, 3) and len(tokens) == columns * len(lines) and \
+            (columns == 2 or set(tokens[0::3]) <= {"0", "1"}) and \
+            all(line.count(" ") + line.count("\t") == columns - 1 for line in lines):
+        # Well-formed (the common case): slice the tokens instead of parsing line by line.
+        labels = None if columns == 2 else np.asarray(tokens[0::3]) == "1"
+        return Trials(tokens[columns - 2::columns], tokens[columns - 1::columns], labels, str(path))
+    return _read_trials_line_by_line(path, text)
+
+
+def _read_trials_line_by_line(path: Path, text: str) -> Trials:
+    """The careful parser: finds and names the first malformed line."""
     enroll, test, labels = [], [], []
     columns = None
     for number, line in enumerate(text.splitlines(), start=1):
@@ -228,15 +249,17 @@ def read_trials(path) -> Trials:
             labels.append(label == "1")
         enroll.append(fields[-2])
         test.append(fields[-1])
-    if not enroll:
-        raise ScoringError(f"{path}: the trial list is empty")
     return Trials(enroll, test, np.asarray(labels, dtype=bool) if columns == 3 else None, str(path))
 
 
-def _normalised(embeddings: np.ndarray, mean: Optional[np.ndarray]) -> np.ndarray:
+def _normalised(embeddings: np.ndarray, mean: Optional[np.ndarray], store: Optional[EmbeddingStore] = None,
+                rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """L2-normalised (centred) rows; NaN/inf or zero rows raise, naming their IDs when ``store`` is given."""
     centred = embeddings if mean is None else embeddings - mean
-    norms = np.linalg.norm(centred, axis=1, keepdims=True)
-    if not (norms > 0).all():
+    norms = np.sqrt(np.einsum("ij,ij->i", centred, centred, dtype=np.float64))[:, None]
+    if not (np.isfinite(norms) & (norms > 0)).all():  # NaN and inf reach the norm: one cheap test
+        if store is not None:
+            store.check_finite_and_nonzero(rows)
         raise ScoringError("an embedding equals the subtracted mean: its direction is undefined")
     return (centred / norms).astype(np.float32)
 
@@ -302,12 +325,11 @@ def cosine_scores(store: EmbeddingStore, trials: Trials, mean=None, allow_missin
     """
     trials, enroll_rows, test_rows, skipped = _trial_rows(store, trials, allow_missing)
     used = np.unique(np.concatenate([enroll_rows, test_rows]))
-    store.check_finite_and_nonzero(used)
     mean = _check_mean(mean, store.dim)
     # Normalise only the utterances the trials use, once each.
     compact = np.full(len(store.ids), -1, dtype=np.int64)
     compact[used] = np.arange(used.size)
-    unit = _normalised(store.embeddings[used], mean)
+    unit = _normalised(store.embeddings[used], mean, store, used)
     enroll_compact, test_compact = compact[enroll_rows], compact[test_rows]
     scores = np.empty(len(trials), dtype=np.float32)
     for start in range(0, len(trials), _TRIAL_CHUNK):
@@ -328,7 +350,7 @@ def speaker_mean_cohort(cohort: EmbeddingStore) -> EmbeddingStore:
     """
     speakers = [utterance_key(utterance_id).split("/")[0] for utterance_id in cohort.ids]
     names, inverse = np.unique(np.asarray(speakers), return_inverse=True)
-    unit = _normalised(cohort.embeddings, None)
+    unit = _normalised(cohort.embeddings, None, cohort)
     sums = np.zeros((names.size, cohort.dim), dtype=np.float64)
     np.add.at(sums, inverse, unit)
     return EmbeddingStore(names.tolist(), sums.astype(np.float32), source=f"{cohort.source} (speaker means)")
@@ -346,10 +368,9 @@ def adaptive_normalisation_stats(store: EmbeddingStore, cohort: EmbeddingStore, 
                            f"the cohort {cohort.source} has {cohort.dim}-d")
     if not 1 <= top_k:
         raise ScoringError(f"--asnorm-topk must be >= 1, got {top_k}")
-    cohort.check_finite_and_nonzero()
     mean = _check_mean(mean, store.dim)
     top_k = min(top_k, len(cohort.ids))
-    cohort_unit = _normalised(cohort.embeddings, mean)
+    cohort_unit = _normalised(cohort.embeddings, mean, cohort)
     rows = np.arange(len(store.ids)) if rows is None else rows
     stats_mean = np.full(len(store.ids), np.nan, dtype=np.float32)
     stats_std = np.full(len(store.ids), np.nan, dtype=np.float32)
@@ -360,7 +381,7 @@ def adaptive_normalisation_stats(store: EmbeddingStore, cohort: EmbeddingStore, 
         chunks = tqdm(chunks, desc="AS-norm cohort scores", unit="chunk", leave=False)
     for start in chunks:
         chunk = rows[start:start + _COHORT_CHUNK]
-        scores = _normalised(store.embeddings[chunk], mean) @ cohort_unit.T
+        scores = _normalised(store.embeddings[chunk], mean, store, chunk) @ cohort_unit.T
         top = np.partition(scores, scores.shape[1] - top_k, axis=1)[:, -top_k:]
         stats_mean[chunk] = top.mean(axis=1)
         stats_std[chunk] = np.maximum(top.std(axis=1), 1e-6)

@@ -127,3 +127,15 @@ def test_duplicate_ids_in_a_store_are_an_error():
     store = EmbeddingStore(["a.wav", "a"], np.ones((2, 2)), source="s.npz")
     with pytest.raises(ScoringError, match="s.npz: utterance ID 'a' appears twice"):
         store.rows(["a"])
+
+
+def test_lines_with_compensating_column_counts_are_not_misread(tmp_path):
+    (tmp_path / "t.txt").write_text("1 a b c\n1 d\n")  # 6 tokens, like two good lines
+    with pytest.raises(ScoringError, match="t.txt:1"):
+        read_trials(tmp_path / "t.txt")
+
+
+def test_tab_separated_and_padded_lines_are_read(tmp_path):
+    (tmp_path / "t.txt").write_text("1\ta.wav\tb.wav\n0  c.wav   d.wav  \n")
+    trials = read_trials(tmp_path / "t.txt")
+    assert trials.enroll == ["a.wav", "c.wav"] and trials.labels.tolist() == [True, False]
