@@ -1,7 +1,12 @@
 """The ``spkver`` command line.
 
-``spkver score`` scores trial lists from an embedding store and prints EER,
-minDCF and TAR@FAR; bad input ends with one clear message and exit status 2.
+* ``spkver score`` scores trial lists from an embedding store and prints EER,
+  minDCF and TAR@FAR;
+* ``spkver prepare voxceleb`` writes training manifests (:mod:`spkver.data.voxceleb`);
+* ``spkver convert-m4a`` decodes VoxCeleb2's m4a files (:mod:`spkver.data.convert`);
+* ``spkver synth`` generates the synthetic speaker corpus (:mod:`spkver.data.synth`).
+
+Bad input ends with one clear message and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import List, Optional
 import numpy as np
 
 from spkver import metrics
-from spkver.scoring import ScoringError, as_norm, cosine_scores, load_embeddings, read_trials, speaker_mean_cohort
+from spkver.scoring import as_norm, cosine_scores, load_embeddings, read_trials, speaker_mean_cohort
 
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4, 1e-5)
 
@@ -136,6 +141,47 @@ def _write_scores(path: Path, scored) -> None:
                            for e, t, s, l in zip(trials.enroll, trials.test, scored.scores, trials.labels))
 
 
+def command_prepare_voxceleb(args) -> int:
+    from spkver.data.voxceleb import prepare_voxceleb
+
+    summary = prepare_voxceleb(args.out, vox1=args.vox1, vox2=args.vox2, trials=args.trials,
+                               train_on=args.train_on, chunk_seconds=args.chunk_seconds,
+                               min_seconds=args.min_seconds, valid_fraction=args.valid_fraction,
+                               workers=args.workers, progress=sys.stderr.isatty())
+    train = summary["train"]
+    print(f"train: {train['speakers']} speakers, {train['utterances']} utterances, {train['rows']} chunks "
+          f"({train['hours']} h); valid: {summary['valid']['rows']} chunks; "
+          f"trial utterances: {summary['trial_utterances']}; excluded speakers: {summary['excluded_speakers']}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"manifests in {args.out}")
+    return 0
+
+
+def command_convert_m4a(args) -> int:
+    from spkver.data.convert import convert_m4a
+
+    result = convert_m4a(args.source, args.target, audio_format=args.format, workers=args.workers,
+                         progress=sys.stderr.isatty())
+    print(f"{result['converted_or_present']} of {result['files']} files converted or already present")
+    for failure in result["failures"][:20]:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if result["failures"] else 0
+
+
+def command_synth(args) -> int:
+    from spkver.data.synth import synthesize_corpus
+
+    summary = synthesize_corpus(args.out, speakers=args.speakers, utterances=args.utterances, seed=args.seed,
+                                difficulty=args.difficulty, min_seconds=args.min_seconds,
+                                max_seconds=args.max_seconds, test_speakers=args.test_speakers,
+                                workers=args.workers, progress=sys.stderr.isatty())
+    print(f"{summary['utterances']} utterances of {summary['speakers']} speakers in {summary['out']}/wav; "
+          f"{summary['trials']} trials ({summary['targets']} targets) over {summary['test_speakers']} "
+          f"held-out speakers in {summary['out']}/trials.txt")
+    return 0
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -169,6 +215,48 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--allow-missing", action="store_true",
                        help="skip trials whose utterances have no embedding (and report how many)")
     score.set_defaults(handler=command_score)
+
+    prepare = commands.add_parser("prepare", help="prepare a corpus for training")
+    corpora = prepare.add_subparsers(dest="corpus", required=True)
+    vox = corpora.add_parser(
+        "voxceleb", help="VoxCeleb1/2 manifests (SpeechBrain CSV), speaker map, counts",
+        description="Scan VoxCeleb1 (wav/) and/or VoxCeleb2 dev (aac/ m4a, or converted wav/flac), read durations "
+                    "from headers, exclude the speakers of the trial lists from training, write train.csv, "
+                    "valid.csv, trial_utterances.csv, speakers.json and counts.json.")
+    vox.add_argument("--vox1", metavar="DIR", help="VoxCeleb1 root (holds wav/)")
+    vox.add_argument("--vox2", metavar="DIR", help="VoxCeleb2 dev root (holds aac/ or wav/)")
+    vox.add_argument("--trials", nargs="*", default=[], metavar="FILE", help="trial lists to hold out")
+    vox.add_argument("--out", required=True, metavar="DIR")
+    vox.add_argument("--train-on", nargs="+", default=["vox1", "vox2"], choices=["vox1", "vox2"],
+                     help="corpora to train on (default both given; 'vox2' alone is the usual VoxCeleb2-dev recipe)")
+    vox.add_argument("--chunk-seconds", type=float, default=3.0, help="training chunk length (default 3 s)")
+    vox.add_argument("--min-seconds", type=float, default=1.0, help="shortest chunk kept (default 1 s)")
+    vox.add_argument("--valid-fraction", type=float, default=0.01, help="utterances held for validation")
+    vox.add_argument("--workers", type=int, default=8, help="parallel header readers")
+    vox.set_defaults(handler=command_prepare_voxceleb)
+
+    convert = commands.add_parser("convert-m4a", help="decode VoxCeleb2 m4a to 16 kHz mono wav/flac (resumable)")
+    convert.add_argument("source", metavar="SRC")
+    convert.add_argument("target", metavar="DST")
+    convert.add_argument("--format", default="wav", choices=["wav", "flac"])
+    convert.add_argument("--workers", type=int, default=None)
+    convert.set_defaults(handler=command_convert_m4a)
+
+    synth = commands.add_parser("synth", help="generate a synthetic speaker corpus in the VoxCeleb1 layout",
+                                description="Source-filter voices through per-session channels; writes "
+                                            "OUT/wav/idXXXXX/<video>/<nnnnn>.wav and OUT/trials.txt.")
+    synth.add_argument("--out", required=True, metavar="DIR")
+    synth.add_argument("--speakers", type=int, default=100)
+    synth.add_argument("--utterances", type=int, default=20, help="utterances per speaker")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--difficulty", type=float, default=1.0,
+                       help="channel severity and within-speaker variation (default 1.0)")
+    synth.add_argument("--min-seconds", type=float, default=3.0)
+    synth.add_argument("--max-seconds", type=float, default=6.0)
+    synth.add_argument("--test-speakers", type=int, default=None,
+                       help="speakers reserved for trials.txt (default a fifth)")
+    synth.add_argument("--workers", type=int, default=None)
+    synth.set_defaults(handler=command_synth)
     return parser
 
 
@@ -177,7 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (CommandError, ScoringError, ImportError) as error:
+    except (CommandError, ValueError, RuntimeError, ImportError, OSError) as error:
+        # Library errors (ScoringError, PreparationError, ConversionError, ValueError) carry
+        # messages naming the file, line or argument.
         print(f"spkver {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,1 @@
+"""Data: VoxCeleb preparation, the synthetic speaker corpus, augmentation."""
