@@ -193,11 +193,11 @@ def render_utterance(rng: np.random.Generator, voice: Voice, channel: Channel, s
         stop = min(position + duration, n)
         segment = slice(position, stop)
         length = stop - position
-        envelope = np.hanning(2 * min(length, 160) + 2)[1:-1] if length > 4 else np.ones(length)
+        fade = min(160, length // 2)  # 10 ms raised-cosine fades against clicks
         ramp = np.ones(length)
-        half = len(envelope) // 2
-        if length > 2 * half:
-            ramp[:half], ramp[-half:] = envelope[:half], envelope[half:]
+        if fade:
+            window = np.hanning(2 * fade + 2)[1:-1]
+            ramp[:fade], ramp[length - fade:] = window[:fade], window[fade:]
         if kind == "vowel":
             vowel = rng.integers(len(_VOWELS))
             formants = np.r_[_VOWELS[vowel] * voice.vowel_offsets[vowel], _F5] * voice.tract_scale
