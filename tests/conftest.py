@@ -1,7 +1,15 @@
 """Test-session set-up shared by every test module."""
+import os
 import sys
 
 import pytest
+from hypothesis import settings
+
+# Property tests explore the same examples on every run: a red CI names a real regression,
+# never a new random draw. Set HYPOTHESIS_PROFILE=explore to search afresh.
+settings.register_profile("repeatable", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.hookimpl(tryfirst=True)

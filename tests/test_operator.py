@@ -14,6 +14,14 @@ from spkver.losses import operator
 from tests import reference
 
 SETTINGS = settings(max_examples=40, deadline=None)
+
+
+def _atol(theta, alpha, base=2e-5):
+    """Float32 tolerance of p: for alpha > 2, p ~ z^(1/(alpha-1)) is not Lipschitz at the support's
+    edge, so a rounding of theta by eps*|theta| can move p by (eps*|theta|)^(1/(alpha-1))."""
+    if alpha <= 2:
+        return base
+    return base + (2e-7 * max(1.0, float(theta.abs().max()))) ** (1.0 / (alpha - 1.0))
 ALPHAS = st.one_of(st.sampled_from([1.25, 1.5, 2.0, 3.0]), st.floats(1.05, 3.0))
 
 
@@ -42,7 +50,7 @@ def test_output_rows_sum_to_one_and_are_nonnegative(data, alpha):
 def test_unit_measure_matches_entmax_bisect(data, alpha):
     theta, _ = data
     expected = entmax.entmax_bisect(theta.double(), alpha=alpha, dim=1, n_iter=100)
-    torch.testing.assert_close(alpha_softargmax(theta, alpha).double(), expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(alpha_softargmax(theta, alpha).double(), expected, atol=_atol(theta, alpha), rtol=0)
 
 
 @given(logits_and_targets(), ALPHAS)
@@ -69,7 +77,7 @@ def test_general_measure_matches_float64_bisection_reference(data, alpha, draw):
     # dp_j/dtheta_j = q_j^(alpha-1) p_j^(2-alpha): float32 rounding is amplified by up to q^(alpha-1).
     condition = max(1.0, math.exp((alpha - 1) * float(log_q.max())))
     torch.testing.assert_close(alpha_softargmax(theta, alpha, log_q).double(), torch.from_numpy(expected_p),
-                               atol=2e-5 * condition, rtol=0)
+                               atol=_atol(theta, alpha) * condition, rtol=0)
     expected_loss = reference.loss(theta.numpy(), targets.numpy(), alpha, log_q.numpy())
     got = alpha_divergence_loss(theta, targets, alpha, log_q=log_q, reduction="none")
     torch.testing.assert_close(got.double(), torch.from_numpy(expected_loss), atol=2e-4, rtol=1e-4)
