@@ -19,10 +19,8 @@ from typing import List, Optional
 import numpy as np
 
 from spkver import metrics
+from spkver.report import DEFAULT_FARS, text_table, verification_report
 from spkver.scoring import as_norm, cosine_scores, load_embeddings, read_trials, speaker_mean_cohort
-
-DEFAULT_FARS = (1e-2, 1e-3, 1e-4, 1e-5)
-
 
 class CommandError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
@@ -35,53 +33,6 @@ def _load_mean(path: Optional[str]):
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise CommandError(f"{path}: cannot read the mean embedding ({error})") from None
-
-
-def evaluate(scores: np.ndarray, labels: Optional[np.ndarray], fars=DEFAULT_FARS) -> dict:
-    """EER, minDCF(0.01), minDCF(0.05) and TAR@FAR of one scored list; undefined figures are None."""
-    result = {"trials": int(scores.size)}
-    if labels is None:
-        result.update(targets=None, nontargets=None, eer=None, min_dcf_0_01=None, min_dcf_0_05=None,
-                      tar_at_far={}, note="no labels: scored only")
-        return result
-    targets = int(labels.sum())
-    result.update(targets=targets, nontargets=int(labels.size - targets))
-    if targets == 0 or targets == labels.size:
-        result.update(eer=None, eer_threshold=None, min_dcf_0_01=None, min_dcf_0_05=None, tar_at_far={},
-                      note="metrics undefined: the list needs both targets and non-targets")
-        return result
-    rate, threshold = metrics.eer(scores, labels)
-    result.update(eer=rate, eer_threshold=threshold,
-                  min_dcf_0_01=metrics.min_dcf(scores, labels, p_target=0.01)[0],
-                  min_dcf_0_05=metrics.min_dcf(scores, labels, p_target=0.05)[0])
-    result["tar_at_far"] = {f"{point.far:g}": point.tar for point in metrics.tar_at_far(scores, labels, fars)}
-    return result
-
-
-def _format_table(rows: List[dict], fars) -> str:
-    header = ["trial list", "trials", "targets", "EER %", "minDCF(0.01)", "minDCF(0.05)"] + \
-        [f"TAR@FAR={far:g} %" for far in fars]
-
-    def cell(value, scale=1.0, digits=4):
-        return "n/a" if value is None else f"{scale * value:.{digits}f}"
-
-    lines = [header]
-    for row in rows:
-        lines.append([row["name"], str(row["trials"]), "-" if row["targets"] is None else str(row["targets"]),
-                      cell(row["eer"], 100, 3), cell(row["min_dcf_0_01"]), cell(row["min_dcf_0_05"])]
-                     + [cell(row["tar_at_far"].get(f"{far:g}"), 100, 2) for far in fars])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(value.rjust(width) if i else value.ljust(width) for i, (value, width) in
-                      enumerate(zip(line, widths))) for line in lines]
-    text.insert(1, "  ".join("-" * width for width in widths))
-    notes = [f"{row['name']}: {row['note']}" for row in rows if row.get("note")]
-    undefined = []
-    for row in rows:
-        missing = [f"{far:g}" for far in fars if row["tar_at_far"] and row["tar_at_far"].get(f"{far:g}") is None]
-        if missing:
-            undefined.append(f"{row['name']}: TAR@FAR={', '.join(missing)} undefined: {row['nontargets']} "
-                             "non-targets, and a FAR f needs at least 1/f")
-    return "\n".join(text + notes + undefined)
 
 
 def _scores_path(out: str, trials_path: str, several: bool) -> Path:
@@ -108,7 +59,7 @@ def command_score(args) -> int:
         else:
             scored = cosine_scores(store, trials, mean=mean, allow_missing=args.allow_missing)
         name = Path(trials_path).name
-        row = {"name": name, **evaluate(scored.scores, scored.trials.labels, args.far)}
+        row = {"name": name, **verification_report(scored.scores, scored.trials.labels, args.far)}
         if scored.num_skipped:
             row["skipped_missing"] = scored.num_skipped
             print(f"{name}: skipped {scored.num_skipped} trials with missing embeddings", file=sys.stderr)
@@ -120,7 +71,7 @@ def command_score(args) -> int:
         if args.det and row["eer"] is not None:
             p_fa, p_miss, _ = metrics.det_curve(scored.scores, scored.trials.labels)
             curves[f"{name} (EER {100 * row['eer']:.2f} %)"] = (p_fa, p_miss)
-    print(_format_table(rows, args.far))
+    print(text_table(rows, args.far))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"lists": rows}, indent=2) + "\n")

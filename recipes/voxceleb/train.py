@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Train a speaker-embedding extractor with an alpha-divergence (or baseline) objective, then score.
+
+    python recipes/voxceleb/train.py hparams/ecapa512_qmargin.yaml --data_folder=/data/voxceleb1 \
+        --vox2_folder=/data/voxceleb2 [--number_of_epochs=40] [--device=cuda] [--precision=bf16]
+
+Stages, each restartable: (1) synthesise the corpus if the hparams ask for it and it is missing,
+(2) prepare manifests unless present, (3) train (resuming from the last checkpoint), (4) embed the
+trial utterances, subtract the training mean, score every trial list and write results.md/json.
+Multi-GPU: torchrun --nproc_per_node=N recipes/voxceleb/train.py ... (SpeechBrain's DDP).
+"""
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import speechbrain as sb
+
+from spkver.brain import SpeakerBrain
+from spkver.data.datasets import speaker_datasets
+from spkver.data.synth import synthesize_corpus
+from spkver.data.voxceleb import prepare_voxceleb
+from spkver.evaluation import evaluate_trial_lists, training_mean_embedding, write_results
+from spkver.hparams import load
+from spkver.models import CosineClassifier
+from spkver.report import text_table
+
+logger = logging.getLogger(__name__)
+
+
+def prepare(hparams):
+    data_folder = Path(hparams["data_folder"])
+    if hparams["synthetic_corpus"] and not (data_folder / "wav").exists():
+        sb.utils.distributed.run_on_main(synthesize_corpus, args=[data_folder], kwargs=dict(hparams["synthetic_corpus"]))
+    manifests = Path(hparams["manifest_folder"])
+    if not (manifests / "counts.json").exists():
+        sb.utils.distributed.run_on_main(prepare_voxceleb, args=[manifests], kwargs=dict(
+            vox1=data_folder, vox2=hparams["vox2_folder"], trials=hparams["trial_lists"],
+            train_on=hparams["train_on"], chunk_seconds=hparams["chunk_seconds"]))
+
+
+def evaluate(brain, hparams, stage):
+    extractor = brain.modules.embedding_model
+    extractor.eval()
+    mean = training_mean_embedding(extractor, hparams["manifest_folder"], hparams["mean_utterances"],
+                                   device=brain.device)
+    rows = evaluate_trial_lists(extractor, hparams["manifest_folder"], hparams["trial_lists"], mean=mean,
+                                batch_size=hparams["embedding_batch_size"], device=brain.device)
+    print(f"\n{stage}\n{text_table(rows)}")
+    return rows
+
+
+def main():
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    hparams, composed = load(hparams_file, overrides)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as resolved:
+        resolved.write(composed)
+    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
+                                   hyperparams_to_save=resolved.name, overrides=overrides)
+    prepare(hparams)
+    train_set, valid_set, num_speakers = speaker_datasets(hparams["manifest_folder"], hparams["crop_seconds"])
+    classifier = CosineClassifier(hparams["embedding_model"].embedding_dim, num_speakers)
+    hparams["checkpointer"].add_recoverable("classifier", classifier)
+    brain = SpeakerBrain(modules={"embedding_model": hparams["embedding_model"], "classifier": classifier},
+                         opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
+                         checkpointer=hparams["checkpointer"])
+    results = {}
+    if hparams["evaluate_before_training"] and not any(Path(hparams["save_folder"]).glob("CKPT*")):
+        results["before training"] = evaluate(brain, hparams, "before training")
+    brain.fit(hparams["epoch_counter"], train_set, valid_set,
+              train_loader_kwargs=hparams["train_dataloader_options"],
+              valid_loader_kwargs=hparams["valid_dataloader_options"])
+    results["after training"] = evaluate(brain, hparams, "after training")
+    write_results(hparams["output_folder"], results)
+
+
+if __name__ == "__main__":
+    main()

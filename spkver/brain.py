@@ -1,0 +1,190 @@
+r"""``SpeakerBrain``: training speaker-embedding extractors with the objectives of :mod:`spkver.losses`.
+
+Modules (``modules:`` in the hparams): ``embedding_model`` (an
+:class:`~spkver.models.EmbeddingExtractor`) and ``classifier`` (a
+:class:`~spkver.models.CosineClassifier`).  Hparams used: ``objective``,
+``augmenter`` (or ``null``), ``margin_warmup`` (a
+:class:`~spkver.losses.MarginWarmup` or ``null``), ``lr_schedule`` (a
+:class:`LearningRateSchedule`), ``reinit_policy`` (a
+:class:`~spkver.losses.ReinitializationPolicy` or ``null``: A3M-I),
+``epoch_counter`` and ``train_logger``.
+
+The margin and the learning rate follow training progress in epochs, stepped
+every batch; checkpoints (SpeechBrain's ``Checkpointer``, also inside an epoch
+with ``ckpt_interval_steps``/``ckpt_interval_minutes``) let a killed run resume
+where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import speechbrain as sb
+import torch
+
+from spkver.losses import ClassMeanAccumulator, reinitialize_prototypes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SpeakerBrain", "LearningRateSchedule"]
+
+
+class LearningRateSchedule:
+    r"""Linear warm-up to ``peak`` over ``warmup_epochs``, then exponential decay to ``final`` at ``epochs``.
+
+    .. math::
+        \eta(t) = \begin{cases} \eta_{peak}\, t / T_w & t < T_w \\
+        \eta_{peak} (\eta_{final}/\eta_{peak})^{(t - T_w)/(T - T_w)} & \text{otherwise}\end{cases}
+
+    ``t`` is training progress in epochs (fractional), so the schedule is
+    stateless: a resumed run recomputes it.  (WeSpeaker's VoxCeleb recipes use
+    this shape.)
+
+    >>> schedule = LearningRateSchedule(peak=0.1, final=0.001, warmup_epochs=1, epochs=3)
+    >>> [round(schedule(t), 4) for t in (0.5, 1.0, 2.0, 3.0)]
+    [0.05, 0.1, 0.01, 0.001]
+    """
+
+    def __init__(self, peak: float, final: float, warmup_epochs: float, epochs: float):
+        if not 0 < final <= peak or warmup_epochs < 0 or epochs < warmup_epochs or epochs <= 0:
+            raise ValueError(f"need 0 < final <= peak and 0 <= warmup_epochs <= epochs; got peak={peak}, "
+                             f"final={final}, warmup_epochs={warmup_epochs}, epochs={epochs}")
+        self.peak, self.final, self.warmup, self.epochs = peak, final, warmup_epochs, epochs
+
+    def __call__(self, progress: float) -> float:
+        if progress < self.warmup:
+            return self.peak * max(progress, 1e-3) / self.warmup
+        if self.epochs == self.warmup:
+            return self.peak
+        fraction = min(1.0, (progress - self.warmup) / (self.epochs - self.warmup))
+        return self.peak * (self.final / self.peak) ** fraction
+
+
+@dataclass
+class _EpochStatistics:
+    rows: int = 0
+    correct: int = 0
+    support: float = 0.0
+    target_zero: float = 0.0
+    target_prob: float = 0.0
+
+    def update(self, cosine, targets, statistics) -> None:
+        rows = targets.shape[0]
+        self.rows += rows
+        self.correct += int((cosine.argmax(1) == targets).sum())
+        self.support += statistics.support_size * rows
+        self.target_zero += statistics.target_zero_fraction * rows
+        self.target_prob += statistics.target_prob * rows
+
+    def summary(self) -> dict:
+        n = max(self.rows, 1)
+        return {"accuracy": self.correct / n, "support_size": self.support / n,
+                "p_y_zero": self.target_zero / n, "mean_p_y": self.target_prob / n}
+
+
+def _speaker_targets(batch, device) -> torch.Tensor:
+    """The batch's speaker indices as a (B,) tensor (SpeechBrain pads them to (B, 1))."""
+    return batch.speaker_index.data.reshape(-1).to(device)
+
+
+class SpeakerBrain(sb.Brain):
+    """Speaker classification training of an embedding extractor (see the module docstring)."""
+
+    def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs=None,
+            valid_loader_kwargs=None):
+        train_loader_kwargs = train_loader_kwargs or {}
+        if not isinstance(train_set, torch.utils.data.DataLoader):
+            train_set = self.make_dataloader(train_set, stage=sb.Stage.TRAIN, **train_loader_kwargs)
+        self.steps_per_epoch = len(train_set)
+        self.train_loader = train_set
+        return super().fit(epoch_counter, train_set, valid_set, progressbar=progressbar,
+                           valid_loader_kwargs=valid_loader_kwargs or {})
+
+    def on_fit_start(self):
+        super().on_fit_start()
+        policy = getattr(self.hparams, "reinit_policy", None)
+        if policy is not None and self.checkpointer is not None and "reinit_policy" not in self.checkpointer.recoverables:
+            self.checkpointer.add_recoverable(
+                "reinit_policy", policy,
+                custom_save_hook=lambda obj, path: torch.save(obj.state_dict(), path),
+                custom_load_hook=lambda obj, path, end_of_epoch=None: obj.load_state_dict(torch.load(path)),
+            )
+            # The counter may already say where to resume; the policy state loads with it.
+            self.checkpointer.recover_if_possible()
+
+    def progress(self) -> float:
+        """Training progress in epochs (fractional within the current one)."""
+        epoch = self.hparams.epoch_counter.current
+        steps = getattr(self, "steps_per_epoch", 0) or 1
+        return max(epoch - 1, 0) + min(self.step, steps) / steps
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        waveforms, lengths = batch.sig
+        augmenter = getattr(self.hparams, "augmenter", None)
+        if stage == sb.Stage.TRAIN and augmenter is not None:
+            waveforms, lengths = augmenter(waveforms, lengths)
+        embeddings = self.modules.embedding_model(waveforms, lengths)
+        return self.modules.classifier(embeddings)
+
+    def compute_objectives(self, cosine, batch, stage):
+        targets = _speaker_targets(batch, self.device)
+        augmenter = getattr(self.hparams, "augmenter", None)
+        if stage == sb.Stage.TRAIN and augmenter is not None:
+            targets = augmenter.replicate_labels(targets)
+        loss = self.hparams.objective(cosine, targets)
+        statistics = self.hparams.objective.last_statistics
+        self.epoch_statistics.update(cosine.detach(), targets, statistics)
+        policy = getattr(self.hparams, "reinit_policy", None)
+        if stage == sb.Stage.TRAIN and policy is not None:
+            policy.observe(statistics, targets.shape[0])
+        return loss
+
+    def on_fit_batch_start(self, batch, should_step):
+        progress = self.progress()
+        warmup = getattr(self.hparams, "margin_warmup", None)
+        if warmup is not None:
+            warmup.step(self.hparams.objective, progress)
+        learning_rate = self.hparams.lr_schedule(progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+
+    def on_stage_start(self, stage, epoch=None):
+        self.epoch_statistics = _EpochStatistics()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        summary = {"loss": stage_loss, **self.epoch_statistics.summary()}
+        if stage == sb.Stage.TRAIN:
+            self.train_summary = summary
+            policy = getattr(self.hparams, "reinit_policy", None)
+            if policy is not None:
+                collapse = policy.collapse_fraction
+                if policy.should_fire(epoch):
+                    classes = self.reinitialise_prototypes()
+                    logger.info(f"A3M-I: epoch {epoch} ended with p_y = 0 for {100 * collapse:.1f} % of samples; "
+                                f"prototypes of {classes} classes re-initialised to class-mean embeddings")
+                    self.train_summary["a3m_i_fired"] = 1
+            return
+        if stage == sb.Stage.VALID:
+            meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                    "margin": self.hparams.objective.margin}
+            self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=getattr(self, "train_summary", None),
+                                                valid_stats=summary)
+            if self.checkpointer is not None:
+                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "epoch": epoch}, num_to_keep=1)
+
+    @torch.no_grad()
+    def reinitialise_prototypes(self) -> int:
+        """A3M-I: set every prototype to the normalised mean of its class's embeddings (no augmentation)."""
+        classifier = self.modules.classifier
+        accumulator = ClassMeanAccumulator(classifier.weight.shape[0], classifier.weight.shape[1],
+                                           device=classifier.weight.device)
+        training = self.modules.training
+        self.modules.eval()
+        for batch in self.train_loader:
+            batch = batch.to(self.device)
+            waveforms, lengths = batch.sig
+            accumulator.update(self.modules.embedding_model(waveforms, lengths), _speaker_targets(batch, self.device))
+        self.modules.train(training)
+        return reinitialize_prototypes(classifier.weight, accumulator, self.optimizer)

@@ -1,0 +1,87 @@
+"""Embedding extractors and the cosine classifier head.
+
+The backbone returns an embedding; the head holds the class prototypes; the
+loss lives in :mod:`spkver.losses`.  Every extractor maps waveforms
+``(B, T)`` with relative lengths ``(B,)`` to embeddings ``(B, D)``:
+80-dimensional log-Mel filterbanks, sentence-level mean normalisation, then
+the backbone (SpeechBrain's ECAPA-TDNN or ResNet, whose ``(B, 1, D)`` or
+``(B, D)`` outputs are converted to ``(B, D)`` here, at the boundary).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FilterbankFrontend", "EmbeddingExtractor", "CosineClassifier", "ecapa_tdnn", "resnet34"]
+
+
+class FilterbankFrontend(nn.Module):
+    """Waveform to mean-normalised log-Mel filterbanks ``(B, frames, n_mels)``."""
+
+    def __init__(self, n_mels: int = 80, sample_rate: int = 16000):
+        super().__init__()
+        from speechbrain.lobes.features import Fbank
+
+        self.fbank = Fbank(n_mels=n_mels, sample_rate=sample_rate)
+        self.n_mels = n_mels
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        features = self.fbank(waveforms)
+        # Sentence-level mean normalisation over each utterance's own frames only.
+        frames = features.shape[1]
+        mask = (torch.arange(frames, device=features.device)[None, :]
+                < (lengths * frames).round().clamp_min(1)[:, None]).to(features.dtype)[:, :, None]
+        mean = (features * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
+        return (features - mean) * mask
+
+
+class EmbeddingExtractor(nn.Module):
+    """Frontend + backbone: waveforms ``(B, T)`` and relative lengths ``(B,)`` to embeddings ``(B, D)``."""
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int, n_mels: int = 80):
+        super().__init__()
+        self.frontend = FilterbankFrontend(n_mels)
+        self.backbone = backbone
+        self.embedding_dim = embedding_dim
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        embeddings = self.backbone(self.frontend(waveforms, lengths), lengths)
+        return embeddings.reshape(embeddings.shape[0], -1)
+
+
+def ecapa_tdnn(channels: int = 512, embedding_dim: int = 192, n_mels: int = 80) -> EmbeddingExtractor:
+    """SpeechBrain's ECAPA-TDNN (channels C for the four frame layers, 3C for the last)."""
+    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+
+    backbone = ECAPA_TDNN(n_mels, channels=[channels] * 4 + [3 * channels], lin_neurons=embedding_dim)
+    return EmbeddingExtractor(backbone, embedding_dim, n_mels)
+
+
+def resnet34(embedding_dim: int = 256, base_channels: int = 32, n_mels: int = 80) -> EmbeddingExtractor:
+    """ResNet34 (basic blocks 3-4-6-3, widths 32-64-128-256 as in WeSpeaker) from SpeechBrain's ResNet."""
+    from speechbrain.lobes.models.ResNet import ResNet
+
+    widths = [base_channels * 2 ** i for i in range(4)]
+    backbone = ResNet(input_size=n_mels, channels=widths, block_sizes=[3, 4, 6, 3], strides=[1, 2, 2, 2],
+                      lin_neurons=embedding_dim)
+    return EmbeddingExtractor(backbone, embedding_dim, n_mels)
+
+
+class CosineClassifier(nn.Module):
+    r"""Class prototypes :math:`w_j` and the cosines :math:`\cos(x, w_j)` ``(B, C)``.
+
+    The prototypes are a ``(C, D)`` parameter, ``weight``; A3M-I re-initialises it.
+
+    >>> head = CosineClassifier(embedding_dim=4, num_classes=3)
+    >>> head(torch.randn(2, 4)).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T

@@ -1,0 +1,75 @@
+"""Verification reports: the figures of a scored trial list, as a table, Markdown or JSON."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+
+from spkver import metrics
+
+__all__ = ["DEFAULT_FARS", "verification_report", "text_table", "markdown_table"]
+
+DEFAULT_FARS = (1e-2, 1e-3, 1e-4, 1e-5)
+
+
+def verification_report(scores: np.ndarray, labels: Optional[np.ndarray], fars=DEFAULT_FARS) -> dict:
+    """EER, minDCF(0.01), minDCF(0.05) and TAR@FAR of one scored list; undefined figures are None."""
+    result = {"trials": int(scores.size)}
+    if labels is None:
+        result.update(targets=None, nontargets=None, eer=None, min_dcf_0_01=None, min_dcf_0_05=None,
+                      tar_at_far={}, note="no labels: scored only")
+        return result
+    targets = int(labels.sum())
+    result.update(targets=targets, nontargets=int(labels.size - targets))
+    if targets == 0 or targets == labels.size:
+        result.update(eer=None, eer_threshold=None, min_dcf_0_01=None, min_dcf_0_05=None, tar_at_far={},
+                      note="metrics undefined: the list needs both targets and non-targets")
+        return result
+    rate, threshold = metrics.eer(scores, labels)
+    result.update(eer=rate, eer_threshold=threshold,
+                  min_dcf_0_01=metrics.min_dcf(scores, labels, p_target=0.01)[0],
+                  min_dcf_0_05=metrics.min_dcf(scores, labels, p_target=0.05)[0])
+    result["tar_at_far"] = {f"{point.far:g}": point.tar for point in metrics.tar_at_far(scores, labels, fars)}
+    return result
+
+
+def text_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
+    """The aligned plain-text table ``spkver score`` prints, with notes on undefined figures."""
+    header = ["trial list", "trials", "targets", "EER %", "minDCF(0.01)", "minDCF(0.05)"] + \
+        [f"TAR@FAR={far:g} %" for far in fars]
+
+    def cell(value, scale=1.0, digits=4):
+        return "n/a" if value is None else f"{scale * value:.{digits}f}"
+
+    lines = [header]
+    for row in rows:
+        lines.append([row["name"], str(row["trials"]), "-" if row["targets"] is None else str(row["targets"]),
+                      cell(row["eer"], 100, 3), cell(row["min_dcf_0_01"]), cell(row["min_dcf_0_05"])]
+                     + [cell(row["tar_at_far"].get(f"{far:g}"), 100, 2) for far in fars])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(value.rjust(width) if i else value.ljust(width) for i, (value, width) in
+                      enumerate(zip(line, widths))) for line in lines]
+    text.insert(1, "  ".join("-" * width for width in widths))
+    notes = [f"{row['name']}: {row['note']}" for row in rows if row.get("note")]
+    undefined = []
+    for row in rows:
+        missing = [f"{far:g}" for far in fars if row["tar_at_far"] and row["tar_at_far"].get(f"{far:g}") is None]
+        if missing:
+            undefined.append(f"{row['name']}: TAR@FAR={', '.join(missing)} undefined: {row['nontargets']} "
+                             "non-targets, and a FAR f needs at least 1/f")
+    return "\n".join(text + notes + undefined)
+
+
+def markdown_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
+    """The same figures as a Markdown table (n/a where undefined)."""
+    header = ["trial list", "trials", "EER %", "minDCF(0.01)", "minDCF(0.05)"] + [f"TAR@FAR={f:g} %" for f in fars]
+
+    def cell(value, scale=1.0, digits=4):
+        return "n/a" if value is None else f"{scale * value:.{digits}f}"
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["name"], str(row["trials"]), cell(row["eer"], 100, 3),
+                                        cell(row["min_dcf_0_01"]), cell(row["min_dcf_0_05"])]
+                                       + [cell(row["tar_at_far"].get(f"{f:g}"), 100, 2) for f in fars]) + " |")
+    return "\n".join(lines)
