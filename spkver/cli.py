@@ -126,7 +126,8 @@ def command_synth(args) -> int:
     summary = synthesize_corpus(args.out, speakers=args.speakers, utterances=args.utterances, seed=args.seed,
                                 difficulty=args.difficulty, min_seconds=args.min_seconds,
                                 max_seconds=args.max_seconds, test_speakers=args.test_speakers,
-                                workers=args.workers, progress=sys.stderr.isatty())
+                                trials_per_utterance=args.trials_per_utterance, workers=args.workers,
+                                progress=sys.stderr.isatty())
     print(f"{summary['utterances']} utterances of {summary['speakers']} speakers in {summary['out']}/wav; "
           f"{summary['trials']} trials ({summary['targets']} targets) over {summary['test_speakers']} "
           f"held-out speakers in {summary['out']}/trials.txt")
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-seconds", type=float, default=6.0)
     synth.add_argument("--test-speakers", type=int, default=None,
                        help="speakers reserved for trials.txt (default a fifth)")
+    synth.add_argument("--trials-per-utterance", type=int, default=8,
+                       help="trials with each held-out utterance as enrolment, half targets (default 8)")
     synth.add_argument("--workers", type=int, default=None)
     synth.set_defaults(handler=command_synth)
     return parser

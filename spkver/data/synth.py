@@ -258,7 +258,7 @@ def _video_id(rng) -> str:
 def synthesize_corpus(out, speakers: int = 100, utterances: int = 20, seed: int = 0,
                       difficulty: float = 1.0, min_seconds: float = 3.0, max_seconds: float = 6.0,
                       sessions: Tuple[int, int] = (3, 5), test_speakers: Optional[int] = None,
-                      trials_per_utterance: int = 4, workers: Optional[int] = None,
+                      trials_per_utterance: int = 8, workers: Optional[int] = None,
                       progress: bool = True) -> dict:
     """Write the corpus and its trial list; return a summary (counts, paths).
 

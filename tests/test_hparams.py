@@ -1,0 +1,54 @@
+"""Every experiment file composes and loads; composition rules."""
+from pathlib import Path
+
+import pytest
+
+from spkver.hparams import HparamsError, compose, load
+
+HPARAMS = Path(__file__).resolve().parent.parent / "hparams"
+EXPERIMENTS = sorted(p.name for p in HPARAMS.glob("*.yaml") if p.name != "recipe.yaml")
+
+
+def test_there_is_one_experiment_file_per_model_and_objective():
+    for model in ("ecapa512", "ecapa1024", "resnet34"):
+        for objective in ("softmax", "cosface", "arcface", "alphadiv", "qmargin", "a3m", "a3m_i"):
+            assert f"{model}_{objective}.yaml" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_file_loads_with_its_model_and_objective(name, tmp_path):
+    hparams, _ = load(HPARAMS / name, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")})
+    assert hparams["experiment_name"] == f"{hparams['model_name']}_{hparams['objective_name']}"
+    assert hparams["objective"].__class__.__name__.lower().replace("_", "") in name.replace("_", "") or \
+        name.startswith("demo") or hparams["objective_name"] == "a3m_i"
+    assert hasattr(hparams["embedding_model"], "embedding_dim")
+    if hparams["objective_name"] == "a3m_i":
+        assert hparams["reinit_policy"].collapse_threshold == 0.5
+
+
+def test_command_line_overrides_reach_shared_keys(tmp_path):
+    hparams, _ = load(HPARAMS / "ecapa512_qmargin.yaml",
+                      {"data_folder": str(tmp_path), "number_of_epochs": 8, "alpha": 1.25, "margin": 0.3})
+    assert hparams["epoch_counter"].limit == 8 and hparams["lr_schedule"].epochs == 8
+    assert hparams["objective"].alpha == 1.25 and hparams["objective"].base_margin == 0.3
+
+
+def test_a_key_in_two_pieces_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("x: 1\n")
+    (tmp_path / "b.yaml").write_text("x: 2\n")
+    (tmp_path / "e.yaml").write_text("include: [a.yaml, b.yaml]\n")
+    with pytest.raises(HparamsError, match="'x' is defined in both a.yaml and b.yaml"):
+        compose(tmp_path / "e.yaml")
+
+
+def test_the_experiment_files_own_keys_replace_the_pieces(tmp_path):
+    (tmp_path / "a.yaml").write_text("x: 1\ny: !ref <x>\nz:\n    - 1\n    - 2\n")
+    (tmp_path / "e.yaml").write_text("include: [a.yaml]\nz: [3]\n")
+    hparams, _ = load(tmp_path / "e.yaml")
+    assert hparams == {"x": 1, "y": 1, "z": [3]}
+
+
+def test_missing_piece_is_named(tmp_path):
+    (tmp_path / "e.yaml").write_text("include: [nope.yaml]\n")
+    with pytest.raises(HparamsError, match="nope.yaml does not exist"):
+        compose(tmp_path / "e.yaml")

@@ -1,0 +1,47 @@
+"""Batched embedding extraction agrees with one-by-one extraction."""
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from spkver.inference import AudioError, embed_files, embed_waveform, length_batches, read_audio, trimmed_length
+from spkver.models import ecapa_tdnn, resnet34
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, seconds in enumerate([1.0, 1.04, 1.55, 1.0, 2.01, 1.58, 0.05]):
+        path = folder / f"{i}.wav"
+        soundfile.write(path, (0.1 * rng.normal(size=int(seconds * 16000))).astype(np.float32), 16000)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("make", [lambda: ecapa_tdnn(channels=32, embedding_dim=16),
+                                  lambda: resnet34(embedding_dim=16, base_channels=8)])
+def test_batched_embeddings_equal_one_by_one_embeddings(files, make):
+    torch.manual_seed(0)
+    extractor = make().eval()
+    batched = embed_files(extractor, files, batch_size=4, progress=False)
+    for path, row in zip(files, batched):
+        alone = embed_waveform(extractor, read_audio(path))
+        # Embeddings are used L2-normalised; compare them at that scale.
+        np.testing.assert_allclose(alone / np.linalg.norm(alone), row / np.linalg.norm(row), atol=1e-4, rtol=0)
+
+
+def test_utterances_are_grouped_by_equal_trimmed_length():
+    lengths = [trimmed_length(n, 1600) for n in (16000, 16640, 24800, 16000, 800)]
+    assert lengths == [16000, 16000, 24000, 16000, 800]
+    assert length_batches(lengths, batch_size=2) == [[2], [0, 1], [3], [4]]
+
+
+def test_unreadable_and_wrong_rate_audio_are_named(tmp_path):
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    with pytest.raises(AudioError, match="bad.wav: cannot read audio"):
+        read_audio(tmp_path / "bad.wav")
+    soundfile.write(tmp_path / "8k.wav", np.zeros(800, dtype=np.float32), 8000)
+    with pytest.raises(AudioError, match="8k.wav: sample rate 8000"):
+        read_audio(tmp_path / "8k.wav")
