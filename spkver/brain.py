@@ -102,16 +102,15 @@ class SpeakerBrain(sb.Brain):
                            valid_loader_kwargs=valid_loader_kwargs or {})
 
     def on_fit_start(self):
-        super().on_fit_start()
         policy = getattr(self.hparams, "reinit_policy", None)
         if policy is not None and self.checkpointer is not None and "reinit_policy" not in self.checkpointer.recoverables:
+            # Registered before SpeechBrain recovers the checkpoint, so the policy resumes with the rest.
             self.checkpointer.add_recoverable(
                 "reinit_policy", policy,
                 custom_save_hook=lambda obj, path: torch.save(obj.state_dict(), path),
                 custom_load_hook=lambda obj, path, end_of_epoch=None: obj.load_state_dict(torch.load(path)),
             )
-            # The counter may already say where to resume; the policy state loads with it.
-            self.checkpointer.recover_if_possible()
+        super().on_fit_start()
 
     def progress(self) -> float:
         """Training progress in epochs (fractional within the current one)."""
