@@ -4,7 +4,9 @@
   minDCF and TAR@FAR;
 * ``spkver prepare voxceleb`` writes training manifests (:mod:`spkver.data.voxceleb`);
 * ``spkver convert-m4a`` decodes VoxCeleb2's m4a files (:mod:`spkver.data.convert`);
-* ``spkver synth`` generates the synthetic speaker corpus (:mod:`spkver.data.synth`).
+* ``spkver synth`` generates the synthetic speaker corpus (:mod:`spkver.data.synth`);
+* ``spkver embed`` / ``verify`` / ``export`` reuse a trained extractor (:mod:`spkver.inference`,
+  :mod:`spkver.export`).
 
 Bad input ends with one clear message and exit status 2, never a traceback.
 """
@@ -134,6 +136,79 @@ def command_synth(args) -> int:
     return 0
 
 
+#: Files per resumable part of ``spkver embed``.
+EMBED_PART = 2000
+
+
+def _embedding_inputs(args):
+    """(IDs, paths) from --dir (IDs relative to it) or --list (one path per line; the ID is the line)."""
+    if args.dir:
+        root = Path(args.dir)
+        if not root.is_dir():
+            raise CommandError(f"{root}: --dir folder does not exist")
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".wav", ".flac"))
+        if not paths:
+            raise CommandError(f"{root}: no .wav or .flac files under it")
+        return [p.relative_to(root).as_posix() for p in paths], paths
+    listing = Path(args.list)
+    try:
+        lines = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise CommandError(f"{listing}: cannot read the list ({error.strerror})") from None
+    if not lines:
+        raise CommandError(f"{listing}: the list is empty")
+    root = Path(args.root) if args.root else Path.cwd()
+    paths = [Path(line) if Path(line).is_absolute() else root / line for line in lines]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise CommandError(f"{listing}: {len(missing)} listed files do not exist (first: {', '.join(missing[:5])})")
+    return lines, paths
+
+
+def command_embed(args) -> int:
+    from spkver.inference import SpeakerEmbedder
+    from spkver.scoring import save_embeddings
+
+    embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device)
+    ids, paths = _embedding_inputs(args)
+    out = Path(args.out)
+    parts = out.with_name(out.name + ".parts")  # finished parts survive an interruption
+    parts.mkdir(parents=True, exist_ok=True)
+    stores = []
+    for start in range(0, len(ids), EMBED_PART):
+        part = parts / f"part-{start // EMBED_PART:05d}.npz"
+        if not part.exists():
+            vectors = embedder.embed_files(paths[start:start + EMBED_PART], batch_size=args.batch_size,
+                                           progress=sys.stderr.isatty())
+            save_embeddings(part, ids[start:start + EMBED_PART], vectors)
+        stores.append(load_embeddings(part))
+    save_embeddings(out, [i for store in stores for i in store.ids], np.concatenate([s.embeddings for s in stores]))
+    for part in parts.glob("part-*.npz"):
+        part.unlink()
+    parts.rmdir()
+    print(f"{len(ids)} embeddings ({stores[0].dim}-d) written to {out}")
+    return 0
+
+
+def command_verify(args) -> int:
+    from spkver.inference import SpeakerEmbedder
+
+    embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device)
+    score, same = embedder.verify(args.first, args.second)
+    decision = "no threshold stored" if same is None else ("same speaker" if same else "different speakers")
+    threshold = "" if same is None else f" (threshold {embedder.threshold:.4f})"
+    print(f"score {score:.4f}: {decision}{threshold}")
+    return 0
+
+
+def command_export(args) -> int:
+    from spkver.export import export_pretrained
+
+    out = export_pretrained(args.model, args.out, onnx=args.onnx)
+    print(f"pretrained folder written to {out}")
+    return 0
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -211,6 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trials with each held-out utterance as enrolment, half targets (default 8)")
     synth.add_argument("--workers", type=int, default=None)
     synth.set_defaults(handler=command_synth)
+
+    embed = commands.add_parser("embed", help="embed audio files into a store that `spkver score` reads")
+    embed.add_argument("--model", required=True, metavar="FOLDER", help="experiment or exported model folder")
+    source = embed.add_mutually_exclusive_group(required=True)
+    source.add_argument("--list", metavar="FILE", help="one audio path per line (the line is the ID)")
+    source.add_argument("--dir", metavar="DIR", help="every wav/flac under DIR (IDs relative to it)")
+    embed.add_argument("--root", metavar="DIR", help="folder the --list paths are relative to (default: here)")
+    embed.add_argument("--out", required=True, metavar="NPZ")
+    embed.add_argument("--batch-size", type=int, default=16)
+    embed.add_argument("--device", default="cpu")
+    embed.set_defaults(handler=command_embed)
+
+    verify = commands.add_parser("verify", help="score a pair of files and decide same/different speaker")
+    verify.add_argument("--model", required=True, metavar="FOLDER")
+    verify.add_argument("first", metavar="A.wav")
+    verify.add_argument("second", metavar="B.wav")
+    verify.add_argument("--device", default="cpu")
+    verify.set_defaults(handler=command_verify)
+
+    export = commands.add_parser("export", help="write a SpeechBrain-compatible pretrained folder")
+    export.add_argument("--model", required=True, metavar="EXP_FOLDER")
+    export.add_argument("--out", required=True, metavar="PRETRAINED_FOLDER")
+    export.add_argument("--onnx", action="store_true", help="also write embedding_model.onnx (features in)")
+    export.set_defaults(handler=command_export)
     return parser
 
 

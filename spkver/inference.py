@@ -1,4 +1,9 @@
-"""Embedding extraction from whole utterances, batched by length.
+"""Using trained extractors: embeddings of whole utterances, verification, pretrained folders.
+
+:class:`SpeakerEmbedder` loads an extractor from an experiment folder (the
+recipe's ``output_folder``) or from a folder written by ``spkver export``, and
+embeds files, batches and lists of files, or verifies a pair against a
+threshold stored with the model.
 
 Backbones such as ECAPA-TDNN pad their convolutions by reflection, so a short
 utterance zero-padded inside a batch does not see what it sees alone.  To make
@@ -9,14 +14,18 @@ utterances of exactly equal trimmed length, so no batch is padded.
 """
 from __future__ import annotations
 
+import json
+import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["AudioError", "read_audio", "trimmed_length", "length_batches", "embed_files", "embed_waveform"]
+__all__ = ["AudioError", "SpeakerEmbedder", "read_audio", "trimmed_length", "length_batches", "embed_files",
+           "embed_waveform", "MIN_SECONDS"]
 
 SAMPLE_RATE = 16000
 
@@ -25,22 +34,46 @@ class AudioError(ValueError):
     """An audio file cannot be embedded: the message names it."""
 
 
-def read_audio(path) -> np.ndarray:
-    """Mono float32 samples of a 16 kHz file."""
+#: Shortest audio accepted for an embedding (ECAPA's frame layers see about 0.3 s of context).
+MIN_SECONDS = 0.5
+
+
+def read_audio(path, min_seconds: float = 0.0) -> np.ndarray:
+    """Mono float32 samples at 16 kHz; other rates are resampled and channels averaged, with a warning."""
     import soundfile
 
     try:
         audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:
         raise AudioError(f"{path}: cannot read audio ({str(error).splitlines()[0]})") from None
-    if rate != SAMPLE_RATE:
-        raise AudioError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE}")
+    if audio.shape[1] > 1:
+        warnings.warn(f"{path}: {audio.shape[1]} channels, averaged to mono", stacklevel=2)
     audio = audio.mean(axis=1)
-    if audio.size == 0:
-        raise AudioError(f"{path}: empty audio")
     if not np.isfinite(audio).all():
         raise AudioError(f"{path}: audio contains NaN or inf samples")
+    if rate != SAMPLE_RATE and audio.size:
+        import torchaudio
+
+        warnings.warn(f"{path}: sample rate {rate} Hz, resampled to {SAMPLE_RATE}", stacklevel=2)
+        audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
+    if audio.size == 0:
+        raise AudioError(f"{path}: empty audio")
+    if audio.size < min_seconds * SAMPLE_RATE:
+        raise AudioError(f"{path}: {audio.size / SAMPLE_RATE:.2f} s of audio, shorter than the "
+                         f"{min_seconds} s minimum")
     return audio
+
+
+def _resampled_frames(path) -> int:
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+    except Exception as error:
+        raise AudioError(f"{path}: cannot read audio ({str(error).splitlines()[0]})") from None
+    if info.samplerate == SAMPLE_RATE:
+        return info.frames
+    return math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
 
 
 def trimmed_length(samples: int, quantum: int) -> int:
@@ -72,27 +105,100 @@ def embed_waveform(extractor, audio: np.ndarray, quantum_seconds: float = 0.1, d
 
 @torch.no_grad()
 def embed_files(extractor, paths: Sequence, batch_size: int = 16, quantum_seconds: float = 0.1, device="cpu",
-                progress: bool = True) -> np.ndarray:
+                progress: bool = True, min_seconds: float = 0.0) -> np.ndarray:
     """Embeddings ``(N, D)`` of whole files, batched by trimmed length, in the order of ``paths``."""
     from tqdm import tqdm
 
     quantum = int(quantum_seconds * SAMPLE_RATE)
-    lengths = []
-    import soundfile
-
-    for path in paths:
-        try:
-            info = soundfile.info(str(path))
-        except Exception as error:
-            raise AudioError(f"{path}: cannot read audio ({str(error).splitlines()[0]})") from None
-        lengths.append(trimmed_length(info.frames, quantum))
+    lengths = [trimmed_length(_resampled_frames(path), quantum) for path in paths]
     extractor.eval()
     output = None
-    batches = length_batches(lengths, batch_size)
-    for batch in tqdm(batches, desc="embedding", unit="batch", disable=not progress):
-        waveforms = torch.from_numpy(np.stack([read_audio(paths[i])[:lengths[i]] for i in batch])).to(device)
+    for batch in tqdm(length_batches(lengths, batch_size), desc="embedding", unit="batch", disable=not progress):
+        audio = [read_audio(paths[i], min_seconds)[:lengths[i]] for i in batch]
+        waveforms = torch.from_numpy(np.stack(audio)).to(device)
         embeddings = extractor(waveforms, torch.ones(len(batch), device=device)).cpu().numpy()
         if output is None:
             output = np.empty((len(paths), embeddings.shape[1]), dtype=np.float32)
         output[batch] = embeddings
+    if output is None:
+        raise AudioError("no files to embed")
     return output
+
+
+class SpeakerEmbedder:
+    """A trained extractor with its training-mean embedding and verification threshold.
+
+    Scores are cosines in [-1, 1] between embeddings after subtracting the
+    training mean (when stored); ``verify`` accepts a pair when the score is
+    ``>= threshold``.  The threshold is the EER threshold on validation pairs
+    of the training speakers (see ``calibration``), written by the recipe.
+
+    Examples
+    --------
+    >>> embedder = SpeakerEmbedder.from_pretrained("results/demo/ecapa_small_qmargin/1986")  # doctest: +SKIP
+    >>> score, same = embedder.verify("a.wav", "b.wav")  # doctest: +SKIP
+    """
+
+    def __init__(self, extractor, mean=None, threshold: Optional[float] = None, calibration: str = "",
+                 device="cpu", min_seconds: float = MIN_SECONDS, quantum_seconds: float = 0.1):
+        self.device = torch.device(device)
+        self.extractor = extractor.to(self.device).eval()
+        self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
+        self.threshold = threshold
+        self.calibration = calibration
+        self.min_seconds = min_seconds
+        self.quantum_seconds = quantum_seconds
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu") -> "SpeakerEmbedder":
+        """Load from an experiment folder or an exported pretrained folder (both hold ``spkver.json``)."""
+        from spkver.models import build_extractor
+
+        folder = Path(folder)
+        card_path = folder / "spkver.json"
+        if not card_path.exists():
+            raise FileNotFoundError(f"{folder}: no spkver.json: not a trained experiment or exported model folder")
+        card = json.loads(card_path.read_text())
+        extractor = build_extractor(**card["extractor"])
+        weights = folder / "embedding_model.ckpt"
+        if not weights.exists():  # an experiment folder: the latest checkpoint
+            checkpoints = sorted((folder / "save").glob("CKPT+*/embedding_model.ckpt"))
+            if not checkpoints:
+                raise FileNotFoundError(f"{folder}: no embedding_model.ckpt and no checkpoint under save/")
+            weights = checkpoints[-1]
+            extractor.load_state_dict(torch.load(weights, map_location="cpu"))
+        else:  # exported: SpeechBrain's layout holds the backbone's weights
+            extractor.backbone.load_state_dict(torch.load(weights, map_location="cpu"))
+        mean = np.load(folder / "mean_embedding.npy") if (folder / "mean_embedding.npy").exists() else None
+        return cls(extractor, mean=mean, threshold=card.get("threshold"), calibration=card.get("calibration", ""),
+                   device=device)
+
+    @torch.no_grad()
+    def embed_batch(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings ``(B, D)`` of 16 kHz waveforms ``(B, T)`` with relative lengths ``(B,)``."""
+        if waveforms.dim() == 1:
+            waveforms = waveforms[None]
+        if not bool(torch.isfinite(waveforms).all()):
+            raise AudioError("waveforms contain NaN or inf samples")
+        lengths = torch.ones(waveforms.shape[0]) if lengths is None else lengths
+        return self.extractor(waveforms.float().to(self.device), lengths.to(self.device)).cpu()
+
+    def embed_file(self, path) -> np.ndarray:
+        """Embedding ``(D,)`` of one whole file."""
+        return embed_waveform(self.extractor, read_audio(path, self.min_seconds), self.quantum_seconds, self.device)
+
+    def embed_files(self, paths: Sequence, batch_size: int = 16, progress: bool = True) -> np.ndarray:
+        """Embeddings ``(N, D)`` of whole files, batched by length, with a progress bar."""
+        return embed_files(self.extractor, paths, batch_size, self.quantum_seconds, self.device, progress,
+                           self.min_seconds)
+
+    def score_embeddings(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Cosine of two embeddings after subtracting the training mean."""
+        if self.mean is not None:
+            a, b = a - self.mean, b - self.mean
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    def verify(self, path_a, path_b) -> Tuple[float, Optional[bool]]:
+        """``(score, same_speaker)``; the decision is ``None`` when no threshold is stored."""
+        score = self.score_embeddings(self.embed_file(path_a), self.embed_file(path_b))
+        return score, None if self.threshold is None else score >= self.threshold

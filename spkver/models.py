@@ -9,11 +9,13 @@ the backbone (SpeechBrain's ECAPA-TDNN or ResNet, whose ``(B, 1, D)`` or
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FilterbankFrontend", "EmbeddingExtractor", "CosineClassifier", "ecapa_tdnn", "resnet34"]
+__all__ = ["FilterbankFrontend", "EmbeddingExtractor", "CosineClassifier", "ecapa_tdnn", "resnet34", "build_extractor"]
 
 
 class FilterbankFrontend(nn.Module):
@@ -39,11 +41,13 @@ class FilterbankFrontend(nn.Module):
 class EmbeddingExtractor(nn.Module):
     """Frontend + backbone: waveforms ``(B, T)`` and relative lengths ``(B,)`` to embeddings ``(B, D)``."""
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int, n_mels: int = 80):
+    def __init__(self, backbone: nn.Module, embedding_dim: int, n_mels: int = 80, spec: Optional[dict] = None):
         super().__init__()
         self.frontend = FilterbankFrontend(n_mels)
         self.backbone = backbone
         self.embedding_dim = embedding_dim
+        #: How to rebuild this extractor (``build_extractor(**spec)``): saved with exported models.
+        self.spec = spec or {}
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         embeddings = self.backbone(self.frontend(waveforms, lengths), lengths)
@@ -55,7 +59,8 @@ def ecapa_tdnn(channels: int = 512, embedding_dim: int = 192, n_mels: int = 80) 
     from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 
     backbone = ECAPA_TDNN(n_mels, channels=[channels] * 4 + [3 * channels], lin_neurons=embedding_dim)
-    return EmbeddingExtractor(backbone, embedding_dim, n_mels)
+    spec = {"architecture": "ecapa_tdnn", "channels": channels, "embedding_dim": embedding_dim, "n_mels": n_mels}
+    return EmbeddingExtractor(backbone, embedding_dim, n_mels, spec)
 
 
 def resnet34(embedding_dim: int = 256, base_channels: int = 32, n_mels: int = 80) -> EmbeddingExtractor:
@@ -65,7 +70,19 @@ def resnet34(embedding_dim: int = 256, base_channels: int = 32, n_mels: int = 80
     widths = [base_channels * 2 ** i for i in range(4)]
     backbone = ResNet(input_size=n_mels, channels=widths, block_sizes=[3, 4, 6, 3], strides=[1, 2, 2, 2],
                       lin_neurons=embedding_dim)
-    return EmbeddingExtractor(backbone, embedding_dim, n_mels)
+    spec = {"architecture": "resnet34", "embedding_dim": embedding_dim, "base_channels": base_channels,
+            "n_mels": n_mels}
+    return EmbeddingExtractor(backbone, embedding_dim, n_mels, spec)
+
+
+ARCHITECTURES = {"ecapa_tdnn": ecapa_tdnn, "resnet34": resnet34}
+
+
+def build_extractor(architecture: str, **arguments) -> EmbeddingExtractor:
+    """Rebuild an extractor from its ``spec`` (see :attr:`EmbeddingExtractor.spec`)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[architecture](**arguments)
 
 
 class CosineClassifier(nn.Module):

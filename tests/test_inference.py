@@ -42,6 +42,24 @@ def test_unreadable_and_wrong_rate_audio_are_named(tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     with pytest.raises(AudioError, match="bad.wav: cannot read audio"):
         read_audio(tmp_path / "bad.wav")
-    soundfile.write(tmp_path / "8k.wav", np.zeros(800, dtype=np.float32), 8000)
-    with pytest.raises(AudioError, match="8k.wav: sample rate 8000"):
-        read_audio(tmp_path / "8k.wav")
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match="empty.wav: empty audio"):
+        read_audio(tmp_path / "empty.wav")
+    soundfile.write(tmp_path / "short.wav", np.zeros(1600, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match=r"short.wav: 0.10 s of audio, shorter than the 0.5 s minimum"):
+        read_audio(tmp_path / "short.wav", min_seconds=0.5)
+    soundfile.write(tmp_path / "nan.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="nan.wav: audio contains NaN"):
+        read_audio(tmp_path / "nan.wav")
+    with pytest.raises(AudioError, match="nope.wav: cannot read audio"):
+        read_audio(tmp_path / "nope.wav")
+
+
+def test_other_rates_and_stereo_are_resampled_and_downmixed_with_a_warning(tmp_path):
+    t = np.arange(8000) / 8000
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t)], axis=1).astype(np.float32)
+    soundfile.write(tmp_path / "8k.wav", stereo, 8000)
+    with pytest.warns(UserWarning) as record:
+        audio = read_audio(tmp_path / "8k.wav")
+    assert {"channels" in str(w.message) or "resampled" in str(w.message) for w in record} == {True}
+    assert audio.shape == (16000,)

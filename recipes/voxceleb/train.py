@@ -20,7 +20,13 @@ from spkver.brain import SpeakerBrain
 from spkver.data.datasets import speaker_datasets
 from spkver.data.synth import synthesize_corpus
 from spkver.data.voxceleb import prepare_voxceleb
-from spkver.evaluation import evaluate_trial_lists, training_mean_embedding, write_results
+from spkver.evaluation import (
+    calibrate_threshold,
+    evaluate_trial_lists,
+    training_mean_embedding,
+    write_model_card,
+    write_results,
+)
 from spkver.hparams import load
 from spkver.models import CosineClassifier
 from spkver.report import text_table
@@ -36,10 +42,12 @@ def prepare(hparams):
     if not (manifests / "counts.json").exists():
         sb.utils.distributed.run_on_main(prepare_voxceleb, args=[manifests], kwargs=dict(
             vox1=data_folder, vox2=hparams["vox2_folder"], trials=hparams["trial_lists"],
-            train_on=hparams["train_on"], chunk_seconds=hparams["chunk_seconds"]))
+            train_on=hparams["train_on"], chunk_seconds=hparams["chunk_seconds"],
+            valid_fraction=hparams["valid_fraction"]))
 
 
 def evaluate(brain, hparams, stage):
+    """Score the trial lists; return the report rows and the training-mean embedding."""
     extractor = brain.modules.embedding_model
     extractor.eval()
     mean = training_mean_embedding(extractor, hparams["manifest_folder"], hparams["mean_utterances"],
@@ -47,7 +55,7 @@ def evaluate(brain, hparams, stage):
     rows = evaluate_trial_lists(extractor, hparams["manifest_folder"], hparams["trial_lists"], mean=mean,
                                 batch_size=hparams["embedding_batch_size"], device=brain.device)
     print(f"\n{stage}\n{text_table(rows)}")
-    return rows
+    return rows, mean
 
 
 def main():
@@ -66,12 +74,16 @@ def main():
                          checkpointer=hparams["checkpointer"])
     results = {}
     if hparams["evaluate_before_training"] and not any(Path(hparams["save_folder"]).glob("CKPT*")):
-        results["before training"] = evaluate(brain, hparams, "before training")
+        results["before training"], _ = evaluate(brain, hparams, "before training")
     brain.fit(hparams["epoch_counter"], train_set, valid_set,
               train_loader_kwargs=hparams["train_dataloader_options"],
               valid_loader_kwargs=hparams["valid_dataloader_options"])
-    results["after training"] = evaluate(brain, hparams, "after training")
+    results["after training"], mean = evaluate(brain, hparams, "after training")
     write_results(hparams["output_folder"], results)
+    # What `spkver embed/verify/export` and SpeakerEmbedder.from_pretrained need to reuse the extractor.
+    threshold, calibration = calibrate_threshold(brain.modules.embedding_model, hparams["manifest_folder"], mean,
+                                                 far=hparams["calibration_far"], device=brain.device)
+    write_model_card(hparams["output_folder"], brain.modules.embedding_model, mean, threshold, calibration)
 
 
 if __name__ == "__main__":

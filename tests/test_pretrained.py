@@ -1,0 +1,136 @@
+"""Reusing trained extractors: SpeakerEmbedder, spkver embed/verify/export, SpeechBrain and ONNX."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spkver import cli
+from spkver.data.synth import synthesize_corpus
+from spkver.inference import AudioError, SpeakerEmbedder, read_audio
+from spkver.scoring import load_embeddings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A tiny model trained by the recipe on a tiny synthetic corpus."""
+    folder = tmp_path_factory.mktemp("pretrained")
+    corpus = folder / "corpus"
+    synthesize_corpus(corpus, speakers=8, utterances=4, seed=2, min_seconds=1.2, max_seconds=1.6,
+                      test_speakers=3, progress=False)
+    output = folder / "exp"
+    argv = [str(ROOT / "recipes/voxceleb/train.py"), str(ROOT / "hparams/ecapa512_qmargin.yaml"),
+            f"--data_folder={corpus}", f"--trial_lists=[{corpus}/trials.txt]", f"--output_folder={output}",
+            "--number_of_epochs=2", "--channels=16", "--embedding_dim=16", "--batch_size=8", "--num_workers=0",
+            "--lr_warmup_epochs=1", "--crop_seconds=1.0", "--mean_utterances=10", "--valid_fraction=0.3"]
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    finally:
+        sys.argv = saved
+    return output, corpus
+
+
+def _wavs(corpus):
+    return sorted((corpus / "wav").rglob("*.wav"))
+
+
+def test_experiment_folder_holds_a_model_card_with_a_calibrated_threshold(experiment):
+    output, _ = experiment
+    card = json.loads((output / "spkver.json").read_text())
+    assert card["extractor"]["architecture"] == "ecapa_tdnn" and card["extractor"]["channels"] == 16
+    assert card["threshold"] is not None and "EER threshold" in card["calibration"]
+
+
+def test_embedder_embeds_files_batches_and_verifies(experiment):
+    output, corpus = experiment
+    embedder = SpeakerEmbedder.from_pretrained(output)
+    files = _wavs(corpus)[:5]
+    one = embedder.embed_file(files[0])
+    many = embedder.embed_files(files, batch_size=3, progress=False)
+    assert one.shape == (16,) and many.shape == (5, 16)
+    np.testing.assert_allclose(one / np.linalg.norm(one), many[0] / np.linalg.norm(many[0]), atol=1e-4)
+    batch = embedder.embed_batch(torch.from_numpy(read_audio(files[0]))[None])
+    np.testing.assert_allclose(batch[0].numpy(), embedder.extractor(torch.from_numpy(read_audio(files[0]))[None],
+                                                                    torch.ones(1)).detach()[0].numpy(), atol=1e-5)
+    score, same = embedder.verify(files[0], files[0])
+    assert score == pytest.approx(1.0, abs=1e-5) and same is True
+
+
+def test_bad_audio_is_an_error_naming_the_file(experiment, tmp_path):
+    embedder = SpeakerEmbedder.from_pretrained(experiment[0])
+    (tmp_path / "x.wav").write_bytes(b"junk")
+    with pytest.raises(AudioError, match="x.wav"):
+        embedder.embed_file(tmp_path / "x.wav")
+    with pytest.raises(AudioError, match="NaN"):
+        embedder.embed_batch(torch.full((1, 16000), float("nan")))
+    with pytest.raises(FileNotFoundError, match="spkver.json"):
+        SpeakerEmbedder.from_pretrained(tmp_path)
+
+
+def test_embed_cli_writes_a_store_that_score_reads_and_resumes_from_finished_parts(experiment, tmp_path,
+                                                                                   monkeypatch, capsys):
+    output, corpus = experiment
+    monkeypatch.setattr(cli, "EMBED_PART", 10)
+    out = tmp_path / "emb.npz"
+    # A finished first part from an interrupted run is reused as it is.
+    parts = tmp_path / "emb.npz.parts"
+    parts.mkdir()
+    ids = [p.relative_to(corpus / "wav").as_posix() for p in _wavs(corpus)]
+    from spkver.scoring import save_embeddings
+
+    save_embeddings(parts / "part-00000.npz", ids[:10], np.full((10, 16), 7.0))
+    assert cli.main(["embed", "--model", str(output), "--dir", str(corpus / "wav"), "--out", str(out)]) == 0
+    store = load_embeddings(out)
+    assert store.ids == ids and np.all(store.embeddings[:10] == 7.0) and not np.all(store.embeddings[10:] == 7.0)
+    assert not parts.exists()
+    (tmp_path / "list.txt").write_text("\n".join(str(p) for p in _wavs(corpus)[:3]) + "\n")
+    assert cli.main(["embed", "--model", str(output), "--list", str(tmp_path / "list.txt"),
+                     "--out", str(tmp_path / "l.npz")]) == 0
+    assert len(load_embeddings(tmp_path / "l.npz").ids) == 3
+
+
+def test_verify_cli_prints_score_and_decision(experiment, capsys):
+    output, corpus = experiment
+    files = _wavs(corpus)
+    assert cli.main(["verify", "--model", str(output), str(files[0]), str(files[1])]) == 0
+    assert "score" in capsys.readouterr().out
+    assert cli.main(["verify", "--model", str(output), str(files[0]), "missing.wav"]) == 2
+    assert "missing.wav" in capsys.readouterr().err
+
+
+def test_exported_folder_works_with_speechbrain_and_onnx(experiment, tmp_path):
+    from speechbrain.inference.speaker import EncoderClassifier, SpeakerRecognition
+
+    output, corpus = experiment
+    pretrained = tmp_path / "pretrained"
+    assert cli.main(["export", "--model", str(output), "--out", str(pretrained), "--onnx"]) == 0
+    ours = SpeakerEmbedder.from_pretrained(pretrained)
+    files = _wavs(corpus)[:2]
+    classifier = EncoderClassifier.from_hparams(source=str(pretrained), savedir=str(tmp_path / "sb"))
+    for path in files:
+        audio = torch.from_numpy(read_audio(path))[None]
+        theirs = classifier.encode_batch(audio).reshape(-1).numpy()
+        mine = ours.embed_batch(audio)[0].numpy()
+        np.testing.assert_allclose(theirs / np.linalg.norm(theirs), mine / np.linalg.norm(mine), atol=1e-4)
+    verification = SpeakerRecognition.from_hparams(source=str(pretrained), savedir=str(tmp_path / "sb2"))
+    score, _ = verification.verify_files(str(files[0]), str(files[1]))
+    a, b = (ours.embed_batch(torch.from_numpy(read_audio(p))[None])[0].numpy() for p in files)
+    assert float(score) == pytest.approx(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-3)
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(pretrained / "embedding_model.onnx"))
+    extractor = ours.extractor
+    for seconds in (0.7, 1.3, 3.1):
+        waveform = torch.randn(2, int(16000 * seconds)) * 0.1
+        features = extractor.frontend(waveform, torch.ones(2))
+        expected = extractor.backbone(features).reshape(2, -1).detach().numpy()
+        (got,) = session.run(None, {"features": features.detach().numpy()})
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
