@@ -1,0 +1,75 @@
+"""Embedding extraction speed of ECAPA-TDNN (C=1024): real-time factor, batch 1 vs batched, peak memory.
+
+Real-time factor = compute time / audio duration (lower is faster) over 8 s utterances, one
+at a time and in batches of 32; peak memory of embedding one 60 s file (CUDA allocator peak on
+a GPU, resident-set growth on the CPU). Random weights: speed does not depend on them.
+
+    python benchmarks/bench_embedding.py [--device cuda]
+"""
+import argparse
+import time
+
+import torch
+
+from spkver.models import ecapa_tdnn
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+@torch.no_grad()
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--utterances", type=int, default=None, help="default 8 on CPU, 256 on GPU")
+    args = parser.parse_args()
+    on_gpu = args.device.startswith("cuda")
+    count = args.utterances or (256 if on_gpu else 8)
+    model = ecapa_tdnn(channels=1024, embedding_dim=192).to(args.device).eval()
+    seconds = 8.0
+    audio = 0.1 * torch.randn(count, int(seconds * 16000), device=args.device)
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def timed(batch):
+        model(audio[:batch], torch.ones(batch, device=args.device))  # warm-up
+        sync()
+        start = time.perf_counter()
+        for i in range(0, count, batch):
+            chunk = audio[i:i + batch]
+            model(chunk, torch.ones(chunk.shape[0], device=args.device))
+        sync()
+        return (time.perf_counter() - start) / (count * seconds)
+
+    rtf_single, rtf_batched = timed(1), timed(32)
+    long = 0.1 * torch.randn(1, 60 * 16000, device=args.device)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model(long, torch.ones(1, device=args.device))
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        base = _status_kib("VmRSS")
+        model(long, torch.ones(1))
+        peak = (_status_kib("VmHWM") - base) * 1024
+    device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# ECAPA-TDNN C=1024 embedding extraction, {device}, torch {torch.__version__}")
+    print("| mode | real-time factor | audio seconds per second |")
+    print("|---|---:|---:|")
+    print(f"| batch 1 (8 s utterances) | {rtf_single:.4f} | {1 / rtf_single:.0f} |")
+    print(f"| batch 32 (8 s utterances) | {rtf_batched:.4f} | {1 / rtf_batched:.0f} |")
+    print(f"\nPeak memory for one 60 s file: {peak / 2 ** 20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
