@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from memory import peak_bytes
 
 SCALE, MARGIN, ALPHA = 30.0, 0.2, 1.5
 CONFIGS = [(256, 5994), (128, 100_000)]
@@ -85,32 +86,9 @@ def time_methods(methods, cosine, targets, repeats, device):
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def peak_memory_cuda(fn, cosine, targets):
+def peak_memory(fn, cosine, targets, device="cpu"):
     x = cosine.detach().requires_grad_(True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn(x, targets).backward()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_memory_cpu(fn, cosine, targets):
-    """Peak resident-set growth of one forward+backward (Linux: VmHWM reset through clear_refs)."""
-    x = cosine.detach().requires_grad_(True)
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the peak resident set size to the current one
-    before = _status_kib("VmRSS")
-    fn(x, targets).backward()
-    return (_status_kib("VmHWM") - before) * 1024
+    return peak_bytes(lambda: fn(x, targets).backward(), device)
 
 
 def cpu_peak_memories():
@@ -134,7 +112,7 @@ def main():
         peaks = {}
         for batch, classes in CONFIGS:
             cosine, targets = make_inputs(batch, classes, "cpu")
-            peaks[f"{batch}x{classes}"] = {name: peak_memory_cpu(fn, cosine, targets) for name, fn in methods.items()}
+            peaks[f"{batch}x{classes}"] = {name: peak_memory(fn, cosine, targets) for name, fn in methods.items()}
         print(json.dumps(peaks))
         return
     cpu_peaks = None if on_gpu else cpu_peak_memories()
@@ -147,7 +125,7 @@ def main():
         print("|---|---:|---:|---:|---:|")
         times = time_methods(methods, cosine, targets, args.repeats, args.device)
         for name, fn in methods.items():
-            peak = peak_memory_cuda(fn, cosine, targets) if on_gpu else cpu_peaks[f"{batch}x{classes}"][name]
+            peak = peak_memory(fn, cosine, targets, args.device) if on_gpu else cpu_peaks[f"{batch}x{classes}"][name]
             print(f"| {name} | {1e3 * times[name]:.2f} | {times[name] / times['(a) cross_entropy']:.2f}x | "
                   f"{times[name] / times['(c) entmax bisect 1.5']:.3f}x | {peak / 2 ** 20:.1f} |", flush=True)
 

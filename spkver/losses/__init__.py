@@ -24,6 +24,7 @@ from spkver.losses.operator import (
     alpha_divergence_loss,
     alpha_softargmax,
 )
+from spkver.losses.sparse_head import StreamingSparseHead
 from spkver.losses.reinit import (
     ClassMeanAccumulator,
     ReinitializationPolicy,
@@ -47,4 +48,5 @@ __all__ = [
     "ClassMeanAccumulator",
     "reinitialize_prototypes",
     "ReinitializationPolicy",
+    "StreamingSparseHead",
 ]

@@ -1,0 +1,74 @@
+"""Peak memory and step time of the exact streaming sparse head against the dense head.
+
+B=512 embeddings of D=256, trained-like (each near its class prototype), QMargin(s=30, m=0.2,
+alpha=1.5); C in {1e4, 1e5, 1e6}. Dense: cosines (B, C) -> objective -> dense gradients.
+Sparse: spkver.losses.StreamingSparseHead (chunked top-k, certified, sparse prototype gradient).
+Peak memory is the growth over the prototype matrix already in memory, also shown as a
+multiple of the prototype matrix itself.
+
+    python benchmarks/bench_sparse_head.py [--classes 10000 100000 1000000] [--device cuda]
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from memory import peak_bytes
+
+from spkver.losses import QMargin, StreamingSparseHead
+
+
+def main():
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # Every allocation above 64 KiB as an mmap, so that freed tensors leave the resident set
+        # and the peak-memory reading sees each one.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-dense-above", type=int, default=1_000_000)
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# exact sparse head vs dense head, B={args.batch}, D={args.dim}, QMargin(30, 0.2, 1.5), {device}")
+    print("| classes | head | step (s) | peak extra memory (MiB) | x prototype matrix | time vs dense |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for classes in args.classes:
+        torch.manual_seed(0)
+        head = StreamingSparseHead(classes, args.dim, QMargin(30.0, 0.2, 1.5)).to(args.device)
+        targets = torch.randint(0, classes, (args.batch,), device=args.device)
+        with torch.no_grad():
+            embeddings = head.weight[targets] + 0.3 * torch.randn(args.batch, args.dim, device=args.device) * \
+                head.weight[targets].norm(dim=1, keepdim=True) / args.dim ** 0.5
+        matrix = head.weight.numel() * 4
+
+        def sparse_step():
+            head.weight.grad = None
+            head(embeddings.clone().requires_grad_(True), targets).backward()
+
+        dense_objective = QMargin(30.0, 0.2, 1.5)
+
+        def dense_step():
+            head.weight.grad = None
+            x = embeddings.clone().requires_grad_(True)
+            dense_objective(F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).T, targets).backward()
+
+        rows = {}
+        for name, step in (("sparse", sparse_step), ("dense", dense_step)):
+            if name == "dense" and classes > args.skip_dense_above:
+                continue
+            step()  # warm-up (and the sparse head's candidate size)
+            start = time.perf_counter()
+            peak = peak_bytes(step, args.device)
+            rows[name] = (time.perf_counter() - start, peak)
+        for name, (seconds, peak) in rows.items():
+            ratio = f"{seconds / rows['dense'][0]:.2f}x" if "dense" in rows else "n/a"
+            print(f"| {classes:,} | {name} | {seconds:.2f} | {peak / 2 ** 20:.0f} | {(matrix + peak) / matrix:.2f} | "
+                  f"{ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The streaming sparse head equals the dense objective, without (B, C) logits or gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spkver.losses import A3M, AlphaDiv, QMargin, Softmax, StreamingSparseHead
+
+OBJECTIVES = {
+    "alphadiv-1.5": lambda: AlphaDiv(30.0, 1.5), "qmargin-1.5": lambda: QMargin(30.0, 0.2, 1.5),
+    "a3m-1.5": lambda: A3M(30.0, 0.2, 1.5), "qmargin-1.2": lambda: QMargin(30.0, 0.2, 1.2),
+    "a3m-2.0": lambda: A3M(30.0, 0.3, 2.0), "alphadiv-1.8": lambda: AlphaDiv(20.0, 1.8),
+}
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+@pytest.mark.parametrize("spread", [0.3, 3.0])  # trained-like (sparse) and untrained-like (wide support)
+def test_loss_and_gradients_equal_the_dense_objective(name, spread):
+    torch.manual_seed(0)
+    classes, dim, batch = 700, 24, 32
+    head = StreamingSparseHead(classes, dim, OBJECTIVES[name](), chunk_size=64, candidates=2)
+    targets = torch.randint(0, classes, (batch,))
+    with torch.no_grad():
+        embeddings = head.weight[targets] + spread * torch.randn(batch, dim) / dim ** 0.5 * head.weight.norm(dim=1).mean()
+    embeddings.requires_grad_(True)
+    loss = head(embeddings, targets)
+    loss.backward()
+    sparse_weight_grad = head.weight.grad.to_dense()
+    embedding_grad = embeddings.grad.clone()
+
+    dense_objective = OBJECTIVES[name]()
+    weight = head.weight.detach().clone().requires_grad_(True)
+    x = embeddings.detach().clone().requires_grad_(True)
+    dense = dense_objective(F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T, targets)
+    dense.backward()
+    torch.testing.assert_close(loss, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embedding_grad, x.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sparse_weight_grad, weight.grad, atol=1e-5, rtol=1e-4)
+    assert head.weight.grad.is_sparse
+
+
+def test_failed_certificates_grow_the_candidate_set_and_stay_exact():
+    torch.manual_seed(1)
+    head = StreamingSparseHead(300, 8, AlphaDiv(30.0, 1.5), chunk_size=50, candidates=1)
+    embeddings, targets = torch.randn(16, 8), torch.randint(0, 300, (16,))
+    head(embeddings, targets)
+    assert head.restreams > 0 and head.candidates > 1
+
+
+def test_prototype_gradient_touches_only_candidates_and_targets():
+    torch.manual_seed(2)
+    head = StreamingSparseHead(5000, 16, QMargin(30.0, 0.2, 1.5), chunk_size=512, candidates=8)
+    targets = torch.arange(8)
+    with torch.no_grad():
+        embeddings = head.weight[targets] * 10
+    head(embeddings, targets).backward()
+    touched = head.weight.grad.coalesce().indices()[0].unique()
+    assert touched.numel() <= 8 * (head.candidates + 1) < 5000
+
+
+def test_a_dense_objective_is_refused():
+    with pytest.raises(ValueError, match="alpha > 1"):
+        StreamingSparseHead(10, 4, Softmax(30.0))
