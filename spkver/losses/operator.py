@@ -640,10 +640,37 @@ def loss_rows_and_statistics(
         with torch.no_grad():
             p_y = torch.exp(-loss)
         return loss, _statistics(torch.full_like(p_y, classes), p_y, classes)
+    from spkver.losses.fused import fused_available
+
+    if fused_available(logits, alpha, log_q):
+        loss, p_y, support = _FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
+        return loss, _statistics(support, p_y, classes)
     loss, p_y, support, columns = _AlphaDivergenceLoss.apply(
         logits, targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits
     )
     return loss, _statistics(support, p_y, int(columns))
+
+
+class _FusedAlphaDivergenceLoss(torch.autograd.Function):
+    """The loss from the fused Triton kernel (:mod:`spkver.losses.fused`); backward scales the saved p - e_y."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, alpha, log_q_target, target_logits):
+        from spkver.losses.fused import fused_loss_rows
+
+        loss, grad, p_y, support = fused_loss_rows(logits.detach(), targets, alpha, log_q_target, target_logits)
+        ctx.save_for_backward(grad, p_y)
+        ctx.separate_target = target_logits is not None
+        ctx.target_dtype = None if target_logits is None else target_logits.dtype
+        ctx.mark_non_differentiable(p_y, support)
+        return loss, p_y, support
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_p_y, _grad_support):
+        grad, p_y = ctx.saved_tensors
+        grad_logits = grad * grad_loss[:, None].to(grad.dtype)
+        grad_target = ((p_y - 1.0) * grad_loss).to(ctx.target_dtype) if ctx.separate_target else None
+        return grad_logits, None, None, None, grad_target
 
 
 @torch.no_grad()
