@@ -40,3 +40,17 @@ def test_softargmax_on_cuda_in_bfloat16_sums_to_one_and_matches_the_cpu(alpha):
     torch.testing.assert_close(p.float().sum(1).cpu(), torch.ones(64), atol=2e-2, rtol=0)
     torch.testing.assert_close(alpha_softargmax(logits.float(), alpha).cpu(),
                                alpha_softargmax(logits.float().cpu(), alpha), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: Softmax(30.0), lambda: QMargin(30.0, 0.2, 1.5), lambda: A3M(30.0, 0.2, 1.5)])
+def test_bad_inputs_raise_on_cuda_where_the_checks_are_deferred(make):
+    cosine, targets = _cosine()
+    bad_targets = targets.clone()
+    bad_targets[3] = 3000
+    with pytest.raises(ValueError, match="targets must lie in"):
+        make()(cosine.cuda(), bad_targets.cuda())
+    nan = cosine.clone()
+    nan[5, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        make()(nan.cuda(), targets.cuda())
+    torch.cuda.synchronize()  # no device-side assertion was left behind

@@ -145,18 +145,24 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.detach().amax(dim=1).float() if logits.shape[0] else logits.new_zeros(0, dtype=torch.float32)
 
 
-def _raise_for_bad_rows(row_max, targets=None, num_classes=None, target_logit=None, overrides=()):
-    """Raise a ``ValueError`` naming the first problem; one device sync when there is none.
-
-    ``overrides`` are (name, tensor) pairs that must be finite.
-    """
+def _problem_flag(row_max, targets=None, num_classes=None, target_logit=None, overrides=()) -> torch.Tensor:
+    """A 0-d boolean tensor, true when some input is bad; computed on the device without a sync."""
     flags = [~torch.isfinite(row_max).all()]
     if targets is not None:
         flags.append(((targets < 0) | (targets >= num_classes)).any())
     if target_logit is not None:
         flags.append((target_logit == -math.inf).any())
     flags += [~torch.isfinite(value).all() for _, value in overrides]
-    if not bool(torch.stack(flags).any()):
+    return torch.stack(flags).any()
+
+
+def _raise_for_bad_rows(row_max, targets=None, num_classes=None, target_logit=None, overrides=(), flag=None):
+    """Raise a ``ValueError`` naming the first problem; one device sync when there is none.
+
+    ``overrides`` are (name, tensor) pairs that must be finite; ``flag`` is a
+    :func:`_problem_flag` already read back as true (skips the first sync).
+    """
+    if flag is None and not bool(_problem_flag(row_max, targets, num_classes, target_logit, overrides)):
         return
     bad = ~torch.isfinite(row_max)
     if bool(bad.any()):
@@ -612,43 +618,59 @@ def loss_rows_and_statistics(
     if target_logits is not None and (
             not isinstance(target_logits, torch.Tensor) or tuple(target_logits.shape) != (logits.shape[0],)):
         raise ValueError(f"target_logits must be a tensor of shape ({logits.shape[0]},)")
-    if logits.shape[0]:
-        safe_targets = targets.clamp(0, logits.shape[1] - 1)  # gather safely; the range is checked below
-        target_logit = logits.detach().gather(1, safe_targets[:, None]).squeeze(1) if target_logits is None \
-            else target_logits.detach()
-        overrides = [(name, value.detach()) for name, value in
-                     (("log_q_target", log_q_target), ("target_logits", target_logits)) if value is not None]
-        _raise_for_bad_rows(row_max, targets, logits.shape[1], target_logit, overrides)
     batch, classes = logits.shape
     if batch == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
         return empty.requires_grad_(logits.requires_grad), SparsityStatistics(math.nan, math.nan, math.nan)
+    safe_targets = targets.clamp(0, classes - 1)  # never index out of range; the range is checked
+    target_logit = logits.detach().gather(1, safe_targets[:, None]).squeeze(1) if target_logits is None \
+        else target_logits.detach()
+    overrides = [(name, value.detach()) for name, value in
+                 (("log_q_target", log_q_target), ("target_logits", target_logits)) if value is not None]
+    checks = (row_max, targets, classes, target_logit, overrides)
+    problem = _problem_flag(*checks)
 
-    if alpha == 1.0:
-        shifted = logits.float()
-        if target_logits is not None:
-            shifted = shifted.scatter(1, targets[:, None], target_logits.float()[:, None])
-        if log_q is not None:
-            shifted = shifted + log_q
-        if log_q_target is not None:
-            theta_y = shifted.gather(1, targets[:, None])
-            if log_q is not None:
-                theta_y = theta_y - (log_q if log_q.dim() == 2 else log_q[None, :].expand_as(shifted)) \
-                    .gather(1, targets[:, None])
-            shifted = shifted.scatter(1, targets[:, None], theta_y + log_q_target[:, None])
-        loss = F.cross_entropy(shifted, targets, reduction="none")
-        with torch.no_grad():
-            p_y = torch.exp(-loss)
-        return loss, _statistics(torch.full_like(p_y, classes), p_y, classes)
     from spkver.losses.fused import fused_available
 
-    if fused_available(logits, alpha, log_q):
+    if logits.is_cuda and (alpha == 1.0 or fused_available(logits, alpha, log_q)):
+        # On a GPU every read-back is a sync: the checks travel back with the statistics, in one
+        # transfer, and a bad input raises before anything is returned.
+        if alpha == 1.0:
+            loss = _cross_entropy_rows(logits, safe_targets, log_q, log_q_target, target_logits)
+            p_y, support = torch.exp(-loss.detach()), torch.full_like(loss, classes)
+        else:
+            loss, p_y, support = _FusedAlphaDivergenceLoss.apply(logits, safe_targets, alpha, log_q_target,
+                                                                 target_logits)
+        return loss, _statistics(support, p_y, classes, checks, problem)
+
+    if bool(problem):  # on the CPU a read-back is cheap: check before computing
+        _raise_for_bad_rows(*checks, flag=True)
+    if alpha == 1.0:
+        loss = _cross_entropy_rows(logits, targets, log_q, log_q_target, target_logits)
+        return loss, _statistics(torch.full_like(loss, classes), torch.exp(-loss.detach()), classes)
+    if fused_available(logits, alpha, log_q):  # Triton's interpreter on the CPU
         loss, p_y, support = _FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
         return loss, _statistics(support, p_y, classes)
     loss, p_y, support, columns = _AlphaDivergenceLoss.apply(
         logits, targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits
     )
     return loss, _statistics(support, p_y, int(columns))
+
+
+def _cross_entropy_rows(logits, targets, log_q, log_q_target, target_logits) -> torch.Tensor:
+    """alpha = 1: cross-entropy of theta + log q (with the target's logit and log q overridable)."""
+    shifted = logits.float()
+    if target_logits is not None:
+        shifted = shifted.scatter(1, targets[:, None], target_logits.float()[:, None])
+    if log_q is not None:
+        shifted = shifted + log_q
+    if log_q_target is not None:
+        theta_y = shifted.gather(1, targets[:, None])
+        if log_q is not None:
+            theta_y = theta_y - (log_q if log_q.dim() == 2 else log_q[None, :].expand_as(shifted)) \
+                .gather(1, targets[:, None])
+        shifted = shifted.scatter(1, targets[:, None], theta_y + log_q_target[:, None])
+    return F.cross_entropy(shifted, targets, reduction="none")
 
 
 class _FusedAlphaDivergenceLoss(torch.autograd.Function):
@@ -674,11 +696,16 @@ class _FusedAlphaDivergenceLoss(torch.autograd.Function):
 
 
 @torch.no_grad()
-def _statistics(support: torch.Tensor, p_y: torch.Tensor, candidates: int) -> SparsityStatistics:
-    """Batch statistics, read from the device in one transfer."""
-    support_size, zero_fraction, target_prob = torch.stack(
-        [support.float().mean(), (p_y == 0).float().mean(), p_y.float().mean()]).tolist()
-    return SparsityStatistics(support_size, zero_fraction, target_prob, candidates)
+def _statistics(support: torch.Tensor, p_y: torch.Tensor, candidates: int, checks=None,
+                problem: Optional[torch.Tensor] = None) -> SparsityStatistics:
+    """Batch statistics, read from the device in one transfer (with the input checks, when deferred)."""
+    values = [support.float().mean(), (p_y == 0).float().mean(), p_y.float().mean()]
+    if problem is not None:
+        values.append(problem.float())
+    values = torch.stack(values).tolist()
+    if problem is not None and values[3]:
+        _raise_for_bad_rows(*checks, flag=True)
+    return SparsityStatistics(values[0], values[1], values[2], candidates)
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
