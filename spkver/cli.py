@@ -129,7 +129,7 @@ def command_synth(args) -> int:
                                 difficulty=args.difficulty, min_seconds=args.min_seconds,
                                 max_seconds=args.max_seconds, test_speakers=args.test_speakers,
                                 trials_per_utterance=args.trials_per_utterance, workers=args.workers,
-                                progress=sys.stderr.isatty())
+                                progress=sys.stderr.isatty(), espeak_fraction=args.espeak_fraction)
     print(f"{summary['utterances']} utterances of {summary['speakers']} speakers in {summary['out']}/wav; "
           f"{summary['trials']} trials ({summary['targets']} targets) over {summary['test_speakers']} "
           f"held-out speakers in {summary['out']}/trials.txt")
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="speakers reserved for trials.txt (default a fifth)")
     synth.add_argument("--trials-per-utterance", type=int, default=8,
                        help="trials with each held-out utterance as enrolment, half targets (default 8)")
+    synth.add_argument("--espeak-fraction", type=float, default=0.0,
+                       help="fraction of speakers voiced by espeak-ng, when installed (default 0)")
     synth.add_argument("--workers", type=int, default=None)
     synth.set_defaults(handler=command_synth)
 

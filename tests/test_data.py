@@ -183,3 +183,21 @@ def test_augmenter_uses_real_folders_through_speechbrain_csvs(tmp_path):
     fallback = build_augmenter(tmp_path / "csv2")
     out, _ = fallback(torch.randn(3, 8000), torch.ones(3))
     assert out.shape == (6, 8000) and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_espeak_ng_can_voice_some_speakers_deterministically(tmp_path):
+    for name in ("a", "b"):
+        synthesize_corpus(tmp_path / name, speakers=3, utterances=2, seed=4, min_seconds=1.0, max_seconds=1.2,
+                          test_speakers=2, espeak_fraction=1.0, progress=False, workers=1)
+    files = sorted((tmp_path / "a" / "wav").rglob("*.wav"))
+    assert len(files) == 6
+    for path in files:
+        audio, rate = soundfile.read(str(path))
+        assert rate == 16000 and np.abs(audio).max() > 0.1
+        assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_espeak_fraction_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="espeak_fraction"):
+        synthesize_corpus(tmp_path, speakers=2, utterances=2, espeak_fraction=1.5, progress=False)

@@ -16,6 +16,11 @@ Voices differ the way voices do (a source-filter model):
   length (scaling every formant) and their own offsets of the vowel formants;
 * **speaking rate**: phone durations scale per speaker.
 
+With ``espeak_fraction > 0`` (and ``espeak-ng`` installed) that fraction of
+the speakers is voiced by espeak-ng instead — random pseudo-words in a
+language, voice variant, pitch and speed of their own — as an additional
+voice source; the default needs no system package.
+
 Utterances are random phone-like sequences (vowels, voiced and voiceless
 fricatives, stops, pauses).  Each *session* ("video") has its own channel: a
 random microphone response (peaking/shelving EQ and band limits), a noise floor
@@ -30,6 +35,7 @@ deterministic given the seed (each utterance has its own generator).
 from __future__ import annotations
 
 import os
+import shutil
 import string
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -71,6 +77,7 @@ class Voice:
     tract_scale: float      # formant scaling from vocal-tract length (short tract: > 1)
     vowel_offsets: np.ndarray  # (7, 4) multiplicative formant offsets per vowel
     rate: float             # phone-duration multiplier (fast speaker: < 1)
+    espeak: Optional[Tuple[str, str, int, int]] = None  # (language, variant, pitch, words/min) when espeak-ng speaks
 
 
 @dataclass
@@ -81,6 +88,16 @@ class Channel:
     snr_db: float
     noise_colour: float     # spectral exponent of the noise floor (0 white, 1 pink, 2 brown)
     rir: Optional[np.ndarray]
+
+
+_ESPEAK_LANGUAGES = ["en-us", "en-gb", "en-gb-scotland", "en-029", "de", "fr", "es", "it", "nl", "pt"]
+_ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "croak", "whisper"]
+
+
+def make_espeak_voice(rng: np.random.Generator) -> Tuple[str, str, int, int]:
+    """An espeak-ng voice: language, variant, pitch (0-99) and speed (words per minute)."""
+    return (str(rng.choice(_ESPEAK_LANGUAGES)), str(rng.choice(_ESPEAK_VARIANTS)), int(rng.integers(20, 80)),
+            int(rng.integers(130, 200)))
 
 
 def make_voice(rng: np.random.Generator, difficulty: float = 1.0) -> Voice:
@@ -176,6 +193,12 @@ def render_utterance(rng: np.random.Generator, voice: Voice, channel: Channel, s
                      difficulty: float = 1.0) -> np.ndarray:
     """A random phone sequence in ``voice`` through ``channel``; float32 in [-1, 1]."""
     n = int(seconds * SAMPLE_RATE)
+    speech = _espeak_speech(rng, voice, n) if voice.espeak is not None else \
+        _source_filter_speech(rng, voice, n, difficulty)
+    return _through_channel(rng, channel, speech)
+
+
+def _source_filter_speech(rng: np.random.Generator, voice: Voice, n: int, difficulty: float) -> np.ndarray:
     # Session-to-session drift of the speaker (mood, effort) grows with difficulty.
     f0_mean = voice.f0 * np.exp(rng.normal(0, 0.04 * difficulty))
     t = np.arange(n) / SAMPLE_RATE
@@ -215,7 +238,37 @@ def render_utterance(rng: np.random.Generator, voice: Voice, channel: Channel, s
             burst = rng.normal(size=length) * np.exp(-np.arange(length) / (0.01 * SAMPLE_RATE))
             output[segment] += 0.5 * np.std(voiced) * burst
         position = stop
-    # Channel: microphone response, room, noise floor.
+    return output
+
+
+_SYLLABLE_ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "sh", "ch", ""]
+_SYLLABLE_NUCLEI = ["a", "e", "i", "o", "u", "ai", "ou", "ee", "oo"]
+
+
+def _espeak_speech(rng: np.random.Generator, voice: Voice, n: int) -> np.ndarray:
+    """Random pseudo-words spoken by espeak-ng in the speaker's voice variant, pitch and speed."""
+    import io
+    import subprocess
+
+    import soundfile
+
+    language, variant, pitch, speed = voice.espeak
+    pieces, total = [], 0
+    while total < n:
+        words = " ".join("".join(rng.choice(_SYLLABLE_ONSETS) + rng.choice(_SYLLABLE_NUCLEI)
+                                 for _ in range(rng.integers(1, 4))) for _ in range(8))
+        result = subprocess.run(["espeak-ng", "-v", f"{language}+{variant}", "-p", str(pitch), "-s", str(speed),
+                                 "--stdout", words], capture_output=True, check=True)
+        audio, rate = soundfile.read(io.BytesIO(result.stdout), dtype="float64")
+        audio = signal.resample_poly(audio, SAMPLE_RATE, rate)
+        pieces.append(audio)
+        total += audio.size
+    return np.concatenate(pieces)[:n]
+
+
+def _through_channel(rng: np.random.Generator, channel: Channel, output: np.ndarray) -> np.ndarray:
+    """Microphone response, room and noise floor of a session."""
+    n = output.size
     for b, a in channel.eq:
         output = signal.lfilter(b, a, output)
     if channel.rir is not None:
@@ -259,7 +312,7 @@ def synthesize_corpus(out, speakers: int = 100, utterances: int = 20, seed: int 
                       difficulty: float = 1.0, min_seconds: float = 3.0, max_seconds: float = 6.0,
                       sessions: Tuple[int, int] = (3, 5), test_speakers: Optional[int] = None,
                       trials_per_utterance: int = 8, workers: Optional[int] = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, espeak_fraction: float = 0.0) -> dict:
     """Write the corpus and its trial list; return a summary (counts, paths).
 
     Parameters
@@ -272,6 +325,10 @@ def synthesize_corpus(out, speakers: int = 100, utterances: int = 20, seed: int 
     trials_per_utterance : int
         Trials with each test utterance as enrolment, half targets (from
         another session of the same speaker), half non-targets.
+    espeak_fraction : float
+        Fraction of the speakers voiced by espeak-ng (a language, a voice
+        variant, pitch and speed each) instead of the source-filter model, through
+        the same session channels; needs ``espeak-ng`` on PATH.
     """
     if speakers < 2 or utterances < 2:
         raise ValueError(f"need at least 2 speakers and 2 utterances each, got {speakers} and {utterances}")
@@ -279,6 +336,10 @@ def synthesize_corpus(out, speakers: int = 100, utterances: int = 20, seed: int 
         raise ValueError(f"need 0 < min_seconds <= max_seconds, got {min_seconds} and {max_seconds}")
     if difficulty <= 0:
         raise ValueError(f"difficulty must be > 0, got {difficulty}")
+    if not 0.0 <= espeak_fraction <= 1.0:
+        raise ValueError(f"espeak_fraction must lie in [0, 1], got {espeak_fraction}")
+    if espeak_fraction > 0 and shutil.which("espeak-ng") is None:
+        raise ValueError("espeak_fraction > 0 needs espeak-ng on PATH (e.g. apt-get install espeak-ng)")
     test_speakers = max(2, speakers // 5) if test_speakers is None else test_speakers
     if not 2 <= test_speakers <= speakers:
         raise ValueError(f"test_speakers must lie in [2, {speakers}], got {test_speakers}")
@@ -289,6 +350,8 @@ def synthesize_corpus(out, speakers: int = 100, utterances: int = 20, seed: int 
     for s, speaker_seed in enumerate(speaker_seeds):
         rng = np.random.default_rng(speaker_seed)
         voice = make_voice(rng, difficulty)
+        if espeak_fraction > 0 and rng.random() < espeak_fraction:  # no draw by default: same corpus
+            voice.espeak = make_espeak_voice(rng)
         n_sessions = int(rng.integers(sessions[0], sessions[1] + 1))
         n_sessions = min(n_sessions, utterances)
         channels = [(_video_id(rng), make_channel(rng, difficulty)) for _ in range(n_sessions)]
