@@ -60,3 +60,51 @@ def test_prototype_gradient_touches_only_candidates_and_targets():
 def test_a_dense_objective_is_refused():
     with pytest.raises(ValueError, match="alpha > 1"):
         StreamingSparseHead(10, 4, Softmax(30.0))
+
+
+def _sharded_worker(rank, world, port, name, result_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        classes, dim, batch = 301, 16, 24  # an odd count: the shards differ in size
+        full = torch.nn.init.xavier_uniform_(torch.empty(classes, dim))
+        targets = torch.randint(0, classes, (batch,))
+        embeddings = (full[targets] + 0.5 * torch.randn(batch, dim) / dim ** 0.5).requires_grad_(True)
+        head = StreamingSparseHead(classes, dim, OBJECTIVES[name](), chunk_size=32, candidates=1,
+                                   process_group=dist.group.WORLD)
+        with torch.no_grad():
+            head.weight.copy_(full[head.class_offset:head.class_offset + head.weight.shape[0]])
+        loss = head(embeddings, targets)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "embedding_grad": embeddings.grad, "offset": head.class_offset,
+                    "weight_grad": head.weight.grad.to_dense()}, f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["qmargin-1.5", "a3m-1.5", "alphadiv-1.8"])
+def test_sharded_head_over_two_gloo_processes_equals_the_dense_objective(name, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(2, port, name, str(tmp_path / "r")), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"r.{rank}") for rank in range(2)]
+
+    torch.manual_seed(0)
+    classes, dim, batch = 301, 16, 24
+    weight = torch.nn.init.xavier_uniform_(torch.empty(classes, dim)).requires_grad_(True)
+    targets = torch.randint(0, classes, (batch,))
+    embeddings = (weight.detach()[targets] + 0.5 * torch.randn(batch, dim) / dim ** 0.5).requires_grad_(True)
+    dense = OBJECTIVES[name]()(F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=1).T, targets)
+    dense.backward()
+    for result in results:
+        torch.testing.assert_close(result["loss"], dense.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["embedding_grad"], embeddings.grad, atol=1e-5, rtol=1e-4)
+        shard = slice(result["offset"], result["offset"] + result["weight_grad"].shape[0])
+        torch.testing.assert_close(result["weight_grad"], weight.grad[shard], atol=1e-5, rtol=1e-4)

@@ -26,13 +26,69 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from spkver.losses.objectives import CosineMarginObjective
 from spkver.losses.operator import check_targets
 
-__all__ = ["StreamingSparseHead"]
+__all__ = ["StreamingSparseHead", "shard_range"]
+
+
+class _GatherColumns(torch.autograd.Function):
+    """All-gather (B, k) columns from every rank; the gradient keeps this rank's slice.
+
+    Every rank computes the same loss from the gathered columns, so the
+    gradient each rank receives is already complete: no reduction is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, local, group):
+        pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        ctx.rank, ctx.width = dist.get_rank(group), local.shape[1]
+        return torch.cat(pieces, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width], None
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum) forward; identity backward (each rank holds the complete gradient)."""
+
+    @staticmethod
+    def forward(ctx, value, group):
+        value = value.clone()
+        dist.all_reduce(value, group=group)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumGradientAcrossRanks(torch.autograd.Function):
+    """Identity forward; backward sums the partial embedding gradients of all ranks' shards."""
+
+    @staticmethod
+    def forward(ctx, value, group):
+        ctx.group = group
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def shard_range(num_classes: int, world_size: int, rank: int):
+    """The contiguous class range ``[start, stop)`` that ``rank`` holds."""
+    per_rank = -(-num_classes // world_size)
+    start = min(rank * per_rank, num_classes)
+    return start, min(start + per_rank, num_classes)
 
 
 class StreamingSparseHead(nn.Module):
@@ -47,6 +103,13 @@ class StreamingSparseHead(nn.Module):
         Classes scored at a time while streaming.
     candidates : int
         Initial top-k kept per row; grows by itself when a certificate fails.
+    process_group : torch.distributed group, optional
+        Shard the prototypes by class over this group (model parallel, as
+        Partial FC does): each rank holds a contiguous range of classes
+        (``class_offset``), streams only its shard, and the candidates are
+        merged across ranks.  Every rank must pass the same embeddings and
+        targets (all-gather the batch first); the embedding gradient comes back
+        complete on every rank, the prototype gradient for the local shard.
 
     Examples
     --------
@@ -58,19 +121,29 @@ class StreamingSparseHead(nn.Module):
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, objective: CosineMarginObjective,
-                 chunk_size: int = 8192, candidates: int = 32):
+                 chunk_size: int = 8192, candidates: int = 32, process_group=None):
         super().__init__()
         if objective.alpha <= 1.0:
             raise ValueError("the sparse head needs alpha > 1 (softmax posteriors are dense); "
                              f"got {type(objective).__name__} with alpha={objective.alpha}")
         if chunk_size < 1 or candidates < 1:
             raise ValueError(f"chunk_size and candidates must be >= 1, got {chunk_size} and {candidates}")
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
+        rank = dist.get_rank(process_group) if process_group is not None else 0
+        self.class_offset, stop = shard_range(num_classes, self.world_size, rank)
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.empty(stop - self.class_offset, embedding_dim))
         nn.init.xavier_uniform_(self.weight)
         self.objective = objective
         self.chunk_size = chunk_size
         self.candidates = candidates
         self.restreams = 0  # how often a certificate failed (for diagnostics)
+
+    def _all_reduce(self, value, op):
+        if self.process_group is not None:
+            dist.all_reduce(value, op=op, group=self.process_group)
+        return value
 
     @torch.no_grad()
     def _top_candidates(self, unit: torch.Tensor, targets: torch.Tensor, k: int):
@@ -99,33 +172,49 @@ class StreamingSparseHead(nn.Module):
             raise ValueError(f"embeddings must have shape (batch, {self.weight.shape[1]}), "
                              f"got {tuple(embeddings.shape)}")
         targets = check_targets(targets, embeddings)
-        classes = self.weight.shape[0]
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
-            raise ValueError(f"targets must lie in [0, {classes - 1}]")
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
+            raise ValueError(f"targets must lie in [0, {self.num_classes - 1}]")
+        if self.process_group is not None:
+            embeddings = _SumGradientAcrossRanks.apply(embeddings, self.process_group)
         unit = F.normalize(embeddings, dim=1)
+        local_classes = self.weight.shape[0]
+        local_targets = targets - self.class_offset
+        owned = (local_targets >= 0) & (local_targets < local_classes)
+        safe_targets = local_targets.clamp(0, max(local_classes - 1, 0))
         scale, reach = objective.scale, 1.0 / (objective.alpha - 1.0)
-        with torch.no_grad():
-            target_rows = F.normalize(self.weight[targets].detach(), dim=1)
-            target_logit = scale * objective.target_cosine((unit.detach() * target_rows).sum(1))
+        with torch.no_grad():  # the target's logit and bound, from the rank that holds it
+            target_cosine = torch.where(
+                owned, (unit.detach() * F.normalize(self.weight[safe_targets].detach(), dim=1)).sum(1), 0.0)
+            target_logit = scale * objective.target_cosine(self._all_reduce(target_cosine, dist.ReduceOp.SUM))
             log_q_y = objective.target_log_q()
             bound_y = target_logit if log_q_y is None else \
                 target_logit - math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
-        k = min(self.candidates, classes - 1) if classes > 1 else 0
+        stream_targets = torch.where(owned, local_targets, torch.full_like(local_targets, -1))
+        k = max(1, min(self.candidates, local_classes))
         while True:
-            if k == 0:
-                index = targets.new_zeros(targets.shape[0], 0)
+            best, index = self._top_candidates(unit.detach(), stream_targets, k)
+            with torch.no_grad():
+                top = self._all_reduce(best[:, 0].clone(), dist.ReduceOp.MAX)
+                tau_lo = torch.maximum(scale * top, bound_y)
+                # Certified when a kept logit is out of reach, or the shard has no class left out.
+                certified = (scale * best[:, -1] < tau_lo - reach) | torch.tensor(k >= local_classes)
+                failed = self._all_reduce((~certified).any().to(torch.int32), dist.ReduceOp.MAX)
+            if not bool(failed):
                 break
-            best, index = self._top_candidates(unit.detach(), targets, k)
-            tau_lo = torch.maximum(scale * best[:, 0], bound_y)
-            smallest = scale * best[:, -1]
-            if k >= classes - 1 or bool((smallest < tau_lo - reach).all()):
-                break  # certified: every class left out has p_j = 0
             self.restreams += 1
-            k = min(4 * k, classes - 1)
+            k = min(4 * k, max(local_classes, 1))
+            if self.process_group is not None:  # every rank must gather the same width
+                width = torch.tensor(k)
+                k = int(self._all_reduce(width, dist.ReduceOp.MAX))
         self.candidates = max(self.candidates, k)
-        # Gradient-carrying logits of the kept classes (target last), through a sparse lookup.
-        columns = torch.cat([index, targets[:, None]], dim=1)
-        prototypes = F.normalize(F.embedding(columns, self.weight, sparse=True), dim=2)
-        cosine = (prototypes * unit[:, None, :]).sum(2)
-        local_targets = torch.full_like(targets, columns.shape[1] - 1)
-        return objective(cosine, local_targets)
+        # Gradient-carrying cosines of the kept classes through a sparse lookup; padding slots
+        # (a shard with fewer than k classes) are masked out.
+        prototypes = F.normalize(F.embedding(index, self.weight, sparse=True), dim=2)
+        cosine = (prototypes * unit[:, None, :]).sum(2).masked_fill(best == -math.inf, -math.inf)
+        target_rows = F.normalize(F.embedding(safe_targets, self.weight, sparse=True), dim=1)
+        target_cosine = torch.where(owned, (target_rows * unit).sum(1), torch.zeros_like(unit[:, 0]))
+        if self.process_group is not None:
+            cosine = _GatherColumns.apply(cosine, self.process_group)
+            target_cosine = _SumAcrossRanks.apply(target_cosine, self.process_group)
+        columns = torch.cat([cosine, target_cosine[:, None]], dim=1)
+        return objective(columns, torch.full_like(targets, columns.shape[1] - 1))
