@@ -36,7 +36,7 @@ def main():
         fired = (output / "train_log.txt").read_text().count("a3m_i_fired")
         rows.append((objective, before, after, fired, time.time() - start))
         print(f"{objective}: EER {100 * after['eer']:.2f} % ({time.time() - start:.0f} s)", file=sys.stderr)
-    print(f"| objective | EER % before | EER % after | minDCF(0.01) | TAR@FAR=1e-3 % | A3M-I firings |")
+    print("| objective | EER % before | EER % after | minDCF(0.01) | TAR@FAR=1e-3 % | A3M-I firings |")
     print("|---|---:|---:|---:|---:|---:|")
     for objective, before, after, fired, _ in rows:
         tar = after["tar_at_far"].get("0.001")

@@ -17,8 +17,7 @@ where it stopped.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import speechbrain as sb
 import torch
