@@ -26,10 +26,10 @@ def _status_kib(field):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--utterances", type=int, default=None, help="default 8 on CPU, 256 on GPU")
+    parser.add_argument("--utterances", type=int, default=None, help="default 32 on CPU, 256 on GPU")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
-    count = args.utterances or (256 if on_gpu else 8)
+    count = args.utterances or (256 if on_gpu else 32)
     model = ecapa_tdnn(channels=1024, embedding_dim=192).to(args.device).eval()
     seconds = 8.0
     audio = 0.1 * torch.randn(count, int(seconds * 16000), device=args.device)
@@ -39,7 +39,7 @@ def main():
             torch.cuda.synchronize()
 
     def timed(batch):
-        model(audio[:batch], torch.ones(batch, device=args.device))  # warm-up
+        model(audio[:batch], torch.ones(min(batch, count), device=args.device))  # warm-up
         sync()
         start = time.perf_counter()
         for i in range(0, count, batch):
