@@ -60,6 +60,7 @@ def evaluate(brain, hparams, stage):
 
 def main():
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)  # a no-op unless launched by torchrun
     hparams, composed = load(hparams_file, overrides)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as resolved:
         resolved.write(composed)
