@@ -10,16 +10,9 @@ import argparse
 import time
 
 import torch
+from memory import peak_bytes
 
 from spkver.models import ecapa_tdnn
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 @torch.no_grad()
@@ -50,18 +43,7 @@ def main():
 
     rtf_single, rtf_batched = timed(1), timed(32)
     long = 0.1 * torch.randn(1, 60 * 16000, device=args.device)
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        model(long, torch.ones(1, device=args.device))
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        base = _status_kib("VmRSS")
-        model(long, torch.ones(1))
-        peak = (_status_kib("VmHWM") - base) * 1024
+    peak = peak_bytes(lambda: model(long, torch.ones(1, device=args.device)), args.device)
     device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"# ECAPA-TDNN C=1024 embedding extraction, {device}, torch {torch.__version__}")
     print("| mode | real-time factor | audio seconds per second |")
