@@ -634,29 +634,26 @@ def loss_rows_and_statistics(
 
     from spkver.losses.fused import fused_available
 
-    if logits.is_cuda and (alpha == 1.0 or fused_available(logits, alpha, log_q)):
-        # On a GPU every read-back is a sync: the checks travel back with the statistics, in one
-        # transfer, and a bad input raises before anything is returned.
-        if alpha == 1.0:
-            loss = _cross_entropy_rows(logits, safe_targets, log_q, log_q_target, target_logits)
-            p_y, support = torch.exp(-loss.detach()), torch.full_like(loss, classes)
-        else:
-            loss, p_y, support = _FusedAlphaDivergenceLoss.apply(logits, safe_targets, alpha, log_q_target,
-                                                                 target_logits)
-        return loss, _statistics(support, p_y, classes, checks, problem)
-
-    if bool(problem):  # on the CPU a read-back is cheap: check before computing
+    fused = fused_available(logits, alpha, log_q)
+    # On a GPU every read-back is a sync: for the cross-entropy and fused paths the checks travel
+    # back with the statistics in one transfer, and a bad input still raises before anything is
+    # returned (safe_targets keep every index in range meanwhile). Elsewhere, check first.
+    deferred = logits.is_cuda and (alpha == 1.0 or fused)
+    if not deferred and bool(problem):
         _raise_for_bad_rows(*checks, flag=True)
     if alpha == 1.0:
-        loss = _cross_entropy_rows(logits, targets, log_q, log_q_target, target_logits)
-        return loss, _statistics(torch.full_like(loss, classes), torch.exp(-loss.detach()), classes)
-    if fused_available(logits, alpha, log_q):  # Triton's interpreter on the CPU
-        loss, p_y, support = _FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
-        return loss, _statistics(support, p_y, classes)
-    loss, p_y, support, columns = _AlphaDivergenceLoss.apply(
-        logits, targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits
-    )
-    return loss, _statistics(support, p_y, int(columns))
+        loss = _cross_entropy_rows(logits, safe_targets, log_q, log_q_target, target_logits)
+        p_y, support, columns = torch.exp(-loss.detach()), torch.full_like(loss, classes), classes
+    elif fused:
+        loss, p_y, support = _FusedAlphaDivergenceLoss.apply(logits, safe_targets, alpha, log_q_target,
+                                                             target_logits)
+        columns = classes
+    else:
+        loss, p_y, support, columns = _AlphaDivergenceLoss.apply(
+            logits, safe_targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits
+        )
+        columns = int(columns)
+    return loss, _statistics(support, p_y, columns, checks if deferred else None, problem if deferred else None)
 
 
 def _cross_entropy_rows(logits, targets, log_q, log_q_target, target_logits) -> torch.Tensor:
