@@ -10,9 +10,9 @@ Modules (``modules:`` in the hparams): ``embedding_model`` (an
 ``epoch_counter`` and ``train_logger``.
 
 The margin and the learning rate follow training progress in epochs, stepped
-every batch; checkpoints (SpeechBrain's ``Checkpointer``, also inside an epoch
-with ``ckpt_interval_steps``/``ckpt_interval_minutes``) let a killed run resume
-where it stopped.
+every batch; checkpoints (:class:`~spkver.checkpoints.AtomicCheckpointer`, also
+inside an epoch with ``ckpt_interval_steps``/``ckpt_interval_minutes``) let a
+killed run resume where it stopped, even one killed while saving.
 """
 from __future__ import annotations
 

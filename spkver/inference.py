@@ -161,8 +161,9 @@ class SpeakerEmbedder:
         card = json.loads(card_path.read_text())
         extractor = build_extractor(**card["extractor"])
         weights = folder / "embedding_model.ckpt"
-        if not weights.exists():  # an experiment folder: the latest checkpoint
-            checkpoints = sorted((folder / "save").glob("CKPT+*/embedding_model.ckpt"))
+        if not weights.exists():  # an experiment folder: the latest complete checkpoint (it has CKPT.yaml)
+            checkpoints = sorted(path for path in (folder / "save").glob("CKPT+*/embedding_model.ckpt")
+                                 if (path.parent / "CKPT.yaml").exists())
             if not checkpoints:
                 raise FileNotFoundError(f"{folder}: no embedding_model.ckpt and no checkpoint under save/")
             weights = checkpoints[-1]

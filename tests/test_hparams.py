@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from spkver.checkpoints import AtomicCheckpointer
 from spkver.hparams import HparamsError, compose, load
 
 HPARAMS = Path(__file__).resolve().parent.parent / "hparams"
@@ -23,6 +24,7 @@ def test_experiment_file_loads_with_its_model_and_objective(name, tmp_path):
     assert hparams["objective"].__class__.__name__.lower().replace("_", "") in name.replace("_", "") or \
         name.startswith("demo") or hparams["objective_name"] == "a3m_i"
     assert hasattr(hparams["embedding_model"], "embedding_dim")
+    assert isinstance(hparams["checkpointer"], AtomicCheckpointer)  # a run killed while saving still resumes
     if hparams["objective_name"] == "a3m_i":
         assert hparams["reinit_policy"].collapse_threshold == 0.5
 

@@ -1,6 +1,7 @@
 """Reusing trained extractors: SpeakerEmbedder, spkver embed/verify/export, SpeechBrain and ONNX."""
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,6 +63,20 @@ def test_embedder_embeds_files_batches_and_verifies(experiment):
     score, same = embedder.verify(files[0], files[0])
     assert score == pytest.approx(1.0, abs=1e-5) and same is True
 
+
+
+def test_an_unfinished_checkpoint_save_is_not_loaded(experiment, tmp_path):
+    """A run killed while saving leaves a newer folder without CKPT.yaml: the embedder ignores it."""
+    output, corpus = experiment
+    copy = tmp_path / "exp"
+    shutil.copytree(output, copy)
+    unfinished = copy / "save" / "CKPT+9999-12-31+23-59-59+00"
+    unfinished.mkdir()
+    (unfinished / "CKPT.yaml.partial").write_text("end-of-epoch: false\n")
+    (unfinished / "embedding_model.ckpt").write_bytes(b"truncated")
+    wav = _wavs(corpus)[0]
+    np.testing.assert_array_equal(SpeakerEmbedder.from_pretrained(copy).embed_file(wav),
+                                  SpeakerEmbedder.from_pretrained(output).embed_file(wav))
 
 def test_bad_audio_is_an_error_naming_the_file(experiment, tmp_path):
     embedder = SpeakerEmbedder.from_pretrained(experiment[0])

@@ -74,7 +74,7 @@ def main():
                          opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
                          checkpointer=hparams["checkpointer"])
     results = {}
-    if hparams["evaluate_before_training"] and not any(Path(hparams["save_folder"]).glob("CKPT*")):
+    if hparams["evaluate_before_training"] and not hparams["checkpointer"].list_checkpoints():
         results["before training"], _ = evaluate(brain, hparams, "before training")
     brain.fit(hparams["epoch_counter"], train_set, valid_set,
               train_loader_kwargs=hparams["train_dataloader_options"],

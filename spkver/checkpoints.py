@@ -1,0 +1,90 @@
+r"""Checkpoints that exist only once they are complete.
+
+SpeechBrain's ``Checkpointer`` writes a checkpoint's ``CKPT.yaml`` first and
+its parameter files after it; a run killed in between (pre-emption, out of
+memory, ``kill -9``) leaves a folder that *looks* like the newest checkpoint
+but lacks some parameters, and the next run fails to resume from it
+(SpeechBrain 1.1 raises ``KeyError`` on the missing recoverable).
+
+:class:`AtomicCheckpointer` commits a checkpoint the way databases commit a
+transaction: the meta file is written under a staging name
+(``CKPT.yaml.partial``) and renamed to ``CKPT.yaml`` with one atomic
+``os.replace`` after every parameter file has been written.  A folder without
+``CKPT.yaml`` is not a checkpoint to SpeechBrain, so a resumed run recovers
+the last *complete* checkpoint; unfinished folders are removed (with a
+warning naming them) at the next save.  Checkpoints from the stock
+``Checkpointer`` load unchanged; a stock checkpoint that lacks a parameter
+file is skipped with a warning instead of failing the run.
+
+Example:
+    >>> import tempfile, torch
+    >>> folder = tempfile.mkdtemp()
+    >>> checkpointer = AtomicCheckpointer(folder, recoverables={"model": torch.nn.Linear(2, 2)})
+    >>> checkpoint = checkpointer.save_checkpoint()
+    >>> sorted(path.name for path in checkpoint.path.iterdir())
+    ['CKPT.yaml', 'model.ckpt']
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
+from speechbrain.utils.distributed import if_main_process
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AtomicCheckpointer", "STAGED_METAFNAME"]
+
+STAGED_METAFNAME = METAFNAME + ".partial"
+
+
+class AtomicCheckpointer(Checkpointer):
+    """A SpeechBrain ``Checkpointer`` whose checkpoints appear atomically (see the module docstring).
+
+    Takes the same arguments as ``speechbrain.utils.checkpoints.Checkpointer``.
+    """
+
+    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):  # noqa: B006 (SpeechBrain's signature)
+        if if_main_process():
+            self.remove_unfinished_checkpoints()
+        checkpoint = super().save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name, verbosity=verbosity)
+        if checkpoint is not None:  # the main process: every parameter file is written, commit.
+            os.replace(checkpoint.path / STAGED_METAFNAME, checkpoint.path / METAFNAME)
+        return checkpoint
+
+    def _save_checkpoint_metafile(self, fpath, meta_to_include={}, end_of_epoch=True):  # noqa: B006
+        # SpeechBrain writes the meta file before the parameters: stage it until they are written.
+        return super()._save_checkpoint_metafile(fpath.with_name(STAGED_METAFNAME), meta_to_include, end_of_epoch)
+
+    def remove_unfinished_checkpoints(self):
+        """Delete checkpoint folders whose save never finished (a staged meta file and no ``CKPT.yaml``)."""
+        if not self.checkpoints_dir.is_dir():
+            return
+        for folder in sorted(self.checkpoints_dir.iterdir()):
+            if (folder.is_dir() and folder.name.startswith(CKPT_PREFIX)
+                    and (folder / STAGED_METAFNAME).exists() and not (folder / METAFNAME).exists()):
+                logger.warning("Removing %s: its save did not finish (the run was stopped while saving)", folder)
+                shutil.rmtree(folder)
+
+    def find_checkpoint(self, importance_key=None, max_key=None, min_key=None, ckpt_predicate=None):
+        # Stock checkpoints can be incomplete: never recover one that lacks a required parameter file.
+        # (Only the choice is filtered: SpeechBrain's clean-up still sees and deletes such folders.)
+        def complete_and_chosen(checkpoint):
+            missing = self.missing_recoverables(checkpoint)
+            if missing:
+                logger.warning("Skipping checkpoint %s: no parameter file for %s", checkpoint.path, ", ".join(missing))
+                return False
+            return ckpt_predicate is None or ckpt_predicate(checkpoint)
+
+        return super().find_checkpoint(importance_key=importance_key, max_key=max_key, min_key=min_key,
+                                       ckpt_predicate=complete_and_chosen)
+
+    def missing_recoverables(self, checkpoint):
+        """Names of the registered, non-optional recoverables that ``checkpoint`` has no ``.ckpt`` file for."""
+        if self.allow_partial_load:
+            return []
+        return [name for name in self.recoverables
+                if name not in checkpoint.paramfiles and not self.optional_recoverables.get(name, False)]
+
