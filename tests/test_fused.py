@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 
@@ -46,22 +47,154 @@ CHECK = textwrap.dedent("""
 """)
 
 
+OBJECTIVES_CHECK = textwrap.dedent("""
+    import torch
+    import spkver.losses.fused as fused
+    from spkver.losses import A3M, AlphaDiv, QMargin, alpha_divergence_loss
+
+    device = "{device}"
+    kernel_available = fused.fused_available
+
+    def run(call, fused_kernel, *tensors):
+        fused.fused_available = kernel_available if fused_kernel else (lambda *a: False)
+        try:
+            leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+            loss = call(*leaves)
+            loss.sum().backward()
+            return loss.detach().cpu(), [t.grad.cpu() for t in leaves if t.grad is not None]
+        finally:
+            fused.fused_available = kernel_available
+
+    def error(call, fused_kernel, *tensors):
+        try:
+            run(call, fused_kernel, *tensors)
+        except ValueError as caught:
+            return str(caught)
+        raise AssertionError("no error")
+
+    torch.manual_seed(0)
+    for classes in (4500, 300):  # three tiles, the last one partial; one tile (kept for the checks below)
+        cosine = (torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+                  @ torch.nn.functional.normalize(torch.randn(classes, 8), dim=1).T).to(device)
+        targets = torch.randint(0, classes, (16,)).to(device)
+        # The clamps of the angular margin: cos_y at, beyond and just inside +-1.
+        cosine[0, targets[0]], cosine[1, targets[1]], cosine[2, targets[2]] = 1.0, -1.0, 0.9999999
+        cosine[3, targets[3]] = -0.999
+        for objective in (AlphaDiv(30.0, 1.5), QMargin(30.0, 0.2, 1.5), QMargin(30.0, 0.2, 1.3, log_q_target=-2.0),
+                          A3M(30.0, 0.2, 1.5), A3M(30.0, 0.5, 2.0), A3M(30.0, 0.2, 1.7, reduction="none")):
+            assert objective._fused_call_applies(cosine)
+            kernel = run(objective, True, cosine, targets)
+            kernel_statistics = objective.last_statistics
+            torch_path = run(objective, False, cosine, targets)
+            torch.testing.assert_close(kernel[0], torch_path[0], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(kernel[1][0], torch_path[1][0], atol=2e-5, rtol=1e-5)
+            for name in ("support_size", "target_zero_fraction", "target_prob"):
+                assert abs(getattr(kernel_statistics, name) - getattr(objective.last_statistics, name)) < 1e-6, name
+            if classes > 300:
+                continue
+            # bfloat16 cosines: the kernel forms the logits in float32, so it matches float32 to one bf16 step.
+            half = run(objective, True, cosine.bfloat16(), targets)
+            exact = run(objective, False, cosine.bfloat16().float(), targets)
+            assert half[1][0].dtype == torch.bfloat16
+            torch.testing.assert_close(half[0], exact[0], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(half[1][0].float(), exact[1][0], atol=1e-5, rtol=2 ** -7)
+
+    # Bad input: the same error from the kernel's checks as from the torch path, objectives and function alike.
+    objective = A3M(30.0, 0.2, 1.5)
+    functional = lambda logits, y, override=None: alpha_divergence_loss(logits, y, 1.5, reduction="none",
+                                                                        log_q_target=override)
+    nan, inf = float("nan"), float("inf")
+    bad_cosines = [cosine.clone() for _ in range(4)]
+    bad_cosines[0][3, 7] = nan
+    bad_cosines[1][4, 9] = inf
+    bad_cosines[2][5] = -inf
+    bad_cosines[3][6, targets[6]] = -inf
+    bad_targets = targets.clone()
+    bad_targets[2] = classes
+    cases = [(objective, (c, targets)) for c in bad_cosines[:3]] + [(objective, (cosine, bad_targets))]
+    cases += [(functional, (c, targets)) for c in bad_cosines] + [(functional, (cosine, bad_targets))]
+    cases += [(functional, (cosine, targets, torch.full((16,), nan, device=device)))]
+    for call, tensors in cases:
+        message = error(call, True, *tensors)
+        assert message == error(call, False, *tensors), message
+    print("fused objectives agree")
+""")
+
+
 def _interpreter_works() -> bool:
     probe = "import numpy; assert tuple(int(v) for v in numpy.__version__.split('.')[:2]) < (2, 4)"
     return subprocess.run([sys.executable, "-c", probe]).returncode == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and not _interpreter_works(),
-                    reason="needs a CUDA device or Triton's interpreter (numpy < 2.4)")
-def test_fused_kernel_matches_the_torch_solver_loss_and_gradients():
+needs_kernel = pytest.mark.skipif(not torch.cuda.is_available() and not _interpreter_works(),
+                                  reason="needs a CUDA device or Triton's interpreter (numpy < 2.4)")
+
+
+def _run_on_the_kernel(script: str, expected: str) -> None:
+    """Run ``script`` on the GPU, or on the CPU under Triton's interpreter."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = dict(os.environ)
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run([sys.executable, "-c", CHECK.format(device=device)], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", script.format(device=device)], env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "fused kernel agrees" in result.stdout
+    assert expected in result.stdout
+
+
+@needs_kernel
+def test_fused_kernel_matches_the_torch_solver_loss_and_gradients():
+    _run_on_the_kernel(CHECK, "fused kernel agrees")
+
+
+@needs_kernel
+def test_objectives_in_one_kernel_match_the_torch_path_and_raise_the_same_errors():
+    """Margin, scale, reference mass, gradient, statistics and input checks all run inside the kernel."""
+    _run_on_the_kernel(OBJECTIVES_CHECK, "fused objectives agree")
+
+
+class _LaunchCounter(TorchDispatchMode):
+    """Records the torch operations that launch device work (allocations, views and detach do not)."""
+
+    FREE = {"empty", "empty_like", "detach", "unsqueeze", "expand", "view", "squeeze", "_to_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.launches = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.FREE:
+            self.launches.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(monkeypatch):
+    """An isolated call on a GPU is bound by its launches: the fused path needs no more than cross_entropy.
+
+    The kernel itself is replaced by a no-op, so this counts what surrounds it, on any machine.
+    """
+    from spkver.losses import A3M, AlphaDiv, QMargin, fused
+
+    class NoKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # makes CPU tensors eligible for the fused path
+    monkeypatch.setattr(fused, "_alpha_loss_kernel", NoKernel())
+    cosine = torch.rand(8, 100) * 2 - 1
+    targets = torch.randint(0, 100, (8,))
+    counts = {}
+    for name, call in (("cross_entropy", lambda x: torch.nn.functional.cross_entropy(30.0 * x, targets)),
+                       ("AlphaDiv", lambda x: AlphaDiv(30.0, 1.5)(x, targets)),
+                       ("QMargin", lambda x: QMargin(30.0, 0.2, 1.5)(x, targets)),
+                       ("A3M", lambda x: A3M(30.0, 0.2, 1.5)(x, targets))):
+        x = cosine.clone().requires_grad_(True)
+        with _LaunchCounter() as counter:
+            call(x).backward()
+        counts[name] = counter.launches
+    assert len(counts["cross_entropy"]) == 7, counts["cross_entropy"]
+    for name in ("AlphaDiv", "QMargin", "A3M"):  # + 1: the fused kernel itself
+        assert len(counts[name]) + 1 <= len(counts["cross_entropy"]), (name, counts[name])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -12,9 +12,18 @@ skipped by the Newton passes and written as zeros without being read: on
 sparse rows the kernel reads the logits about once.  The target may
 carry its own logit (a margin) and its own :math:`\log q_y` (Q-Margin).
 
-Used automatically by :func:`~spkver.losses.operator.loss_rows_and_statistics`
-for CUDA tensors with :math:`1 < \alpha \le 2` and no general ``log_q``; the
-pure-torch solver stays the fallback and the oracle.  The kernel also runs
+On a GPU a loss call of a few milliseconds' worth of arithmetic is bound by
+its kernel launches, so the kernel also does what would otherwise be some
+forty small launches around it: it forms the logits :math:`s\cos` and the
+target's margin (:class:`FusedCosineObjective`), checks the inputs (NaN,
++inf, all ``-inf`` rows, targets out of range) and sums the batch statistics
+into four numbers that the caller reads back once.
+
+Used automatically for CUDA tensors with :math:`1 < \alpha \le 2` and no
+general ``log_q``: by :func:`~spkver.losses.operator.loss_rows_and_statistics`
+(and so :func:`~spkver.losses.operator.alpha_divergence_loss`), and by the
+objectives of :mod:`spkver.losses.objectives` whose margin the kernel knows;
+the pure-torch solver stays the fallback and the oracle.  The kernel also runs
 under Triton's interpreter (``TRITON_INTERPRET=1``) on the CPU, which is how
 the tests check it without a GPU.
 """
@@ -25,7 +34,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["fused_available", "fused_loss_rows"]
+__all__ = ["fused_available", "fused_loss_rows", "FusedCosineObjective", "MARGIN_NONE", "MARGIN_COSINE",
+           "MARGIN_ANGULAR"]
 
 _NEWTON_ITERATIONS = 12
 #: Classes per tile: the granularity at which rows are streamed and out-of-reach parts skipped.
@@ -47,13 +57,40 @@ def fused_available(logits: torch.Tensor, alpha: float, log_q) -> bool:
             and logits.dim() == 2 and logits.shape[0] > 0)
 
 
+MARGIN_NONE, MARGIN_COSINE, MARGIN_ANGULAR = 0, 1, 2
+
 if triton is not None:
 
     @triton.jit
-    def _tile_mass(row_logits, start, classes, target, tau, alpha, k, SQUARE: tl.constexpr, BLOCK: tl.constexpr):
+    def _target_logit(cos_y, scale, margin, cos_m, sin_m, threshold, MARGIN: tl.constexpr):
+        r"""The target's logit :math:`s\psi(\cos_y)` and its derivative :math:`s\psi'(\cos_y)`.
+
+        The same function, clamps included, as
+        :func:`~spkver.losses.objectives.additive_angular_cosine` under autograd.
+        """
+        if MARGIN == 1:  # CosFace: psi(c) = c - m
+            theta_y = scale * (cos_y - margin)
+            slope = scale + 0.0 * cos_y
+        elif MARGIN == 2:  # ArcFace: psi(c) = cos(phi + m), or c - m sin m past pi
+            c = tl.minimum(tl.maximum(cos_y, -1.0), 1.0)
+            inside = ((cos_y >= -1.0) & (cos_y <= 1.0)).to(tl.float32)
+            one_minus_square = 1.0 - c * c
+            sine = tl.sqrt(tl.maximum(one_minus_square, 1e-12))
+            d_sine = tl.where(one_minus_square >= 1e-12, -c / sine, 0.0)
+            use_angle = c > threshold
+            theta_y = scale * tl.where(use_angle, c * cos_m - sine * sin_m, c - margin * sin_m)
+            slope = scale * inside * tl.where(use_angle, cos_m - sin_m * d_sine, 1.0)
+        else:
+            theta_y = scale * cos_y
+            slope = scale + 0.0 * cos_y
+        return theta_y, slope
+
+    @triton.jit
+    def _tile_mass(row_logits, start, classes, target, tau, alpha, k, scale,
+                   SQUARE: tl.constexpr, BLOCK: tl.constexpr):
         """Sum of z^k and of z^(k-1) over one tile (target excluded), and its logits and z^k."""
         offsets = start + tl.arange(0, BLOCK)
-        x = tl.load(row_logits + offsets, mask=offsets < classes, other=-float("inf")).to(tl.float32)
+        x = scale * tl.load(row_logits + offsets, mask=offsets < classes, other=-float("inf")).to(tl.float32)
         x = tl.where(offsets == target, -float("inf"), x)
         z = tl.maximum(1.0 + (alpha - 1.0) * (x - tau), 0.0)
         if SQUARE:
@@ -66,33 +103,63 @@ if triton is not None:
         return tl.sum(w, axis=0), tl.sum(w_prime, axis=0), x, w
 
     @triton.jit
+    def _row_mass(row_logits, row_tiles, classes, target, tau, reach, alpha, k, scale, steepness_y, bound_y,
+                  SQUARE: tl.constexpr, BLOCK: tl.constexpr):
+        r""":math:`\sum_j z_j^k` and :math:`\sum_j a_j z_j^{k-1}` at ``tau``, skipping out-of-reach tiles; and the target's :math:`z_y^k`."""
+        mass = 0.0
+        slope = 0.0
+        for start in range(0, classes, BLOCK):
+            if tl.load(row_tiles + start // BLOCK) > tau - reach:
+                tile_mass, tile_slope, x, w = _tile_mass(row_logits, start, classes, target, tau, alpha, k, scale,
+                                                         SQUARE, BLOCK)
+                mass += tile_mass
+                slope += tile_slope
+        z_y = tl.maximum(1.0 + (alpha - 1.0) * steepness_y * (bound_y - tau), 0.0)
+        log_z_y = tl.log(tl.where(z_y > 0, z_y, 1.0))
+        w_y = tl.where(z_y > 0, tl.exp(k * log_z_y), 0.0)
+        slope += steepness_y * tl.where(z_y > 0, tl.exp((k - 1.0) * log_z_y), 0.0)
+        return mass + w_y, slope, w_y
+
+    @triton.jit
     def _alpha_loss_kernel(logits_ptr, grad_ptr, loss_ptr, p_y_ptr, support_ptr, targets_ptr, target_logit_ptr,
-                           log_q_y_ptr, tile_max_ptr, classes, stride, tiles, alpha,
-                           HAS_TARGET_LOGIT: tl.constexpr, HAS_LOG_Q: tl.constexpr, SQUARE: tl.constexpr,
-                           ITERATIONS: tl.constexpr, BLOCK: tl.constexpr):
+                           log_q_y_ptr, tile_max_ptr, totals_ptr, classes, stride, tiles, alpha, scale, log_q_y_value,
+                           margin, cos_m, sin_m, threshold,
+                           HAS_TARGET_LOGIT: tl.constexpr, HAS_LOG_Q: tl.constexpr, MARGIN: tl.constexpr,
+                           TOTALS: tl.constexpr, SQUARE: tl.constexpr, ITERATIONS: tl.constexpr,
+                           BLOCK: tl.constexpr):
         row = tl.program_id(0)
         row_logits = logits_ptr + row * stride
         row_grad = grad_ptr + row * stride
         row_tiles = tile_max_ptr + row * tiles
         target = tl.load(targets_ptr + row)
+        bad_target = (target < 0) | (target >= classes)
+        target = tl.minimum(tl.maximum(target, 0), classes - 1)  # never index out of range; flagged below
         k = 1.0 / (alpha - 1.0)
         reach = k
-        # Pass 1: each tile's maximum over the non-target classes (kept to skip tiles later).
+        # Pass 1: each tile's maximum over the non-target classes (kept to skip tiles later);
+        # NaN, +inf and all -inf rows are counted for the caller's checks.
         other_max = -float("inf")
+        row_max = -float("inf")
+        bad_values = 0
         for start in range(0, classes, BLOCK):
             offsets = start + tl.arange(0, BLOCK)
-            x = tl.load(row_logits + offsets, mask=offsets < classes, other=-float("inf")).to(tl.float32)
+            x = scale * tl.load(row_logits + offsets, mask=offsets < classes, other=-float("inf")).to(tl.float32)
+            bad_values += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), axis=0)
+            row_max = tl.maximum(row_max, tl.max(x, axis=0))
             x = tl.where(offsets == target, -float("inf"), x)
             tile_max = tl.max(x, axis=0)
             tl.store(row_tiles + start // BLOCK, tile_max)
             other_max = tl.maximum(other_max, tile_max)
         if HAS_TARGET_LOGIT:
             theta_y = tl.load(target_logit_ptr + row).to(tl.float32)
+            d_theta_y = 1.0
         else:
-            theta_y = tl.load(row_logits + target).to(tl.float32)
-        log_q_y = 0.0
+            cos_y = tl.load(row_logits + target).to(tl.float32)
+            theta_y, d_theta_y = _target_logit(cos_y, scale, margin, cos_m, sin_m, threshold, MARGIN)
         if HAS_LOG_Q:
             log_q_y = tl.load(log_q_y_ptr + row).to(tl.float32)
+        else:
+            log_q_y = log_q_y_value
         steepness_y = tl.exp((alpha - 1.0) * log_q_y)
         log_alpha_inverse_q = (tl.exp((1.0 - alpha) * log_q_y) - 1.0) * k
         bound_y = theta_y - log_alpha_inverse_q
@@ -100,83 +167,118 @@ if triton is not None:
         # Newton from the lower bound: the iterates rise monotonically to the root, so a tile
         # whose maximum is out of reach of tau (p = 0 on all of it) stays out: skip it.
         for _ in tl.static_range(ITERATIONS):
-            mass = 0.0
-            slope = 0.0
-            for start in range(0, classes, BLOCK):
-                if tl.load(row_tiles + start // BLOCK) > tau - reach:
-                    tile_mass, tile_slope, x, w = _tile_mass(row_logits, start, classes, target, tau, alpha, k,
-                                                             SQUARE, BLOCK)
-                    mass += tile_mass
-                    slope += tile_slope
-            z_y = tl.maximum(1.0 + (alpha - 1.0) * steepness_y * (bound_y - tau), 0.0)
-            log_z_y = tl.log(tl.where(z_y > 0, z_y, 1.0))
-            mass += tl.where(z_y > 0, tl.exp(k * log_z_y), 0.0)
-            slope += steepness_y * tl.where(z_y > 0, tl.exp((k - 1.0) * log_z_y), 0.0)
+            mass, slope, w_y = _row_mass(row_logits, row_tiles, classes, target, tau, reach, alpha, k, scale,
+                                         steepness_y, bound_y, SQUARE, BLOCK)
             safe_mass = tl.maximum(mass, 1e-30)
             step = safe_mass * (1.0 - tl.exp(-(alpha - 1.0) * tl.log(safe_mass))) / ((alpha - 1.0) * slope)
             tau = tl.where(slope > 0, tau + step, tau)
-        # The mass at the final tau, then the pass that writes p - e_y (zeros without reading).
-        mass = 0.0
-        for start in range(0, classes, BLOCK):
-            if tl.load(row_tiles + start // BLOCK) > tau - reach:
-                tile_mass, tile_slope, x, w = _tile_mass(row_logits, start, classes, target, tau, alpha, k,
-                                                         SQUARE, BLOCK)
-                mass += tile_mass
-        z_y = tl.maximum(1.0 + (alpha - 1.0) * steepness_y * (bound_y - tau), 0.0)
-        w_y = tl.where(z_y > 0, tl.exp(k * tl.log(tl.where(z_y > 0, z_y, 1.0))), 0.0)
-        mass += w_y
+        # The mass at the final tau, then the pass that writes the gradient (zeros without reading).
+        mass, slope, w_y = _row_mass(row_logits, row_tiles, classes, target, tau, reach, alpha, k, scale,
+                                     steepness_y, bound_y, SQUARE, BLOCK)
         inner = 0.0
         support = 0
         for start in range(0, classes, BLOCK):
             offsets = start + tl.arange(0, BLOCK)
             valid = offsets < classes
             if tl.load(row_tiles + start // BLOCK) > tau - reach:
-                tile_mass, tile_slope, x, w = _tile_mass(row_logits, start, classes, target, tau, alpha, k,
+                tile_mass, tile_slope, x, w = _tile_mass(row_logits, start, classes, target, tau, alpha, k, scale,
                                                          SQUARE, BLOCK)
                 p = w / mass
                 inner += tl.sum(tl.where(p > 0, p * (x - tau), 0.0), axis=0)
                 support += tl.sum((p > 0).to(tl.int32), axis=0)
-                tl.store(row_grad + offsets, p.to(row_grad.dtype.element_ty), mask=valid)
+                tl.store(row_grad + offsets, (scale * p).to(row_grad.dtype.element_ty), mask=valid)
             else:
                 tl.store(row_grad + offsets, tl.zeros([BLOCK], dtype=row_grad.dtype.element_ty), mask=valid)
         p_y = w_y / mass
         inner += p_y * (theta_y - tau)
         support += (p_y > 0).to(tl.int32)
         if not HAS_TARGET_LOGIT:
-            tl.store(row_grad + target, (p_y - 1.0).to(row_grad.dtype.element_ty))
+            tl.store(row_grad + target, (d_theta_y * (p_y - 1.0)).to(row_grad.dtype.element_ty))
         loss = (alpha - 1.0) / alpha * inner - (theta_y - tau) + log_alpha_inverse_q / alpha
         tl.store(loss_ptr + row, tl.maximum(loss, 0.0))
         tl.store(p_y_ptr + row, p_y)
         tl.store(support_ptr + row, support)
+        if TOTALS:  # batch sums for the statistics, and the input checks, in one small buffer
+            problems = bad_target.to(tl.int32) + bad_values + (row_max == -float("inf")).to(tl.int32) \
+                + ((theta_y != theta_y) | (tl.abs(theta_y) == float("inf"))).to(tl.int32) \
+                + ((log_q_y != log_q_y) | (tl.abs(log_q_y) == float("inf"))).to(tl.int32)
+            tl.atomic_add(totals_ptr + 0, support.to(tl.float64))
+            tl.atomic_add(totals_ptr + 1, (p_y == 0).to(tl.float64))
+            tl.atomic_add(totals_ptr + 2, p_y.to(tl.float64))
+            tl.atomic_add(totals_ptr + 3, problems.to(tl.float64))
 
 
-def fused_loss_rows(logits: torch.Tensor, targets: torch.Tensor, alpha: float,
-                    log_q_target: Optional[torch.Tensor] = None, target_logits: Optional[torch.Tensor] = None):
-    """``(loss (B,), grad (B, C), p_y (B,), support (B,))`` from one kernel launch.
 
-    ``grad`` is :math:`p - e_y` in the dtype of ``logits``; with ``target_logits``
-    its target column is 0 and the target's gradient is ``p_y - 1``.
-    Inputs are assumed validated (see :func:`~spkver.losses.operator.loss_rows_and_statistics`).
-    """
-    logits = logits.contiguous()
-    batch, classes = logits.shape
-    grad = torch.empty_like(logits)
-    loss = torch.empty(batch, dtype=torch.float32, device=logits.device)
-    p_y = torch.empty(batch, dtype=torch.float32, device=logits.device)
-    support = torch.empty(batch, dtype=torch.int32, device=logits.device)
+def _launch(values, targets, alpha, *, scale=1.0, log_q_target=None, log_q_y=0.0, target_logits=None,
+            margin_kind=MARGIN_NONE, margin=0.0, totals=None):
+    """Run the kernel on ``values`` (B, C): logits ``scale * values``; returns (loss, grad, p_y, support)."""
+    values = values.contiguous()
+    batch, classes = values.shape
+    grad = torch.empty_like(values)
+    loss = torch.empty(batch, dtype=torch.float32, device=values.device)
+    p_y = torch.empty(batch, dtype=torch.float32, device=values.device)
+    support = torch.empty(batch, dtype=torch.int32, device=values.device)
     dummy = loss  # an unused pointer argument must still be a tensor
-    if target_logits is not None:
-        target_logits = target_logits.detach().float().contiguous()
     block = min(triton.next_power_of_2(classes), _TILE)
     tiles = triton.cdiv(classes, block)
-    tile_max = torch.empty(batch, tiles, dtype=torch.float32, device=logits.device)
+    tile_max = torch.empty(batch, tiles, dtype=torch.float32, device=values.device)
     _alpha_loss_kernel[(batch,)](
-        logits, grad, loss, p_y, support, targets.contiguous(),
-        dummy if target_logits is None else target_logits,
+        values, grad, loss, p_y, support, targets.contiguous(),
+        dummy if target_logits is None else target_logits.detach().float().contiguous(),
         dummy if log_q_target is None else log_q_target.float().contiguous(),
-        tile_max, classes, logits.stride(0), tiles, float(alpha),
-        HAS_TARGET_LOGIT=target_logits is not None, HAS_LOG_Q=log_q_target is not None,
-        SQUARE=math.isclose(alpha, 1.5), ITERATIONS=_NEWTON_ITERATIONS, BLOCK=block,
+        tile_max, dummy if totals is None else totals, classes, values.stride(0), tiles, float(alpha), float(scale),
+        float(log_q_y), float(margin), math.cos(margin), math.sin(margin), math.cos(math.pi - margin),
+        HAS_TARGET_LOGIT=target_logits is not None, HAS_LOG_Q=log_q_target is not None, MARGIN=margin_kind,
+        TOTALS=totals is not None, SQUARE=math.isclose(alpha, 1.5), ITERATIONS=_NEWTON_ITERATIONS, BLOCK=block,
         num_warps=8 if block >= 4096 else 4,
     )
     return loss, grad, p_y, support
+
+
+def fused_loss_rows(logits: torch.Tensor, targets: torch.Tensor, alpha: float,
+                    log_q_target: Optional[torch.Tensor] = None, target_logits: Optional[torch.Tensor] = None,
+                    totals: Optional[torch.Tensor] = None):
+    """``(loss (B,), grad (B, C), p_y (B,), support (B,))`` from one kernel launch.
+
+    ``grad`` is :math:`p - e_y` in the dtype of ``logits``; with ``target_logits``
+    its target column is 0 and the target's gradient is ``p_y - 1``.  With
+    ``totals`` (a zeroed float64 (4,) tensor) the kernel adds up the batch's
+    support sizes, :math:`[p_y = 0]`, :math:`p_y` and its input problems
+    there (see :class:`FusedCosineObjective`): the caller must read them and
+    not use the results if problems were found.  Without it, the inputs are
+    assumed validated.
+    """
+    return _launch(logits, targets, alpha, log_q_target=log_q_target, target_logits=target_logits, totals=totals)
+
+
+class FusedCosineObjective(torch.autograd.Function):
+    r"""A whole margin objective in one launch: per-row loss of :math:`s\cos` with a target margin.
+
+    ``forward(cosine, targets, alpha, scale, margin_kind, margin, log_q_y)``
+    returns the loss rows (B,) and ``totals`` (4,) float64: the batch sums of
+    the support size, of :math:`[p_y = 0]` and of :math:`p_y`, and the number
+    of input problems (NaN/+inf cosines, all ``-inf`` rows, targets out of
+    range, a ``-inf`` target logit) -- the caller reads ``totals`` back once
+    and must not use the loss when the last entry is non-zero.  The logits
+    :math:`s\cos`, the target's :math:`s\psi(\cos_y)` (``margin_kind``:
+    :data:`MARGIN_NONE`, :data:`MARGIN_COSINE` :math:`\cos_y - m` or
+    :data:`MARGIN_ANGULAR` :math:`\cos(\phi_y + m)`) and the gradient with
+    respect to the cosines are all formed inside the kernel, so an objective
+    call costs about four launches (the kernel, zeroing ``totals``, the
+    reduction and the backward product) instead of some forty small ones.
+    """
+
+    @staticmethod
+    def forward(ctx, cosine, targets, alpha, scale, margin_kind, margin, log_q_y):
+        totals = torch.zeros(4, dtype=torch.float64, device=cosine.device)
+        loss, grad, _, _ = _launch(cosine.detach(), targets, alpha, scale=scale, log_q_y=log_q_y,
+                                   margin_kind=margin_kind, margin=margin, totals=totals)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(totals)
+        ctx.set_materialize_grads(False)
+        return loss, totals
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_totals):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None, None

@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from spkver.losses import fused
+from spkver.losses.fused import MARGIN_ANGULAR, MARGIN_COSINE, MARGIN_NONE, FusedCosineObjective
 from spkver.losses.operator import (
     SparsityStatistics,
     check_alpha,
@@ -37,6 +39,7 @@ from spkver.losses.operator import (
     check_reduction,
     loss_rows_and_statistics,
     reduce_loss,
+    statistics_from_totals,
 )
 
 __all__ = [
@@ -150,6 +153,10 @@ class CosineMarginObjective(nn.Module):
             shape = tuple(cosine.shape) if isinstance(cosine, torch.Tensor) else type(cosine).__name__
             raise ValueError(f"cosine must be a (batch, classes) tensor, got {shape}")
         targets = check_targets(targets, cosine)
+        if self._fused_call_applies(cosine):
+            loss = self._fused_forward(cosine, targets)
+            if loss is not None:
+                return loss
         # Clamped for a safe gather: the engine checks the range with its other checks.
         cosine_y = cosine.gather(1, targets.clamp(0, cosine.shape[1] - 1)[:, None]).squeeze(1)
         margined = self.target_cosine(cosine_y)
@@ -160,6 +167,27 @@ class CosineMarginObjective(nn.Module):
             cosine * self.scale, targets, self.alpha, log_q_target=self.target_log_q(),
             candidates_hint=hint, target_logits=target_logits,
         )
+        return reduce_loss(loss, self.reduction)
+
+    def _fused_call_applies(self, cosine: torch.Tensor) -> bool:
+        """Whether this call runs as one kernel (CUDA, 1 < alpha <= 2, a margin the kernel knows)."""
+        return (fused.fused_available(cosine, self.alpha, None) and cosine.is_floating_point()
+                and _kernel_margin(type(self)) is not None)
+
+    def _fused_forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        """The objective as one kernel launch and one read-back (see :class:`~spkver.losses.fused.FusedCosineObjective`).
+
+        Returns ``None`` when the kernel found a bad input: the caller then takes
+        the general path, whose checks raise the precise error.
+        """
+        kind = _kernel_margin(type(self)) if self.margin else MARGIN_NONE
+        log_q_y = self.target_log_q()
+        loss, totals = FusedCosineObjective.apply(cosine, targets, self.alpha, self.scale, kind, self.margin,
+                                                  0.0 if log_q_y is None else log_q_y)
+        statistics = statistics_from_totals(totals, *cosine.shape)
+        if statistics is None:
+            return None
+        self.last_statistics = statistics
         return reduce_loss(loss, self.reduction)
 
     def extra_repr(self) -> str:
@@ -256,6 +284,22 @@ class A3M(CosineMarginObjective):
         super().__init__(scale, margin, alpha, reduction)
 
     target_cosine = ArcFace.target_cosine
+
+
+def _kernel_margin(objective_class) -> Optional[int]:
+    """The fused kernel's code for the margin of ``objective_class``'s ``target_cosine``; ``None`` if unknown.
+
+    Looked up by the function itself, so a subclass that overrides
+    ``target_cosine`` (a margin the kernel does not know) takes the general path.
+    """
+    return _KERNEL_MARGINS.get(objective_class.target_cosine)
+
+
+_KERNEL_MARGINS = {
+    CosineMarginObjective.target_cosine: MARGIN_NONE,
+    CosFace.target_cosine: MARGIN_COSINE,
+    ArcFace.target_cosine: MARGIN_ANGULAR,
+}
 
 
 class MarginWarmup:

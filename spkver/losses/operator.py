@@ -136,6 +136,16 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
 
     The maxima also reveal NaN and +inf rows; :func:`_raise_for_bad_rows` reads them.
     """
+    _check_logits_structure(logits)
+    return _row_max(logits)
+
+
+def _row_max(logits: torch.Tensor) -> torch.Tensor:
+    return logits.detach().amax(dim=1).float() if logits.shape[0] else logits.new_zeros(0, dtype=torch.float32)
+
+
+def _check_logits_structure(logits: torch.Tensor) -> None:
+    """Type, shape and dtype of ``logits``: no device work."""
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -144,7 +154,6 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
         raise ValueError("logits must have at least one class (got 0 columns)")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
-    return logits.detach().amax(dim=1).float() if logits.shape[0] else logits.new_zeros(0, dtype=torch.float32)
 
 
 def _problem_flag(row_max, targets=None, num_classes=None, target_logit=None, overrides=()) -> torch.Tensor:
@@ -613,7 +622,7 @@ def loss_rows_and_statistics(
     :math:`\alpha = 1` the support is reported as all C classes.
     """
     alpha = check_alpha(alpha)
-    row_max = _check_logits(logits)
+    _check_logits_structure(logits)
     targets = check_targets(targets, logits)
     log_q = _check_log_q(log_q, logits)
     log_q_target = _check_log_q_target(log_q_target, logits)
@@ -624,36 +633,52 @@ def loss_rows_and_statistics(
     if batch == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
         return empty.requires_grad_(logits.requires_grad), SparsityStatistics(math.nan, math.nan, math.nan)
-    safe_targets = targets.clamp(0, classes - 1)  # never index out of range; the range is checked
-    target_logit = logits.detach().gather(1, safe_targets[:, None]).squeeze(1) if target_logits is None \
-        else target_logits.detach()
-    overrides = [(name, value.detach()) for name, value in
-                 (("log_q_target", log_q_target), ("target_logits", target_logits)) if value is not None]
-    checks = (row_max, targets, classes, target_logit, overrides)
-    problem = _problem_flag(*checks)
 
     from spkver.losses.fused import fused_available
 
-    fused = fused_available(logits, alpha, log_q)
-    # On a GPU every read-back is a sync: for the cross-entropy and fused paths the checks travel
-    # back with the statistics in one transfer, and a bad input still raises before anything is
-    # returned (safe_targets keep every index in range meanwhile). Elsewhere, check first.
-    deferred = logits.is_cuda and (alpha == 1.0 or fused)
+    if fused_available(logits, alpha, log_q):
+        # One launch: the kernel checks the inputs itself and sums the statistics; one read-back.
+        loss, totals = _FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
+        statistics = statistics_from_totals(totals, batch, classes)
+        if statistics is None:
+            _raise_for_bad_rows(*_check_arguments(logits, targets, log_q_target, target_logits), flag=True)
+        return loss, statistics
+    checks = _check_arguments(logits, targets, log_q_target, target_logits)
+    problem = _problem_flag(*checks)
+    safe_targets = targets.clamp(0, classes - 1)  # never index out of range; the range is checked
+    # On a GPU every read-back is a sync: for cross-entropy the checks travel back with the
+    # statistics in one transfer, and a bad input still raises before anything is returned
+    # (safe_targets keep every index in range meanwhile). Elsewhere, check first.
+    deferred = logits.is_cuda and alpha == 1.0
     if not deferred and bool(problem):
         _raise_for_bad_rows(*checks, flag=True)
     if alpha == 1.0:
         loss = _cross_entropy_rows(logits, safe_targets, log_q, log_q_target, target_logits)
         p_y, support, columns = torch.exp(-loss.detach()), torch.full_like(loss, classes), classes
-    elif fused:
-        loss, p_y, support = _FusedAlphaDivergenceLoss.apply(logits, safe_targets, alpha, log_q_target,
-                                                             target_logits)
-        columns = classes
     else:
         loss, p_y, support, columns = _AlphaDivergenceLoss.apply(
-            logits, safe_targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits
+            logits, safe_targets, alpha, log_q, log_q_target, checks[0], candidates_hint, target_logits
         )
         columns = int(columns)
     return loss, _statistics(support, p_y, columns, checks if deferred else None, problem if deferred else None)
+
+
+def _check_arguments(logits, targets, log_q_target, target_logits):
+    """The arguments of :func:`_problem_flag` / :func:`_raise_for_bad_rows` for one call."""
+    safe_targets = targets.clamp(0, logits.shape[1] - 1)
+    target_logit = logits.detach().gather(1, safe_targets[:, None]).squeeze(1) if target_logits is None \
+        else target_logits.detach()
+    overrides = [(name, value.detach()) for name, value in
+                 (("log_q_target", log_q_target), ("target_logits", target_logits)) if value is not None]
+    return _row_max(logits), targets, logits.shape[1], target_logit, overrides
+
+
+def statistics_from_totals(totals: torch.Tensor, rows: int, classes: int) -> Optional[SparsityStatistics]:
+    """:class:`SparsityStatistics` from the fused kernel's ``totals``; ``None`` if it found a bad input."""
+    support, target_zero, target_prob, problems = totals.tolist()  # the one device sync
+    if problems:
+        return None
+    return SparsityStatistics(support / rows, target_zero / rows, target_prob / rows, classes)
 
 
 def _cross_entropy_rows(logits, targets, log_q, log_q_target, target_logits) -> torch.Tensor:
@@ -673,21 +698,24 @@ def _cross_entropy_rows(logits, targets, log_q, log_q_target, target_logits) -> 
 
 
 class _FusedAlphaDivergenceLoss(torch.autograd.Function):
-    """The loss from the fused Triton kernel (:mod:`spkver.losses.fused`); backward scales the saved p - e_y."""
+    """The loss rows and ``totals`` from the fused Triton kernel (:mod:`spkver.losses.fused`); backward scales the saved p - e_y."""
 
     @staticmethod
     def forward(ctx, logits, targets, alpha, log_q_target, target_logits):
         from spkver.losses.fused import fused_loss_rows
 
-        loss, grad, p_y, support = fused_loss_rows(logits.detach(), targets, alpha, log_q_target, target_logits)
+        totals = torch.zeros(4, dtype=torch.float64, device=logits.device)
+        loss, grad, p_y, _ = fused_loss_rows(logits.detach(), targets, alpha, log_q_target, target_logits,
+                                             totals=totals)
         ctx.save_for_backward(grad, p_y)
         ctx.separate_target = target_logits is not None
         ctx.target_dtype = None if target_logits is None else target_logits.dtype
-        ctx.mark_non_differentiable(p_y, support)
-        return loss, p_y, support
+        ctx.mark_non_differentiable(totals)
+        ctx.set_materialize_grads(False)
+        return loss, totals
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_p_y, _grad_support):
+    def backward(ctx, grad_loss, _grad_totals):
         grad, p_y = ctx.saved_tensors
         grad_logits = grad * grad_loss[:, None].to(grad.dtype)
         grad_target = ((p_y - 1.0) * grad_loss).to(ctx.target_dtype) if ctx.separate_target else None
