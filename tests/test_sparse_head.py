@@ -62,6 +62,15 @@ def test_a_dense_objective_is_refused():
         StreamingSparseHead(10, 4, Softmax(30.0))
 
 
+@pytest.mark.parametrize("bad", [-1, 5000])
+def test_targets_out_of_range_and_wrong_shapes_are_errors(bad):
+    head = StreamingSparseHead(5000, 16, QMargin(30.0, 0.2, 1.5), chunk_size=512)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 4999\]"):
+        head(torch.randn(3, 16), torch.tensor([0, bad, 2]))
+    with pytest.raises(ValueError, match=r"embeddings must have shape \(batch, 16\)"):
+        head(torch.randn(3, 8), torch.tensor([0, 1, 2]))
+
+
 def _sharded_worker(rank, world, port, name, result_path):
     import torch.distributed as dist
 

@@ -154,11 +154,11 @@ class StreamingSparseHead(nn.Module):
         for start in range(0, self.weight.shape[0], self.chunk_size):
             chunk = F.normalize(self.weight[start:start + self.chunk_size].detach(), dim=1)
             cosine = unit @ chunk.T
+            # The target is handled separately: mask it where it falls in this chunk (no device sync).
             local = targets - start
             inside = (local >= 0) & (local < chunk.shape[0])
-            if bool(inside.any()):
-                rows = inside.nonzero().squeeze(1)
-                cosine[rows, local[rows]] = -math.inf  # the target is handled separately
+            column = local.clamp(0, chunk.shape[0] - 1)[:, None]
+            cosine.scatter_(1, column, cosine.gather(1, column).masked_fill(inside[:, None], -math.inf))
             # Top-k of the chunk first, then merge with the running top-k: temporaries stay (B, chunk).
             chunk_best, chunk_index = cosine.topk(min(k, cosine.shape[1]), dim=1)
             merged = torch.cat([best, chunk_best], dim=1)
@@ -172,8 +172,8 @@ class StreamingSparseHead(nn.Module):
             raise ValueError(f"embeddings must have shape (batch, {self.weight.shape[1]}), "
                              f"got {tuple(embeddings.shape)}")
         targets = check_targets(targets, embeddings)
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
-            raise ValueError(f"targets must lie in [0, {self.num_classes - 1}]")
+        # Checked at the certificate's read-back (one device sync for both); harmless until then.
+        out_of_range = ((targets < 0) | (targets >= self.num_classes)).any()
         if self.process_group is not None:
             embeddings = _SumGradientAcrossRanks.apply(embeddings, self.process_group)
         unit = F.normalize(embeddings, dim=1)
@@ -199,7 +199,10 @@ class StreamingSparseHead(nn.Module):
                 # Certified when a kept logit is out of reach, or the shard has no class left out.
                 certified = (scale * best[:, -1] < tau_lo - reach) | torch.tensor(k >= local_classes)
                 failed = self._all_reduce((~certified).any().to(torch.int32), dist.ReduceOp.MAX)
-            if not bool(failed):
+                failed, bad_targets = torch.stack([failed, out_of_range.to(torch.int32)]).tolist()
+            if bad_targets:
+                raise ValueError(f"targets must lie in [0, {self.num_classes - 1}]")
+            if not failed:
                 break
             self.restreams += 1
             k = min(4 * k, max(local_classes, 1))

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a lent NVIDIA H100/H200 (a few minutes): the CUDA tests, then the
+# GPU benchmarks whose figures the README reports. Run from the repository root:
+#     bash benchmarks/gpu_checks.sh
+# Where the machine lacks our pure-Python dependencies, put their wheels in .whl/ first.
+set -euo pipefail
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:.
+else
+    export PYTHONPATH=.
+fi
+nvidia-smi --query-gpu=name --format=csv,noheader
+python3 -m pytest -o addopts="" -p no:cacheprovider -q tests/test_cuda.py tests/test_fused.py
+python3 benchmarks/bench_losses.py --device cuda
+python3 benchmarks/bench_fused.py
+python3 benchmarks/bench_sparse_head.py --device cuda --classes 10000 100000 1000000 10000000
