@@ -29,6 +29,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["SpeakerBrain", "LearningRateSchedule"]
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """Drops SpeechBrain's import-time "torchvision is not available" warning.
+
+    The recipe's hparams import ``speechbrain.utils.train_logger``, which warns
+    that it cannot save figures without torchvision; spkver saves none through
+    it (DET plots use matplotlib), so the warning would only alarm users.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not available" not in record.getMessage()
+
+
+logging.getLogger("speechbrain.utils.train_logger").addFilter(_NoTorchvisionNotice())
+
+
 class LearningRateSchedule:
     r"""Linear warm-up to ``peak`` over ``warmup_epochs``, then exponential decay to ``final`` at ``epochs``.
 
