@@ -22,3 +22,14 @@ def pytest_collection_modifyitems():
     for name, module in list(sys.modules.items()):
         if isinstance(module, LazyModule) and module.lazy_module is None:
             del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A tiny synthetic VoxCeleb1-layout corpus (10 speakers x 4 utterances, 3 test speakers), read-only."""
+    from spkver.data.synth import synthesize_corpus
+
+    folder = tmp_path_factory.mktemp("tiny_corpus")
+    synthesize_corpus(folder, speakers=10, utterances=4, seed=5, min_seconds=1.2, max_seconds=1.6,
+                      test_speakers=3, progress=False)
+    return folder

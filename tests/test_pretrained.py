@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from spkver import cli
-from spkver.data.synth import synthesize_corpus
 from spkver.inference import AudioError, SpeakerEmbedder, read_audio
 from spkver.scoring import load_embeddings
 
@@ -18,13 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    """A tiny model trained by the recipe on a tiny synthetic corpus."""
-    folder = tmp_path_factory.mktemp("pretrained")
-    corpus = folder / "corpus"
-    synthesize_corpus(corpus, speakers=8, utterances=4, seed=2, min_seconds=1.2, max_seconds=1.6,
-                      test_speakers=3, progress=False)
-    output = folder / "exp"
+def experiment(tmp_path_factory, tiny_corpus):
+    """A tiny model trained by the recipe on the tiny synthetic corpus."""
+    corpus = tiny_corpus
+    output = tmp_path_factory.mktemp("pretrained") / "exp"
     argv = [str(ROOT / "recipes/voxceleb/train.py"), str(ROOT / "hparams/ecapa512_qmargin.yaml"),
             f"--data_folder={corpus}", f"--trial_lists=[{corpus}/trials.txt]", f"--output_folder={output}",
             "--number_of_epochs=2", "--channels=16", "--embedding_dim=16", "--batch_size=8", "--num_workers=0",

@@ -11,19 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from spkver.data.synth import synthesize_corpus
-
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "voxceleb" / "train.py"
 OBJECTIVES = ["softmax", "cosface", "arcface", "alphadiv", "qmargin", "a3m", "a3m_i"]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    synthesize_corpus(folder, speakers=10, utterances=4, seed=5, min_seconds=1.2, max_seconds=1.6,
-                      test_speakers=3, progress=False)
-    return folder
+def corpus(tiny_corpus):
+    return tiny_corpus
 
 
 def _arguments(corpus, output, objective="qmargin", epochs=3, batch_size=8, extra=()):
