@@ -50,7 +50,7 @@ CHECK = textwrap.dedent("""
 OBJECTIVES_CHECK = textwrap.dedent("""
     import torch
     import spkver.losses.fused as fused
-    from spkver.losses import A3M, AlphaDiv, QMargin, alpha_divergence_loss
+    from spkver.losses import A3M, AlphaDiv, ArcFace, CosFace, QMargin, Softmax, alpha_divergence_loss
 
     device = "{device}"
     kernel_available = fused.fused_available
@@ -81,7 +81,8 @@ OBJECTIVES_CHECK = textwrap.dedent("""
         cosine[0, targets[0]], cosine[1, targets[1]], cosine[2, targets[2]] = 1.0, -1.0, 0.9999999
         cosine[3, targets[3]] = -0.999
         for objective in (AlphaDiv(30.0, 1.5), QMargin(30.0, 0.2, 1.5), QMargin(30.0, 0.2, 1.3, log_q_target=-2.0),
-                          A3M(30.0, 0.2, 1.5), A3M(30.0, 0.5, 2.0), A3M(30.0, 0.2, 1.7, reduction="none")):
+                          A3M(30.0, 0.2, 1.5), A3M(30.0, 0.5, 2.0), A3M(30.0, 0.2, 1.7, reduction="none"),
+                          Softmax(30.0), CosFace(30.0, 0.2), ArcFace(30.0, 0.5), QMargin(30.0, 0.2, 1.0)):
             assert objective._fused_call_applies(cosine)
             kernel = run(objective, True, cosine, targets)
             kernel_statistics = objective.last_statistics
@@ -114,6 +115,8 @@ OBJECTIVES_CHECK = textwrap.dedent("""
     cases = [(objective, (c, targets)) for c in bad_cosines[:3]] + [(objective, (cosine, bad_targets))]
     cases += [(functional, (c, targets)) for c in bad_cosines] + [(functional, (cosine, bad_targets))]
     cases += [(functional, (cosine, targets, torch.full((16,), nan, device=device)))]
+    cross_entropy = lambda logits, y: alpha_divergence_loss(logits, y, 1.0, reduction="none")
+    cases += [(ArcFace(30.0, 0.2), (bad_cosines[0], targets)), (cross_entropy, (cosine, bad_targets))]
     for call, tensors in cases:
         message = error(call, True, *tensors)
         assert message == error(call, False, *tensors), message
@@ -173,7 +176,7 @@ def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(monkeypat
 
     The kernel itself is replaced by a no-op, so this counts what surrounds it, on any machine.
     """
-    from spkver.losses import A3M, AlphaDiv, QMargin, fused
+    from spkver.losses import A3M, AlphaDiv, ArcFace, QMargin, fused
 
     class NoKernel:
         def __getitem__(self, grid):
@@ -187,13 +190,14 @@ def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(monkeypat
     for name, call in (("cross_entropy", lambda x: torch.nn.functional.cross_entropy(30.0 * x, targets)),
                        ("AlphaDiv", lambda x: AlphaDiv(30.0, 1.5)(x, targets)),
                        ("QMargin", lambda x: QMargin(30.0, 0.2, 1.5)(x, targets)),
-                       ("A3M", lambda x: A3M(30.0, 0.2, 1.5)(x, targets))):
+                       ("A3M", lambda x: A3M(30.0, 0.2, 1.5)(x, targets)),
+                       ("ArcFace", lambda x: ArcFace(30.0, 0.2)(x, targets))):
         x = cosine.clone().requires_grad_(True)
         with _LaunchCounter() as counter:
             call(x).backward()
         counts[name] = counter.launches
     assert len(counts["cross_entropy"]) == 7, counts["cross_entropy"]
-    for name in ("AlphaDiv", "QMargin", "A3M"):  # + 1: the fused kernel itself
+    for name in ("AlphaDiv", "QMargin", "A3M", "ArcFace"):  # + 1: the fused kernel itself
         assert len(counts[name]) + 1 <= len(counts["cross_entropy"]), (name, counts[name])
 
 
@@ -230,7 +234,7 @@ def _compile_for_h100(dtype: str, **constants) -> dict:
                 "tile_max_ptr": "*fp32", "totals_ptr": "*fp64"}
     signature = {name: pointers.get(name) or ("i32" if name in ("classes", "stride", "tiles") else
                                               "constexpr" if name.isupper() else "fp32") for name in names}
-    constants = {"ITERATIONS": 12, "BLOCK": 2048, **constants}
+    constants = {"ITERATIONS": 12, "BLOCK": 2048, "SOFTMAX": False, "SQUARE": False, **constants}
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()})
     return compile_kernel(source, target=GPUTarget("cuda", 90, 32)).asm
@@ -244,6 +248,9 @@ def _compile_for_h100(dtype: str, **constants) -> dict:
     # alpha_divergence_loss with per-row target logits and log q_y; fused_loss_rows without totals
     ("fp32", dict(HAS_TARGET_LOGIT=True, HAS_LOG_Q=True, MARGIN=0, TOTALS=True, SQUARE=False)),
     ("fp16", dict(HAS_TARGET_LOGIT=False, HAS_LOG_Q=False, MARGIN=0, TOTALS=False, SQUARE=True)),
+    # alpha = 1: ArcFace, and cross-entropy with target logits and log q_y
+    ("fp32", dict(HAS_TARGET_LOGIT=False, HAS_LOG_Q=False, MARGIN=2, TOTALS=True, SOFTMAX=True)),
+    ("bf16", dict(HAS_TARGET_LOGIT=True, HAS_LOG_Q=True, MARGIN=0, TOTALS=True, SOFTMAX=True)),
 ])
 def test_the_kernel_compiles_for_an_h100_without_one(dtype, constants):
     """The interpreter accepts code a GPU compiler rejects: compile every branch to an sm_90 binary."""

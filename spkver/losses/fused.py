@@ -10,7 +10,10 @@ the first pass records each tile's maximum, and since :math:`\tau` only rises,
 a tile whose maximum is out of reach (:math:`\le \tau - 1/(\alpha-1)`) is
 skipped by the Newton passes and written as zeros without being read: on
 sparse rows the kernel reads the logits about once.  The target may
-carry its own logit (a margin) and its own :math:`\log q_y` (Q-Margin).
+carry its own logit (a margin) and its own :math:`\log q_y` (Q-Margin).  At
+:math:`\alpha = 1` the same program computes the softmax cross-entropy of
+:math:`\theta + \log q` instead (three passes: maximum, normaliser, write),
+so the baselines share the launch-saving below.
 
 On a GPU a loss call of a few milliseconds' worth of arithmetic is bound by
 its kernel launches, so the kernel also does what would otherwise be some
@@ -19,7 +22,7 @@ target's margin (:class:`FusedCosineObjective`), checks the inputs (NaN,
 +inf, all ``-inf`` rows, targets out of range) and sums the batch statistics
 into four numbers that the caller reads back once.
 
-Used automatically for CUDA tensors with :math:`1 < \alpha \le 2` and no
+Used automatically for CUDA tensors with :math:`1 \le \alpha \le 2` and no
 general ``log_q``: by :func:`~spkver.losses.operator.loss_rows_and_statistics`
 (and so :func:`~spkver.losses.operator.alpha_divergence_loss`), and by the
 objectives of :mod:`spkver.losses.objectives` whose margin the kernel knows;
@@ -53,7 +56,7 @@ def fused_available(logits: torch.Tensor, alpha: float, log_q) -> bool:
     import os
 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return (triton is not None and (logits.is_cuda or interpreted) and 1.0 < alpha <= 2.0 and log_q is None
+    return (triton is not None and (logits.is_cuda or interpreted) and 1.0 <= alpha <= 2.0 and log_q is None
             and logits.dim() == 2 and logits.shape[0] > 0)
 
 
@@ -86,12 +89,17 @@ if triton is not None:
         return theta_y, slope
 
     @triton.jit
+    def _tile_logits(row_logits, start, classes, target, scale, BLOCK: tl.constexpr):
+        """One tile's column offsets and logits ``scale * x`` in float32, the target and padding at ``-inf``."""
+        offsets = start + tl.arange(0, BLOCK)
+        x = scale * tl.load(row_logits + offsets, mask=offsets < classes, other=-float("inf")).to(tl.float32)
+        return offsets, tl.where(offsets == target, -float("inf"), x)
+
+    @triton.jit
     def _tile_mass(row_logits, start, classes, target, tau, alpha, k, scale,
                    SQUARE: tl.constexpr, BLOCK: tl.constexpr):
         """Sum of z^k and of z^(k-1) over one tile (target excluded), and its logits and z^k."""
-        offsets = start + tl.arange(0, BLOCK)
-        x = scale * tl.load(row_logits + offsets, mask=offsets < classes, other=-float("inf")).to(tl.float32)
-        x = tl.where(offsets == target, -float("inf"), x)
+        offsets, x = _tile_logits(row_logits, start, classes, target, scale, BLOCK)
         z = tl.maximum(1.0 + (alpha - 1.0) * (x - tau), 0.0)
         if SQUARE:
             w = z * z
@@ -121,45 +129,11 @@ if triton is not None:
         return mass + w_y, slope, w_y
 
     @triton.jit
-    def _alpha_loss_kernel(logits_ptr, grad_ptr, loss_ptr, p_y_ptr, support_ptr, targets_ptr, target_logit_ptr,
-                           log_q_y_ptr, tile_max_ptr, totals_ptr, classes, stride, tiles, alpha, scale, log_q_y_value,
-                           margin, cos_m, sin_m, threshold,
-                           HAS_TARGET_LOGIT: tl.constexpr, HAS_LOG_Q: tl.constexpr, MARGIN: tl.constexpr,
-                           TOTALS: tl.constexpr, SQUARE: tl.constexpr, ITERATIONS: tl.constexpr,
-                           BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        row_logits = logits_ptr + row * stride
-        row_grad = grad_ptr + row * stride
-        row_tiles = tile_max_ptr + row * tiles
-        target = tl.load(targets_ptr + row)
-        bad_target = (target < 0) | (target >= classes)
-        target = tl.minimum(tl.maximum(target, 0), classes - 1)  # never index out of range; flagged below
+    def _sparse_row(row_logits, row_grad, row_tiles, classes, target, scale, alpha, theta_y, log_q_y, other_max,
+                    SQUARE: tl.constexpr, ITERATIONS: tl.constexpr, BLOCK: tl.constexpr):
+        """alpha > 1: tau by Newton, then p (times ``scale``) into ``row_grad``; returns (loss, p_y, support)."""
         k = 1.0 / (alpha - 1.0)
         reach = k
-        # Pass 1: each tile's maximum over the non-target classes (kept to skip tiles later);
-        # NaN, +inf and all -inf rows are counted for the caller's checks.
-        other_max = -float("inf")
-        row_max = -float("inf")
-        bad_values = 0
-        for start in range(0, classes, BLOCK):
-            offsets = start + tl.arange(0, BLOCK)
-            x = scale * tl.load(row_logits + offsets, mask=offsets < classes, other=-float("inf")).to(tl.float32)
-            bad_values += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), axis=0)
-            row_max = tl.maximum(row_max, tl.max(x, axis=0))
-            x = tl.where(offsets == target, -float("inf"), x)
-            tile_max = tl.max(x, axis=0)
-            tl.store(row_tiles + start // BLOCK, tile_max)
-            other_max = tl.maximum(other_max, tile_max)
-        if HAS_TARGET_LOGIT:
-            theta_y = tl.load(target_logit_ptr + row).to(tl.float32)
-            d_theta_y = 1.0
-        else:
-            cos_y = tl.load(row_logits + target).to(tl.float32)
-            theta_y, d_theta_y = _target_logit(cos_y, scale, margin, cos_m, sin_m, threshold, MARGIN)
-        if HAS_LOG_Q:
-            log_q_y = tl.load(log_q_y_ptr + row).to(tl.float32)
-        else:
-            log_q_y = log_q_y_value
         steepness_y = tl.exp((alpha - 1.0) * log_q_y)
         log_alpha_inverse_q = (tl.exp((1.0 - alpha) * log_q_y) - 1.0) * k
         bound_y = theta_y - log_alpha_inverse_q
@@ -192,9 +166,70 @@ if triton is not None:
         p_y = w_y / mass
         inner += p_y * (theta_y - tau)
         support += (p_y > 0).to(tl.int32)
+        loss = (alpha - 1.0) / alpha * inner - (theta_y - tau) + log_alpha_inverse_q / alpha
+        return loss, p_y, support
+
+    @triton.jit
+    def _softmax_row(row_logits, row_grad, classes, target, scale, target_logit, other_max, BLOCK: tl.constexpr):
+        """alpha = 1: cross-entropy; softmax (times ``scale``) into ``row_grad``; returns (loss, p_y, support = C)."""
+        top = tl.maximum(other_max, target_logit)
+        total = tl.exp(target_logit - top)
+        for start in range(0, classes, BLOCK):
+            offsets, x = _tile_logits(row_logits, start, classes, target, scale, BLOCK)
+            total += tl.sum(tl.exp(x - top), axis=0)
+        for start in range(0, classes, BLOCK):
+            offsets, x = _tile_logits(row_logits, start, classes, target, scale, BLOCK)
+            tl.store(row_grad + offsets, (scale * tl.exp(x - top) / total).to(row_grad.dtype.element_ty),
+                     mask=offsets < classes)
+        p_y = tl.exp(target_logit - top) / total
+        return tl.log(total) + top - target_logit, p_y, (classes + 0 * target).to(tl.int32)
+
+    @triton.jit
+    def _alpha_loss_kernel(logits_ptr, grad_ptr, loss_ptr, p_y_ptr, support_ptr, targets_ptr, target_logit_ptr,
+                           log_q_y_ptr, tile_max_ptr, totals_ptr, classes, stride, tiles, alpha, scale, log_q_y_value,
+                           margin, cos_m, sin_m, threshold,
+                           HAS_TARGET_LOGIT: tl.constexpr, HAS_LOG_Q: tl.constexpr, MARGIN: tl.constexpr,
+                           TOTALS: tl.constexpr, SOFTMAX: tl.constexpr, SQUARE: tl.constexpr,
+                           ITERATIONS: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        row_logits = logits_ptr + row * stride
+        row_grad = grad_ptr + row * stride
+        row_tiles = tile_max_ptr + row * tiles
+        target = tl.load(targets_ptr + row)
+        bad_target = (target < 0) | (target >= classes)
+        target = tl.minimum(tl.maximum(target, 0), classes - 1)  # never index out of range; flagged below
+        # Pass 1: each tile's maximum over the non-target classes (kept to skip tiles later);
+        # NaN, +inf and all -inf rows are counted for the caller's checks.
+        other_max = -float("inf")
+        row_max = -float("inf")
+        bad_values = 0
+        for start in range(0, classes, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            x = scale * tl.load(row_logits + offsets, mask=offsets < classes, other=-float("inf")).to(tl.float32)
+            bad_values += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), axis=0)
+            row_max = tl.maximum(row_max, tl.max(x, axis=0))
+            x = tl.where(offsets == target, -float("inf"), x)
+            tile_max = tl.max(x, axis=0)
+            tl.store(row_tiles + start // BLOCK, tile_max)
+            other_max = tl.maximum(other_max, tile_max)
+        if HAS_TARGET_LOGIT:
+            theta_y = tl.load(target_logit_ptr + row).to(tl.float32)
+            d_theta_y = 1.0
+        else:
+            cos_y = tl.load(row_logits + target).to(tl.float32)
+            theta_y, d_theta_y = _target_logit(cos_y, scale, margin, cos_m, sin_m, threshold, MARGIN)
+        if HAS_LOG_Q:
+            log_q_y = tl.load(log_q_y_ptr + row).to(tl.float32)
+        else:
+            log_q_y = log_q_y_value
+        if SOFTMAX:
+            loss, p_y, support = _softmax_row(row_logits, row_grad, classes, target, scale, theta_y + log_q_y,
+                                              other_max, BLOCK)
+        else:
+            loss, p_y, support = _sparse_row(row_logits, row_grad, row_tiles, classes, target, scale, alpha, theta_y,
+                                             log_q_y, other_max, SQUARE, ITERATIONS, BLOCK)
         if not HAS_TARGET_LOGIT:
             tl.store(row_grad + target, (d_theta_y * (p_y - 1.0)).to(row_grad.dtype.element_ty))
-        loss = (alpha - 1.0) / alpha * inner - (theta_y - tau) + log_alpha_inverse_q / alpha
         tl.store(loss_ptr + row, tl.maximum(loss, 0.0))
         tl.store(p_y_ptr + row, p_y)
         tl.store(support_ptr + row, support)
@@ -229,7 +264,7 @@ def _launch(values, targets, alpha, *, scale=1.0, log_q_target=None, log_q_y=0.0
         tile_max, dummy if totals is None else totals, classes, values.stride(0), tiles, float(alpha), float(scale),
         float(log_q_y), float(margin), math.cos(margin), math.sin(margin), math.cos(math.pi - margin),
         HAS_TARGET_LOGIT=target_logits is not None, HAS_LOG_Q=log_q_target is not None, MARGIN=margin_kind,
-        TOTALS=totals is not None, SQUARE=math.isclose(alpha, 1.5), ITERATIONS=_NEWTON_ITERATIONS, BLOCK=block,
+        TOTALS=totals is not None, SOFTMAX=alpha == 1.0, SQUARE=math.isclose(alpha, 1.5), ITERATIONS=_NEWTON_ITERATIONS, BLOCK=block,
         num_warps=8 if block >= 4096 else 4,
     )
     return loss, grad, p_y, support

@@ -34,8 +34,9 @@ Newton iteration on :math:`\varphi(\tau) = (\sum_j q_j z_j^k)^{1/k} - 1`,
 iterates rise monotonically to the root (3--6 passes to float32 accuracy); a
 bracket :math:`[\tau_{lo}, \tau_{hi}]` with bisection guards :math:`\alpha > 2`.
 Everything runs in float32 whatever the input dtype; the result is renormalised.
-On CUDA, for :math:`1 < \alpha \le 2`, the loss runs through the fused Triton
-kernel of :mod:`spkver.losses.fused` instead, with this solver as its oracle.
+On CUDA, for :math:`1 \le \alpha \le 2` without a general ``log_q``, the loss
+runs through the fused Triton kernel of :mod:`spkver.losses.fused` instead, with
+this solver (and cross-entropy at :math:`\alpha = 1`) as its oracle.
 """
 from __future__ import annotations
 
