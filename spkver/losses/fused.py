@@ -32,6 +32,7 @@ the tests check it without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -113,7 +114,10 @@ if triton is not None:
     @triton.jit
     def _row_mass(row_logits, row_tiles, classes, target, tau, reach, alpha, k, scale, steepness_y, bound_y,
                   SQUARE: tl.constexpr, BLOCK: tl.constexpr):
-        r""":math:`\sum_j z_j^k` and :math:`\sum_j a_j z_j^{k-1}` at ``tau``, skipping out-of-reach tiles; and the target's :math:`z_y^k`."""
+        r""":math:`\sum_j z_j^k` and :math:`\sum_j a_j z_j^{k-1}` at ``tau`` (out-of-reach tiles skipped).
+
+        Also returns the target's own :math:`z_y^k`.
+        """
         mass = 0.0
         slope = 0.0
         for start in range(0, classes, BLOCK):
@@ -257,16 +261,20 @@ def _launch(values, targets, alpha, *, scale=1.0, log_q_target=None, log_q_y=0.0
     block = min(triton.next_power_of_2(classes), _TILE)
     tiles = triton.cdiv(classes, block)
     tile_max = torch.empty(batch, tiles, dtype=torch.float32, device=values.device)
-    _alpha_loss_kernel[(batch,)](
-        values, grad, loss, p_y, support, targets.contiguous(),
-        dummy if target_logits is None else target_logits.detach().float().contiguous(),
-        dummy if log_q_target is None else log_q_target.float().contiguous(),
-        tile_max, dummy if totals is None else totals, classes, values.stride(0), tiles, float(alpha), float(scale),
-        float(log_q_y), float(margin), math.cos(margin), math.sin(margin), math.cos(math.pi - margin),
-        HAS_TARGET_LOGIT=target_logits is not None, HAS_LOG_Q=log_q_target is not None, MARGIN=margin_kind,
-        TOTALS=totals is not None, SOFTMAX=alpha == 1.0, SQUARE=math.isclose(alpha, 1.5), ITERATIONS=_NEWTON_ITERATIONS, BLOCK=block,
-        num_warps=8 if block >= 4096 else 4,
-    )
+    # Triton launches on the current device: make it the tensors' one (e.g. cuda:1 without set_device).
+    on_other_device = values.is_cuda and values.device.index != torch.cuda.current_device()
+    with torch.cuda.device(values.device) if on_other_device else contextlib.nullcontext():
+        _alpha_loss_kernel[(batch,)](
+            values, grad, loss, p_y, support, targets.contiguous(),
+            dummy if target_logits is None else target_logits.detach().float().contiguous(),
+            dummy if log_q_target is None else log_q_target.float().contiguous(),
+            tile_max, dummy if totals is None else totals, classes, values.stride(0), tiles, float(alpha),
+            float(scale), float(log_q_y), float(margin), math.cos(margin), math.sin(margin),
+            math.cos(math.pi - margin),
+            HAS_TARGET_LOGIT=target_logits is not None, HAS_LOG_Q=log_q_target is not None, MARGIN=margin_kind,
+            TOTALS=totals is not None, SOFTMAX=alpha == 1.0, SQUARE=math.isclose(alpha, 1.5),
+            ITERATIONS=_NEWTON_ITERATIONS, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+        )
     return loss, grad, p_y, support
 
 

@@ -175,7 +175,7 @@ class CosineMarginObjective(nn.Module):
                 and _kernel_margin(type(self)) is not None)
 
     def _fused_forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
-        """The objective as one kernel launch and one read-back (see :class:`~spkver.losses.fused.FusedCosineObjective`).
+        """The objective as one kernel launch and one read-back (:class:`~spkver.losses.fused.FusedCosineObjective`).
 
         Returns ``None`` when the kernel found a bad input: the caller then takes
         the general path, whose checks raise the precise error.

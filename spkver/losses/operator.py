@@ -699,7 +699,10 @@ def _cross_entropy_rows(logits, targets, log_q, log_q_target, target_logits) -> 
 
 
 class _FusedAlphaDivergenceLoss(torch.autograd.Function):
-    """The loss rows and ``totals`` from the fused Triton kernel (:mod:`spkver.losses.fused`); backward scales the saved p - e_y."""
+    """Loss rows and ``totals`` from the fused Triton kernel (:mod:`spkver.losses.fused`).
+
+    Backward scales the saved :math:`p - e_y`.
+    """
 
     @staticmethod
     def forward(ctx, logits, targets, alpha, log_q_target, target_logits):
