@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional
 
 import torch
 
-__all__ = ["fused_available", "fused_loss_rows", "FusedCosineObjective", "MARGIN_NONE", "MARGIN_COSINE",
-           "MARGIN_ANGULAR"]
+__all__ = ["fused_available", "fused_loss_rows", "fused_loss_and_totals", "FusedCosineObjective", "MARGIN_NONE",
+           "MARGIN_COSINE", "MARGIN_ANGULAR", "TOTALS_SIZE"]
 
 _NEWTON_ITERATIONS = 12
 #: Classes per tile: the granularity at which rows are streamed and out-of-reach parts skipped.
@@ -53,12 +54,9 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 
 def fused_available(logits: torch.Tensor, alpha: float, log_q) -> bool:
-    """Whether the fused kernel applies to this call."""
-    import os
-
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return (triton is not None and (logits.is_cuda or interpreted) and 1.0 <= alpha <= 2.0 and log_q is None
-            and logits.dim() == 2 and logits.shape[0] > 0)
+    """Whether the fused kernel applies to this call (CUDA, or CPU under Triton's interpreter)."""
+    return (triton is not None and 1.0 <= alpha <= 2.0 and log_q is None and logits.dim() == 2
+            and logits.shape[0] > 0 and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
 MARGIN_NONE, MARGIN_COSINE, MARGIN_ANGULAR = 0, 1, 2
@@ -133,9 +131,9 @@ if triton is not None:
         return mass + w_y, slope, w_y
 
     @triton.jit
-    def _sparse_row(row_logits, row_grad, row_tiles, classes, target, scale, alpha, theta_y, log_q_y, other_max,
-                    SQUARE: tl.constexpr, ITERATIONS: tl.constexpr, BLOCK: tl.constexpr):
-        """alpha > 1: tau by Newton, then p (times ``scale``) into ``row_grad``; returns (loss, p_y, support)."""
+    def _sparse_row(row_logits, row_grad, row_tiles, classes, target, scale, grad_scale, alpha, theta_y, log_q_y,
+                    other_max, SQUARE: tl.constexpr, ITERATIONS: tl.constexpr, BLOCK: tl.constexpr):
+        """alpha > 1: tau by Newton, then p (times ``grad_scale``) into ``row_grad``; returns (loss, p_y, support)."""
         k = 1.0 / (alpha - 1.0)
         reach = k
         steepness_y = tl.exp((alpha - 1.0) * log_q_y)
@@ -164,7 +162,7 @@ if triton is not None:
                 p = w / mass
                 inner += tl.sum(tl.where(p > 0, p * (x - tau), 0.0), axis=0)
                 support += tl.sum((p > 0).to(tl.int32), axis=0)
-                tl.store(row_grad + offsets, (scale * p).to(row_grad.dtype.element_ty), mask=valid)
+                tl.store(row_grad + offsets, (grad_scale * p).to(row_grad.dtype.element_ty), mask=valid)
             else:
                 tl.store(row_grad + offsets, tl.zeros([BLOCK], dtype=row_grad.dtype.element_ty), mask=valid)
         p_y = w_y / mass
@@ -174,8 +172,9 @@ if triton is not None:
         return loss, p_y, support
 
     @triton.jit
-    def _softmax_row(row_logits, row_grad, classes, target, scale, target_logit, other_max, BLOCK: tl.constexpr):
-        """alpha = 1: cross-entropy; softmax (times ``scale``) into ``row_grad``; returns (loss, p_y, support = C)."""
+    def _softmax_row(row_logits, row_grad, classes, target, scale, grad_scale, target_logit, other_max,
+                     BLOCK: tl.constexpr):
+        """alpha = 1: cross-entropy; softmax (times ``grad_scale``) into ``row_grad``; returns (loss, p_y, C)."""
         top = tl.maximum(other_max, target_logit)
         total = tl.exp(target_logit - top)
         for start in range(0, classes, BLOCK):
@@ -183,7 +182,7 @@ if triton is not None:
             total += tl.sum(tl.exp(x - top), axis=0)
         for start in range(0, classes, BLOCK):
             offsets, x = _tile_logits(row_logits, start, classes, target, scale, BLOCK)
-            tl.store(row_grad + offsets, (scale * tl.exp(x - top) / total).to(row_grad.dtype.element_ty),
+            tl.store(row_grad + offsets, (grad_scale * tl.exp(x - top) / total).to(row_grad.dtype.element_ty),
                      mask=offsets < classes)
         p_y = tl.exp(target_logit - top) / total
         return tl.log(total) + top - target_logit, p_y, (classes + 0 * target).to(tl.int32)
@@ -191,9 +190,9 @@ if triton is not None:
     @triton.jit
     def _alpha_loss_kernel(logits_ptr, grad_ptr, loss_ptr, p_y_ptr, support_ptr, targets_ptr, target_logit_ptr,
                            log_q_y_ptr, tile_max_ptr, totals_ptr, classes, stride, tiles, alpha, scale, log_q_y_value,
-                           margin, cos_m, sin_m, threshold,
+                           margin, cos_m, sin_m, threshold, row_weight,
                            HAS_TARGET_LOGIT: tl.constexpr, HAS_LOG_Q: tl.constexpr, MARGIN: tl.constexpr,
-                           TOTALS: tl.constexpr, SOFTMAX: tl.constexpr, SQUARE: tl.constexpr,
+                           TOTALS: tl.constexpr, REDUCE: tl.constexpr, SOFTMAX: tl.constexpr, SQUARE: tl.constexpr,
                            ITERATIONS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         row_logits = logits_ptr + row * stride
@@ -226,97 +225,141 @@ if triton is not None:
             log_q_y = tl.load(log_q_y_ptr + row).to(tl.float32)
         else:
             log_q_y = log_q_y_value
+        # The gradient is written already weighted by the reduction (1/B for a mean).
         if SOFTMAX:
-            loss, p_y, support = _softmax_row(row_logits, row_grad, classes, target, scale, theta_y + log_q_y,
-                                              other_max, BLOCK)
+            loss, p_y, support = _softmax_row(row_logits, row_grad, classes, target, scale, scale * row_weight,
+                                              theta_y + log_q_y, other_max, BLOCK)
         else:
-            loss, p_y, support = _sparse_row(row_logits, row_grad, row_tiles, classes, target, scale, alpha, theta_y,
-                                             log_q_y, other_max, SQUARE, ITERATIONS, BLOCK)
+            loss, p_y, support = _sparse_row(row_logits, row_grad, row_tiles, classes, target, scale,
+                                             scale * row_weight, alpha, theta_y, log_q_y, other_max, SQUARE,
+                                             ITERATIONS, BLOCK)
         if not HAS_TARGET_LOGIT:
-            tl.store(row_grad + target, (d_theta_y * (p_y - 1.0)).to(row_grad.dtype.element_ty))
-        tl.store(loss_ptr + row, tl.maximum(loss, 0.0))
-        tl.store(p_y_ptr + row, p_y)
-        tl.store(support_ptr + row, support)
-        if TOTALS:  # batch sums for the statistics, and the input checks, in one small buffer
+            tl.store(row_grad + target, (row_weight * d_theta_y * (p_y - 1.0)).to(row_grad.dtype.element_ty))
+        loss = tl.maximum(loss, 0.0)
+        if not REDUCE:
+            tl.store(loss_ptr + row, loss)
+        if TOTALS:  # the reduced loss, the statistics' sums and the input checks, in one small buffer
             problems = bad_target.to(tl.int32) + bad_values + (row_max == -float("inf")).to(tl.int32) \
                 + ((theta_y != theta_y) | (tl.abs(theta_y) == float("inf"))).to(tl.int32) \
                 + ((log_q_y != log_q_y) | (tl.abs(log_q_y) == float("inf"))).to(tl.int32)
-            tl.atomic_add(totals_ptr + 0, support.to(tl.float64))
-            tl.atomic_add(totals_ptr + 1, (p_y == 0).to(tl.float64))
-            tl.atomic_add(totals_ptr + 2, p_y.to(tl.float64))
-            tl.atomic_add(totals_ptr + 3, problems.to(tl.float64))
+            if REDUCE:
+                tl.atomic_add(totals_ptr + 0, row_weight * loss, sem="relaxed")
+            tl.atomic_add(totals_ptr + 1, support.to(tl.float32), sem="relaxed")
+            tl.atomic_add(totals_ptr + 2, (p_y == 0).to(tl.float32), sem="relaxed")
+            tl.atomic_add(totals_ptr + 3, p_y, sem="relaxed")
+            tl.atomic_add(totals_ptr + 4, problems.to(tl.float32), sem="relaxed")
+        else:
+            tl.store(support_ptr + row, support)
+        if HAS_TARGET_LOGIT or not TOTALS:  # a separate target logit needs p_y for its gradient
+            tl.store(p_y_ptr + row, p_y)
 
+
+
+#: Entries of the kernel's ``totals`` buffer: the reduced loss, then the sums of the support sizes,
+#: of [p_y = 0] and of p_y, and the number of input problems.
+TOTALS_SIZE = 5
 
 
 def _launch(values, targets, alpha, *, scale=1.0, log_q_target=None, log_q_y=0.0, target_logits=None,
-            margin_kind=MARGIN_NONE, margin=0.0, totals=None):
-    """Run the kernel on ``values`` (B, C): logits ``scale * values``; returns (loss, grad, p_y, support)."""
+            margin_kind=MARGIN_NONE, margin=0.0, totals=False, reduction="none"):
+    """Run the kernel on ``values`` (B, C), logits ``scale * values``.
+
+    Returns ``(loss, grad, p_y, support, totals)``: ``loss`` is (B,) or, when
+    reduced, a 0-d view of the totals buffer; ``p_y`` and ``support`` are
+    per-row tensors without ``totals`` and ``None`` with them (``p_y`` is kept
+    with ``target_logits``, whose gradient needs it); ``totals`` is the
+    buffer's four statistics entries (or ``None``).
+    """
     values = values.contiguous()
     batch, classes = values.shape
+    device = values.device
+    reduce = reduction != "none"
     grad = torch.empty_like(values)
-    loss = torch.empty(batch, dtype=torch.float32, device=values.device)
-    p_y = torch.empty(batch, dtype=torch.float32, device=values.device)
-    support = torch.empty(batch, dtype=torch.int32, device=values.device)
-    dummy = loss  # an unused pointer argument must still be a tensor
-    block = min(triton.next_power_of_2(classes), _TILE)
-    tiles = triton.cdiv(classes, block)
-    tile_max = torch.empty(batch, tiles, dtype=torch.float32, device=values.device)
+    buffer = torch.zeros(TOTALS_SIZE, dtype=torch.float32, device=device) if totals else None
+    rows = None if reduce else torch.empty(batch, dtype=torch.float32, device=device)
+    p_y = torch.empty(batch, dtype=torch.float32, device=device) if not totals or target_logits is not None \
+        else None
+    support = None if totals else torch.empty(batch, dtype=torch.int32, device=device)
+    block = min(1 << (classes - 1).bit_length(), _TILE)  # a power of two, host arithmetic only
+    tiles = -(-classes // block)
+    tile_max = torch.empty(batch, tiles, dtype=torch.float32, device=device)
+    unused = tile_max  # an unused pointer argument must still be a tensor
     # Triton launches on the current device: make it the tensors' one (e.g. cuda:1 without set_device).
-    on_other_device = values.is_cuda and values.device.index != torch.cuda.current_device()
-    with torch.cuda.device(values.device) if on_other_device else contextlib.nullcontext():
+    on_other_device = values.is_cuda and device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if on_other_device else contextlib.nullcontext():
         _alpha_loss_kernel[(batch,)](
-            values, grad, loss, p_y, support, targets.contiguous(),
-            dummy if target_logits is None else target_logits.detach().float().contiguous(),
-            dummy if log_q_target is None else log_q_target.float().contiguous(),
-            tile_max, dummy if totals is None else totals, classes, values.stride(0), tiles, float(alpha),
+            values, grad, unused if rows is None else rows, unused if p_y is None else p_y,
+            unused if support is None else support, targets,
+            unused if target_logits is None else target_logits.detach().float().contiguous(),
+            unused if log_q_target is None else log_q_target.float().contiguous(),
+            tile_max, unused if buffer is None else buffer, classes, values.stride(0), tiles, float(alpha),
             float(scale), float(log_q_y), float(margin), math.cos(margin), math.sin(margin),
-            math.cos(math.pi - margin),
+            math.cos(math.pi - margin), 1.0 / batch if reduction == "mean" else 1.0,
             HAS_TARGET_LOGIT=target_logits is not None, HAS_LOG_Q=log_q_target is not None, MARGIN=margin_kind,
-            TOTALS=totals is not None, SOFTMAX=alpha == 1.0, SQUARE=math.isclose(alpha, 1.5),
+            TOTALS=bool(totals), REDUCE=reduce, SOFTMAX=alpha == 1.0, SQUARE=math.isclose(alpha, 1.5),
             ITERATIONS=_NEWTON_ITERATIONS, BLOCK=block, num_warps=8 if block >= 4096 else 4,
         )
-    return loss, grad, p_y, support
+    loss = buffer[0] if reduce else rows
+    return loss, grad, p_y, support, None if buffer is None else buffer[1:]
 
 
 def fused_loss_rows(logits: torch.Tensor, targets: torch.Tensor, alpha: float,
-                    log_q_target: Optional[torch.Tensor] = None, target_logits: Optional[torch.Tensor] = None,
-                    totals: Optional[torch.Tensor] = None):
+                    log_q_target: Optional[torch.Tensor] = None, target_logits: Optional[torch.Tensor] = None):
     """``(loss (B,), grad (B, C), p_y (B,), support (B,))`` from one kernel launch.
 
     ``grad`` is :math:`p - e_y` in the dtype of ``logits``; with ``target_logits``
-    its target column is 0 and the target's gradient is ``p_y - 1``.  With
-    ``totals`` (a zeroed float64 (4,) tensor) the kernel adds up the batch's
-    support sizes, :math:`[p_y = 0]`, :math:`p_y` and its input problems
-    there (see :class:`FusedCosineObjective`): the caller must read them and
-    not use the results if problems were found.  Without it, the inputs are
-    assumed validated.
+    its target column is 0 and the target's gradient is ``p_y - 1``.  The
+    inputs are assumed validated (:func:`fused_loss_and_totals` checks them).
     """
-    return _launch(logits, targets, alpha, log_q_target=log_q_target, target_logits=target_logits, totals=totals)
+    loss, grad, p_y, support, _ = _launch(logits, targets.contiguous(), alpha, log_q_target=log_q_target,
+                                          target_logits=target_logits)
+    return loss, grad, p_y, support
+
+
+def fused_loss_and_totals(values: torch.Tensor, targets: torch.Tensor, alpha: float, reduction: str = "none",
+                          **options):
+    r"""``(loss, grad, p_y, totals)`` from one kernel launch, for unvalidated inputs.
+
+    ``values`` (B, C) are cosines (with ``scale``, ``margin_kind``, ``margin``
+    and ``log_q_y`` as in :class:`FusedCosineObjective`) or logits (with
+    ``log_q_target`` and ``target_logits`` as in :func:`fused_loss_rows`).
+    ``loss`` is (B,), or the 0-d mean or sum for ``reduction``; ``grad`` is the
+    gradient of ``loss`` (times the reduction's weight) for a unit upstream
+    gradient; ``p_y`` (B,) is returned with ``target_logits`` (``None``
+    otherwise); ``totals`` (4,) float32 holds the batch sums of the support
+    size, of :math:`[p_y = 0]` and of :math:`p_y`, and the number of input
+    problems (NaN/+inf values, all ``-inf`` rows, targets out of range, a
+    non-finite target logit or :math:`\log q_y`).  Read ``totals`` back (one
+    sync) and do not use the loss when the last entry is non-zero.  Sums are
+    accumulated with atomics: the reduced loss and the statistics may differ
+    in their last bits from run to run; the gradient is deterministic.
+    """
+    loss, grad, p_y, _, totals = _launch(values, targets.contiguous(), alpha, totals=True, reduction=reduction,
+                                         **options)
+    return loss, grad, p_y, totals
 
 
 class FusedCosineObjective(torch.autograd.Function):
-    r"""A whole margin objective in one launch: per-row loss of :math:`s\cos` with a target margin.
+    r"""A whole margin objective in one launch: the loss of :math:`s\cos` with a target margin.
 
-    ``forward(cosine, targets, alpha, scale, margin_kind, margin, log_q_y)``
-    returns the loss rows (B,) and ``totals`` (4,) float64: the batch sums of
-    the support size, of :math:`[p_y = 0]` and of :math:`p_y`, and the number
-    of input problems (NaN/+inf cosines, all ``-inf`` rows, targets out of
-    range, a ``-inf`` target logit) -- the caller reads ``totals`` back once
-    and must not use the loss when the last entry is non-zero.  The logits
-    :math:`s\cos`, the target's :math:`s\psi(\cos_y)` (``margin_kind``:
-    :data:`MARGIN_NONE`, :data:`MARGIN_COSINE` :math:`\cos_y - m` or
-    :data:`MARGIN_ANGULAR` :math:`\cos(\phi_y + m)`) and the gradient with
-    respect to the cosines are all formed inside the kernel, so an objective
-    call costs about four launches (the kernel, zeroing ``totals``, the
-    reduction and the backward product) instead of some forty small ones.
+    ``apply(cosine, targets, alpha, scale, margin_kind, margin, log_q_y, reduction)``
+    returns the loss (reduced as ``reduction`` says) and the ``totals`` of
+    :func:`fused_loss_and_totals` (read them; a non-zero last entry means bad
+    input).  The logits :math:`s\cos`, the target's :math:`s\psi(\cos_y)`
+    (``margin_kind``: :data:`MARGIN_NONE`, :data:`MARGIN_COSINE`
+    :math:`\cos_y - m` or :data:`MARGIN_ANGULAR` :math:`\cos(\phi_y + m)`), the
+    reduction and the gradient with respect to the cosines are all formed
+    inside the kernel: a forward and backward call costs three launches
+    (zeroing the totals, the kernel, the backward product) and one read-back,
+    where the same objective in torch operations takes some forty.
     """
 
     @staticmethod
-    def forward(ctx, cosine, targets, alpha, scale, margin_kind, margin, log_q_y):
-        totals = torch.zeros(4, dtype=torch.float64, device=cosine.device)
-        loss, grad, _, _ = _launch(cosine.detach(), targets, alpha, scale=scale, log_q_y=log_q_y,
-                                   margin_kind=margin_kind, margin=margin, totals=totals)
+    def forward(ctx, cosine, targets, alpha, scale, margin_kind, margin, log_q_y, reduction):
+        loss, grad, _, totals = fused_loss_and_totals(cosine.detach(), targets, alpha, reduction, scale=scale,
+                                                      log_q_y=log_q_y, margin_kind=margin_kind, margin=margin)
         ctx.save_for_backward(grad)
+        ctx.reduced = reduction != "none"
         ctx.mark_non_differentiable(totals)
         ctx.set_materialize_grads(False)
         return loss, totals
@@ -324,4 +367,8 @@ class FusedCosineObjective(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_totals):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None, None
+        if grad_loss is None:
+            return (None,) * 8
+        # A 0-d upstream gradient keeps grad's dtype; a (B, 1) one must be cast to it.
+        upstream = grad_loss if ctx.reduced else grad_loss[:, None].to(grad.dtype)
+        return (grad * upstream,) + (None,) * 7

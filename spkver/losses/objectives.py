@@ -153,8 +153,9 @@ class CosineMarginObjective(nn.Module):
             shape = tuple(cosine.shape) if isinstance(cosine, torch.Tensor) else type(cosine).__name__
             raise ValueError(f"cosine must be a (batch, classes) tensor, got {shape}")
         targets = check_targets(targets, cosine)
-        if self._fused_call_applies(cosine):
-            loss = self._fused_forward(cosine, targets)
+        kernel_margin = self._kernel_margin_for(cosine)
+        if kernel_margin is not None:
+            loss = self._fused_forward(cosine, targets, kernel_margin)
             if loss is not None:
                 return loss
         # Clamped for a safe gather: the engine checks the range with its other checks.
@@ -169,26 +170,30 @@ class CosineMarginObjective(nn.Module):
         )
         return reduce_loss(loss, self.reduction)
 
-    def _fused_call_applies(self, cosine: torch.Tensor) -> bool:
-        """Whether this call runs as one kernel (CUDA, 1 < alpha <= 2, a margin the kernel knows)."""
-        return (fused.fused_available(cosine, self.alpha, None) and cosine.is_floating_point()
-                and _kernel_margin(type(self)) is not None)
+    def _kernel_margin_for(self, cosine: torch.Tensor) -> Optional[int]:
+        """The fused kernel's margin code when this call runs as one kernel, else ``None``.
 
-    def _fused_forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        One kernel: CUDA, :math:`1 \le \alpha \le 2`, and a margin the kernel knows.
+        """
+        margin = _KERNEL_MARGINS.get(type(self).target_cosine)
+        if margin is None or not cosine.is_floating_point() or not fused.fused_available(cosine, self.alpha, None):
+            return None
+        return margin if self.margin else MARGIN_NONE
+
+    def _fused_forward(self, cosine: torch.Tensor, targets: torch.Tensor, kind: int) -> Optional[torch.Tensor]:
         """The objective as one kernel launch and one read-back (:class:`~spkver.losses.fused.FusedCosineObjective`).
 
         Returns ``None`` when the kernel found a bad input: the caller then takes
         the general path, whose checks raise the precise error.
         """
-        kind = _kernel_margin(type(self)) if self.margin else MARGIN_NONE
         log_q_y = self.target_log_q()
         loss, totals = FusedCosineObjective.apply(cosine, targets, self.alpha, self.scale, kind, self.margin,
-                                                  0.0 if log_q_y is None else log_q_y)
+                                                  0.0 if log_q_y is None else log_q_y, self.reduction)
         statistics = statistics_from_totals(totals, *cosine.shape)
         if statistics is None:
             return None
         self.last_statistics = statistics
-        return reduce_loss(loss, self.reduction)
+        return loss
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, margin={self.margin} (base {self.base_margin}), alpha={self.alpha}"
@@ -286,15 +291,9 @@ class A3M(CosineMarginObjective):
     target_cosine = ArcFace.target_cosine
 
 
-def _kernel_margin(objective_class) -> Optional[int]:
-    """The fused kernel's code for the margin of ``objective_class``'s ``target_cosine``; ``None`` if unknown.
-
-    Looked up by the function itself, so a subclass that overrides
-    ``target_cosine`` (a margin the kernel does not know) takes the general path.
-    """
-    return _KERNEL_MARGINS.get(objective_class.target_cosine)
-
-
+#: The fused kernel's code for each ``target_cosine`` it implements. Looked up by the function
+#: itself, so a subclass that overrides ``target_cosine`` (a margin the kernel does not know)
+#: takes the general path.
 _KERNEL_MARGINS = {
     CosineMarginObjective.target_cosine: MARGIN_NONE,
     CosFace.target_cosine: MARGIN_COSINE,

@@ -706,11 +706,10 @@ class _FusedAlphaDivergenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, alpha, log_q_target, target_logits):
-        from spkver.losses.fused import fused_loss_rows
+        from spkver.losses.fused import fused_loss_and_totals
 
-        totals = torch.zeros(4, dtype=torch.float64, device=logits.device)
-        loss, grad, p_y, _ = fused_loss_rows(logits.detach(), targets, alpha, log_q_target, target_logits,
-                                             totals=totals)
+        loss, grad, p_y, totals = fused_loss_and_totals(logits.detach(), targets, alpha, log_q_target=log_q_target,
+                                                        target_logits=target_logits)
         ctx.save_for_backward(grad, p_y)
         ctx.separate_target = target_logits is not None
         ctx.target_dtype = None if target_logits is None else target_logits.dtype
