@@ -82,7 +82,8 @@ OBJECTIVES_CHECK = textwrap.dedent("""
         cosine[3, targets[3]] = -0.999
         for objective in (AlphaDiv(30.0, 1.5), QMargin(30.0, 0.2, 1.5), QMargin(30.0, 0.2, 1.3, log_q_target=-2.0),
                           A3M(30.0, 0.2, 1.5), A3M(30.0, 0.5, 2.0), A3M(30.0, 0.2, 1.7, reduction="none"),
-                          Softmax(30.0), CosFace(30.0, 0.2), ArcFace(30.0, 0.5), QMargin(30.0, 0.2, 1.0)):
+                          Softmax(30.0), CosFace(30.0, 0.2, reduction="sum"), ArcFace(30.0, 0.5),
+                          QMargin(30.0, 0.2, 1.0, reduction="none")):
             assert objective._kernel_margin_for(cosine) is not None
             kernel = run(objective, True, cosine, targets)
             kernel_statistics = objective.last_statistics
