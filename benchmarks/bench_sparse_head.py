@@ -6,7 +6,11 @@ Sparse: spkver.losses.StreamingSparseHead (chunked top-k, certified, sparse prot
 Peak memory is the growth over the prototype matrix already in memory, also shown as a
 multiple of the prototype matrix itself.
 
-    python benchmarks/bench_sparse_head.py [--classes 10000 100000 1000000] [--device cuda]
+    python benchmarks/bench_sparse_head.py [--classes 10000 100000 1000000] [--device cuda] [--repeats 5]
+        [--profile 100000]
+
+Step time is the median of ``--repeats`` steps after a warm-up; ``--profile C`` prints where one
+sparse step at C classes spends its time (torch.profiler, the 15 costliest operations).
 """
 import argparse
 import os
@@ -31,6 +35,8 @@ def main():
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-dense-above", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=None, metavar="C")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"# exact sparse head vs dense head, B={args.batch}, D={args.dim}, QMargin(30, 0.2, 1.5), {device}")
@@ -61,13 +67,41 @@ def main():
             if name == "dense" and classes > args.skip_dense_above:
                 continue
             step()  # warm-up (and the sparse head's candidate size)
-            start = time.perf_counter()
             peak = peak_bytes(step, args.device)
-            rows[name] = (time.perf_counter() - start, peak)
+            rows[name] = (median_seconds(step, args.repeats, args.device), peak)
         for name, (seconds, peak) in rows.items():
             ratio = f"{seconds / rows['dense'][0]:.2f}x" if "dense" in rows else "n/a"
-            print(f"| {classes:,} | {name} | {seconds:.2f} | {peak / 2 ** 20:.0f} | {(matrix + peak) / matrix:.2f} | "
+            print(f"| {classes:,} | {name} | {seconds:.3f} | {peak / 2 ** 20:.0f} | {(matrix + peak) / matrix:.2f} | "
                   f"{ratio} |", flush=True)
+        if classes == args.profile:
+            profile(sparse_step, args.device)
+
+
+def median_seconds(step, repeats: int, device: str) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def profile(step, device: str) -> None:
+    """Print the operations one step spends most time in (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as profiler:
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    print(profiler.key_averages().table(sort_by=key, row_limit=15), flush=True)
 
 
 if __name__ == "__main__":

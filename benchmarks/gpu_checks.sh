@@ -14,4 +14,4 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -m pytest -o addopts="" -p no:cacheprovider -q tests/test_cuda.py tests/test_fused.py
 python3 benchmarks/bench_losses.py --device cuda
 python3 benchmarks/bench_fused.py
-python3 benchmarks/bench_sparse_head.py --device cuda --classes 10000 100000 1000000 10000000
+python3 benchmarks/bench_sparse_head.py --device cuda --classes 10000 100000 1000000 10000000 --repeats 10 --profile 100000
