@@ -194,7 +194,7 @@ if triton is not None:
                            HAS_TARGET_LOGIT: tl.constexpr, HAS_LOG_Q: tl.constexpr, MARGIN: tl.constexpr,
                            TOTALS: tl.constexpr, REDUCE: tl.constexpr, SOFTMAX: tl.constexpr, SQUARE: tl.constexpr,
                            ITERATIONS: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 for 10 GB logits
         row_logits = logits_ptr + row * stride
         row_grad = grad_ptr + row * stride
         row_tiles = tile_max_ptr + row * tiles
@@ -252,7 +252,6 @@ if triton is not None:
             tl.store(support_ptr + row, support)
         if HAS_TARGET_LOGIT or not TOTALS:  # a separate target logit needs p_y for its gradient
             tl.store(p_y_ptr + row, p_y)
-
 
 
 #: Entries of the kernel's ``totals`` buffer: the reduced loss, then the sums of the support sizes,
