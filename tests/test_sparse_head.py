@@ -117,3 +117,25 @@ def test_sharded_head_over_two_gloo_processes_equals_the_dense_objective(name, t
         torch.testing.assert_close(result["embedding_grad"], embeddings.grad, atol=1e-5, rtol=1e-4)
         shard = slice(result["offset"], result["offset"] + result["weight_grad"].shape[0])
         torch.testing.assert_close(result["weight_grad"], weight.grad[shard], atol=1e-5, rtol=1e-4)
+
+
+def test_gathered_cosines_have_the_values_and_gradients_of_normalize():
+    from spkver.losses.sparse_head import _GatheredCosine
+
+    torch.manual_seed(3)
+    rows = torch.randn(4, 5, 6, dtype=torch.float64)
+    rows[1, 2] = 0.0  # a zero prototype: F.normalize clamps its norm
+    unit = F.normalize(torch.randn(4, 6, dtype=torch.float64), dim=1)
+    grad = torch.randn(4, 5, dtype=torch.float64)
+    results = []
+    for cosine_of in (lambda r, u: _GatheredCosine.apply(r, u),
+                      lambda r, u: (F.normalize(r, dim=2) * u[:, None, :]).sum(2)):
+        r, u = rows.clone().requires_grad_(True), unit.clone().requires_grad_(True)
+        value = cosine_of(r, u)
+        value.backward(grad)
+        results.append((value.detach(), r.grad, u.grad))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    away_from_zero = (torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True),
+                      torch.randn(3, 5, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(_GatheredCosine.apply, away_from_zero)

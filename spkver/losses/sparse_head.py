@@ -84,6 +84,42 @@ class _SumGradientAcrossRanks(torch.autograd.Function):
         return grad, None
 
 
+class _GatheredCosine(torch.autograd.Function):
+    r"""Cosines :math:`\cos_{bk} = g_{bk} \cdot u_b / \lVert g_{bk} \rVert` of gathered prototype rows.
+
+    ``rows`` (B, K, D) are prototypes gathered per batch row, ``unit`` (B, D)
+    unit embeddings.  The same values and gradients as
+    ``(F.normalize(rows, dim=2) * unit[:, None]).sum(2)``, without its
+    (B, K, D) temporaries: the backward pass writes the one (B, K, D) gradient
+    the sparse prototype update needs,
+
+    .. math::
+        \frac{\partial \cos_{bk}}{\partial g_{bk}} = \frac{u_b - \cos_{bk}\, g_{bk} / \lVert g_{bk}\rVert}
+        {\lVert g_{bk}\rVert}, \qquad
+        \frac{\partial \cos_{bk}}{\partial u_b} = \frac{g_{bk}}{\lVert g_{bk}\rVert}.
+    """
+
+    EPS = 1e-12  # F.normalize's
+
+    @staticmethod
+    def forward(ctx, rows, unit):
+        norms = rows.norm(dim=2)
+        clamped = norms.clamp_min(_GatheredCosine.EPS)
+        cosine = torch.bmm(rows, unit[:, :, None]).squeeze(2) / clamped
+        ctx.save_for_backward(rows, unit, norms, clamped, cosine)
+        return cosine
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, unit, norms, clamped, cosine = ctx.saved_tensors
+        scaled = grad / clamped
+        grad_unit = torch.bmm(scaled[:, None, :], rows).squeeze(1)
+        # The norm's own derivative vanishes where F.normalize clamps it.
+        radial = torch.where(norms >= _GatheredCosine.EPS, scaled * cosine / clamped, torch.zeros_like(scaled))
+        grad_rows = torch.bmm(scaled[:, :, None], unit[:, None, :]).sub_(rows * radial[:, :, None])
+        return grad_rows, grad_unit
+
+
 def shard_range(num_classes: int, world_size: int, rank: int):
     """The contiguous class range ``[start, stop)`` that ``rank`` holds."""
     per_rank = -(-num_classes // world_size)
@@ -212,10 +248,11 @@ class StreamingSparseHead(nn.Module):
         self.candidates = max(self.candidates, k)
         # Gradient-carrying cosines of the kept classes through a sparse lookup; padding slots
         # (a shard with fewer than k classes) are masked out.
-        prototypes = F.normalize(F.embedding(index, self.weight, sparse=True), dim=2)
-        cosine = (prototypes * unit[:, None, :]).sum(2).masked_fill(best == -math.inf, -math.inf)
-        target_rows = F.normalize(F.embedding(safe_targets, self.weight, sparse=True), dim=1)
-        target_cosine = torch.where(owned, (target_rows * unit).sum(1), torch.zeros_like(unit[:, 0]))
+        cosine = _GatheredCosine.apply(F.embedding(index, self.weight, sparse=True), unit)
+        cosine = cosine.masked_fill(best == -math.inf, -math.inf)
+        target_rows = F.embedding(safe_targets[:, None], self.weight, sparse=True)
+        target_cosine = torch.where(owned, _GatheredCosine.apply(target_rows, unit).squeeze(1),
+                                    torch.zeros_like(unit[:, 0]))
         if self.process_group is not None:
             cosine = _GatherColumns.apply(cosine, self.process_group)
             target_cosine = _SumAcrossRanks.apply(target_cosine, self.process_group)
