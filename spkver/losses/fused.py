@@ -296,7 +296,7 @@ def _launch(values, targets, alpha, *, scale=1.0, log_q_target=None, log_q_y=0.0
             math.cos(math.pi - margin), 1.0 / batch if reduction == "mean" else 1.0,
             HAS_TARGET_LOGIT=target_logits is not None, HAS_LOG_Q=log_q_target is not None, MARGIN=margin_kind,
             TOTALS=bool(totals), REDUCE=reduce, SOFTMAX=alpha == 1.0, SQUARE=math.isclose(alpha, 1.5),
-            ITERATIONS=_NEWTON_ITERATIONS, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+            ITERATIONS=_NEWTON_ITERATIONS, BLOCK=block, num_warps=4,  # tiles are at most 2,048 wide
         )
     loss = buffer[0] if reduce else rows
     return loss, grad, p_y, support, None if buffer is None else buffer[1:]
