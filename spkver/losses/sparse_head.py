@@ -218,10 +218,14 @@ class StreamingSparseHead(nn.Module):
         owned = (local_targets >= 0) & (local_targets < local_classes)
         safe_targets = local_targets.clamp(0, max(local_classes - 1, 0))
         scale, reach = objective.scale, 1.0 / (objective.alpha - 1.0)
-        with torch.no_grad():  # the target's logit and bound, from the rank that holds it
-            target_cosine = torch.where(
-                owned, (unit.detach() * F.normalize(self.weight[safe_targets].detach(), dim=1)).sum(1), 0.0)
-            target_logit = scale * objective.target_cosine(self._all_reduce(target_cosine, dist.ReduceOp.SUM))
+        # The target's cosine, with gradient, from the rank that holds it (a sparse lookup).
+        target_rows = F.embedding(safe_targets[:, None], self.weight, sparse=True)
+        target_cosine = torch.where(owned, _GatheredCosine.apply(target_rows, unit).squeeze(1),
+                                    torch.zeros_like(unit[:, 0]))
+        if self.process_group is not None:
+            target_cosine = _SumAcrossRanks.apply(target_cosine, self.process_group)
+        with torch.no_grad():  # the target's logit and bound
+            target_logit = scale * objective.target_cosine(target_cosine.detach())
             log_q_y = objective.target_log_q()
             bound_y = target_logit if log_q_y is None else \
                 target_logit - math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
@@ -250,11 +254,7 @@ class StreamingSparseHead(nn.Module):
         # (a shard with fewer than k classes) are masked out.
         cosine = _GatheredCosine.apply(F.embedding(index, self.weight, sparse=True), unit)
         cosine = cosine.masked_fill(best == -math.inf, -math.inf)
-        target_rows = F.embedding(safe_targets[:, None], self.weight, sparse=True)
-        target_cosine = torch.where(owned, _GatheredCosine.apply(target_rows, unit).squeeze(1),
-                                    torch.zeros_like(unit[:, 0]))
         if self.process_group is not None:
             cosine = _GatherColumns.apply(cosine, self.process_group)
-            target_cosine = _SumAcrossRanks.apply(target_cosine, self.process_group)
         columns = torch.cat([cosine, target_cosine[:, None]], dim=1)
         return objective(columns, torch.full_like(targets, columns.shape[1] - 1))
