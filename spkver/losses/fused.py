@@ -269,7 +269,7 @@ def _launch(values, targets, alpha, *, scale=1.0, log_q_target=None, log_q_y=0.0
     with ``target_logits``, whose gradient needs it); ``totals`` is the
     buffer's four statistics entries (or ``None``).
     """
-    values = values.contiguous()
+    values, targets = values.contiguous(), targets.contiguous()
     batch, classes = values.shape
     device = values.device
     reduce = reduction != "none"
@@ -310,7 +310,7 @@ def fused_loss_rows(logits: torch.Tensor, targets: torch.Tensor, alpha: float,
     its target column is 0 and the target's gradient is ``p_y - 1``.  The
     inputs are assumed validated (:func:`fused_loss_and_totals` checks them).
     """
-    loss, grad, p_y, support, _ = _launch(logits, targets.contiguous(), alpha, log_q_target=log_q_target,
+    loss, grad, p_y, support, _ = _launch(logits, targets, alpha, log_q_target=log_q_target,
                                           target_logits=target_logits)
     return loss, grad, p_y, support
 
@@ -333,8 +333,7 @@ def fused_loss_and_totals(values: torch.Tensor, targets: torch.Tensor, alpha: fl
     accumulated with atomics: the reduced loss and the statistics may differ
     in their last bits from run to run; the gradient is deterministic.
     """
-    loss, grad, p_y, _, totals = _launch(values, targets.contiguous(), alpha, totals=True, reduction=reduction,
-                                         **options)
+    loss, grad, p_y, _, totals = _launch(values, targets, alpha, totals=True, reduction=reduction, **options)
     return loss, grad, p_y, totals
 
 

@@ -642,11 +642,12 @@ def loss_rows_and_statistics(
         loss, totals = _FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
         statistics = statistics_from_totals(totals, batch, classes)
         if statistics is None:
-            _raise_for_bad_rows(*_check_arguments(logits, targets, log_q_target, target_logits), flag=True)
+            checks = _check_arguments(logits, targets, targets.clamp(0, classes - 1), log_q_target, target_logits)
+            _raise_for_bad_rows(*checks, flag=True)
         return loss, statistics
-    checks = _check_arguments(logits, targets, log_q_target, target_logits)
-    problem = _problem_flag(*checks)
     safe_targets = targets.clamp(0, classes - 1)  # never index out of range; the range is checked
+    checks = _check_arguments(logits, targets, safe_targets, log_q_target, target_logits)
+    problem = _problem_flag(*checks)
     # On a GPU every read-back is a sync: for cross-entropy the checks travel back with the
     # statistics in one transfer, and a bad input still raises before anything is returned
     # (safe_targets keep every index in range meanwhile). Elsewhere, check first.
@@ -664,9 +665,8 @@ def loss_rows_and_statistics(
     return loss, _statistics(support, p_y, columns, checks if deferred else None, problem if deferred else None)
 
 
-def _check_arguments(logits, targets, log_q_target, target_logits):
+def _check_arguments(logits, targets, safe_targets, log_q_target, target_logits):
     """The arguments of :func:`_problem_flag` / :func:`_raise_for_bad_rows` for one call."""
-    safe_targets = targets.clamp(0, logits.shape[1] - 1)
     target_logit = logits.detach().gather(1, safe_targets[:, None]).squeeze(1) if target_logits is None \
         else target_logits.detach()
     overrides = [(name, value.detach()) for name, value in
