@@ -46,7 +46,7 @@ class AtomicCheckpointer(Checkpointer):
     Takes the same arguments as ``speechbrain.utils.checkpoints.Checkpointer``.
     """
 
-    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):  # noqa: B006 (SpeechBrain's signature)
+    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):  # noqa: B006
         if if_main_process():
             self.remove_unfinished_checkpoints()
         checkpoint = super().save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name, verbosity=verbosity)

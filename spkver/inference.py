@@ -161,13 +161,16 @@ class SpeakerEmbedder:
         card = json.loads(card_path.read_text())
         extractor = build_extractor(**card["extractor"])
         weights = folder / "embedding_model.ckpt"
-        if not weights.exists():  # an experiment folder: the latest complete checkpoint (it has CKPT.yaml)
-            checkpoints = sorted(path for path in (folder / "save").glob("CKPT+*/embedding_model.ckpt")
-                                 if (path.parent / "CKPT.yaml").exists())
-            if not checkpoints:
+        if not weights.exists():  # an experiment folder: the latest complete checkpoint
+            checkpoint = None
+            if (folder / "save").is_dir():
+                from spkver.checkpoints import AtomicCheckpointer
+
+                checkpoint = AtomicCheckpointer(folder / "save").find_checkpoint(
+                    ckpt_predicate=lambda candidate: "embedding_model" in candidate.paramfiles)
+            if checkpoint is None:
                 raise FileNotFoundError(f"{folder}: no embedding_model.ckpt and no checkpoint under save/")
-            weights = checkpoints[-1]
-            extractor.load_state_dict(torch.load(weights, map_location="cpu"))
+            extractor.load_state_dict(torch.load(checkpoint.paramfiles["embedding_model"], map_location="cpu"))
         else:  # exported: SpeechBrain's layout holds the backbone's weights
             extractor.backbone.load_state_dict(torch.load(weights, map_location="cpu"))
         mean = np.load(folder / "mean_embedding.npy") if (folder / "mean_embedding.npy").exists() else None
