@@ -117,9 +117,10 @@ class SpeakerBrain(sb.Brain):
 
     def on_fit_start(self):
         policy = getattr(self.hparams, "reinit_policy", None)
-        if policy is not None and self.checkpointer is not None and "reinit_policy" not in self.checkpointer.recoverables:
+        checkpointer = self.checkpointer
+        if policy is not None and checkpointer is not None and "reinit_policy" not in checkpointer.recoverables:
             # Registered before SpeechBrain recovers the checkpoint, so the policy resumes with the rest.
-            self.checkpointer.add_recoverable(
+            checkpointer.add_recoverable(
                 "reinit_policy", policy,
                 custom_save_hook=lambda obj, path: torch.save(obj.state_dict(), path),
                 custom_load_hook=lambda obj, path, end_of_epoch=None: obj.load_state_dict(torch.load(path)),

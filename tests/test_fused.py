@@ -121,6 +121,28 @@ OBJECTIVES_CHECK = textwrap.dedent("""
     for call, tensors in cases:
         message = error(call, True, *tensors)
         assert message == error(call, False, *tensors), message
+
+    # Inside a graph the kernel's check is read back late: the bad loss is NaN, never a plausible number,
+    # and backward raises before any gradient is returned, as does reading the statistics.
+    for objective in (QMargin(30.0, 0.2, 1.5), QMargin(30.0, 0.2, 1.5, reduction="none"), Softmax(30.0)):
+        leaf = cosine.detach().clone().requires_grad_(True)
+        loss = objective(leaf, bad_targets)
+        assert torch.isnan(loss).any()
+        for read in (lambda: loss.sum().backward(), lambda: objective.last_statistics):
+            try:
+                read()
+                raise AssertionError("no error")
+            except ValueError as caught:
+                assert "targets must lie in" in str(caught), caught
+        assert leaf.grad is None
+        with torch.no_grad():  # outside a graph: at once
+            try:
+                objective(cosine, bad_targets)
+                raise AssertionError("no error")
+            except ValueError as caught:
+                assert "targets must lie in" in str(caught), caught
+        objective(cosine, targets)  # a good call replaces the failed check
+        assert objective.last_statistics.target_prob > 0
     print("fused objectives agree")
 """)
 

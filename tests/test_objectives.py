@@ -149,7 +149,7 @@ def test_margin_warmup_ramps_every_margin_objective_from_zero(make):
     warmup.step(objective, 5.0)
     full = objective(cosine, targets)
     assert objective.margin == objective.base_margin == 0.2
-    assert float(no_margin) < float(half) < float(full)
+    assert float(no_margin.detach()) < float(half.detach()) < float(full.detach())
 
 
 def test_qmargin_target_mass_formula():
