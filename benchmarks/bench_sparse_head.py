@@ -7,7 +7,7 @@ Peak memory is the growth over the prototype matrix already in memory, also show
 multiple of the prototype matrix itself.
 
     python benchmarks/bench_sparse_head.py [--classes 10000 100000 1000000] [--device cuda] [--repeats 5]
-        [--profile 100000]
+        [--profile 100000] [--chunk-size 32768]
 
 Step time is the median of ``--repeats`` steps after a warm-up; ``--profile C`` prints where one
 sparse step at C classes spends its time (torch.profiler, the 15 costliest operations).
@@ -37,14 +37,18 @@ def main():
     parser.add_argument("--skip-dense-above", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", type=int, default=None, metavar="C")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="the sparse head's chunk_size (default: its own)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# exact sparse head vs dense head, B={args.batch}, D={args.dim}, QMargin(30, 0.2, 1.5), {device}")
+    chunk = "" if args.chunk_size is None else f", chunk_size={args.chunk_size}"
+    print(f"# exact sparse head vs dense head, B={args.batch}, D={args.dim}, QMargin(30, 0.2, 1.5){chunk}, {device}")
     print("| classes | head | step (s) | peak extra memory (MiB) | x prototype matrix | time vs dense |")
     print("|---:|---|---:|---:|---:|---:|")
     for classes in args.classes:
         torch.manual_seed(0)
-        head = StreamingSparseHead(classes, args.dim, QMargin(30.0, 0.2, 1.5)).to(args.device)
+        options = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
+        head = StreamingSparseHead(classes, args.dim, QMargin(30.0, 0.2, 1.5), **options).to(args.device)
         targets = torch.randint(0, classes, (args.batch,), device=args.device)
         with torch.no_grad():
             embeddings = head.weight[targets] + 0.3 * torch.randn(args.batch, args.dim, device=args.device) * \

@@ -54,3 +54,27 @@ def test_bad_inputs_raise_on_cuda_where_the_checks_are_deferred(make):
     with pytest.raises(ValueError, match="NaN"):
         make()(nan.cuda(), targets.cuda())
     torch.cuda.synchronize()  # no device-side assertion was left behind
+
+
+@pytest.mark.parametrize("chunk_size", [None, 700])  # one block; several chunks and a merge
+def test_sparse_head_on_cuda_matches_the_cpu(chunk_size):
+    from spkver.losses import StreamingSparseHead
+
+    torch.manual_seed(0)
+    results = []
+    for device in ("cpu", "cuda"):
+        head = StreamingSparseHead(20_000, 32, QMargin(30.0, 0.2, 1.5), chunk_size=chunk_size, candidates=2)
+        if not results:
+            weight = head.weight.detach().clone()
+            targets = torch.randint(0, 20_000, (64,))
+            spread = 0.3 * weight[targets].norm(dim=1, keepdim=True) / 32 ** 0.5
+            embeddings = weight[targets] + spread * torch.randn(64, 32)
+        head = head.to(device)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+        x = embeddings.to(device).requires_grad_(True)
+        loss = head(x, targets.to(device))
+        loss.backward()
+        results.append((loss.detach().cpu(), x.grad.cpu(), head.weight.grad.to_dense().cpu()))
+    for on_cuda, on_cpu in zip(results[1], results[0]):
+        torch.testing.assert_close(on_cuda, on_cpu, atol=1e-5, rtol=1e-4)

@@ -38,6 +38,34 @@ def test_loss_and_gradients_equal_the_dense_objective(name, spread):
     assert head.weight.grad.is_sparse
 
 
+@pytest.mark.parametrize("chunk_size, k", [(7, 3), (64, 5), (1000, 4), (5, 9), (301, 400)])
+def test_the_stream_keeps_exactly_the_top_k_non_target_classes(chunk_size, k):
+    """Chunks narrower than k + 1, several merges, one chunk, and a shard with fewer than k classes."""
+    torch.manual_seed(4)
+    classes = 301
+    head = StreamingSparseHead(classes, 12, AlphaDiv(30.0, 1.5), chunk_size=chunk_size)
+    unit = F.normalize(torch.randn(10, 12), dim=1)
+    targets = torch.randint(0, classes, (10,))
+    targets[0] = -1  # a target another rank holds: nothing to leave out
+    best, index = head._top_candidates(unit, targets, k)
+
+    cosine = unit @ F.normalize(head.weight.detach(), dim=1).T
+    cosine[torch.arange(1, 10), targets[1:]] = -float("inf")
+    expected = torch.full((10, k), -float("inf"))  # past the shard's classes: padding
+    expected[:, :min(k, classes)] = cosine.topk(min(k, classes), dim=1).values
+    assert best.shape == index.shape == (10, k)
+    torch.testing.assert_close(best, expected, atol=1e-6, rtol=0)
+    scored = expected > -float("inf")
+    torch.testing.assert_close(cosine.gather(1, index)[scored], expected[scored], atol=1e-6, rtol=0)
+    assert not (index[1:] == targets[1:, None])[scored[1:]].any()
+
+
+def test_the_default_chunk_bounds_the_streamed_block_whatever_the_batch():
+    head = StreamingSparseHead(10, 4, AlphaDiv(30.0, 1.5))
+    assert head.classes_per_chunk(512) == 32768 and head.classes_per_chunk(128) == 131072
+    assert StreamingSparseHead(10, 4, AlphaDiv(30.0, 1.5), chunk_size=100).classes_per_chunk(512) == 100
+
+
 def test_failed_certificates_grow_the_candidate_set_and_stay_exact():
     torch.manual_seed(1)
     head = StreamingSparseHead(300, 8, AlphaDiv(30.0, 1.5), chunk_size=50, candidates=1)

@@ -5,13 +5,13 @@ For :math:`\alpha > 1` a class can only carry probability if its logit is within
 \max(b_y, \max_{j \ne y}\theta_j)` (see :mod:`spkver.losses.operator`).  The head
 
 1. streams the prototype matrix in chunks of ``chunk_size`` classes, keeping each
-   row's top-``k`` non-target logits (no gradient, memory :math:`O(B \cdot
-   (k + \text{chunk}))`);
+   row's top-``k`` non-target logits (no gradient, three kernel launches per
+   chunk, memory :math:`O(B \cdot (8k + \text{chunk}))`);
 2. **certifies** every row: its smallest kept logit lies below
    :math:`\tau_{lo} - 1/(\alpha-1)`, so every class it did not keep has
    :math:`p_j = 0` exactly; rows that fail are streamed again with a larger ``k``;
 3. recomputes the logits of the kept classes and the target *with* gradient,
-   from prototype rows gathered as a sparse embedding lookup, and applies the
+   from prototype rows gathered in one sparse embedding lookup, and applies the
    objective (:class:`~spkver.losses.AlphaDiv`, :class:`~spkver.losses.QMargin`
    or :class:`~spkver.losses.A3M`) to those :math:`k + 1` columns.
 
@@ -24,6 +24,7 @@ train the prototypes with an optimiser that accepts sparse gradients
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -135,8 +136,13 @@ class StreamingSparseHead(nn.Module):
     num_classes, embedding_dim : int
     objective : CosineMarginObjective
         An alpha-divergence objective with ``alpha > 1`` (AlphaDiv, QMargin, A3M).
-    chunk_size : int
-        Classes scored at a time while streaming.
+    chunk_size : int, optional
+        Classes scored at a time while streaming.  By default as many as make
+        a (batch, chunk) block of ``BLOCK_ELEMENTS`` = 2**24 cosines (64 MiB in
+        float32; 32,768 classes at B = 512), so that the stream's temporaries
+        are bounded whatever the batch: larger blocks mean fewer kernel
+        launches (on a GPU a small chunk makes the stream host-bound), smaller
+        ones less memory.
     candidates : int
         Initial top-k kept per row; grows by itself when a certificate fails.
     process_group : torch.distributed group, optional
@@ -156,13 +162,16 @@ class StreamingSparseHead(nn.Module):
     True
     """
 
+    BLOCK_ELEMENTS = 1 << 24  # cosines per streamed block when chunk_size is not given
+    MERGE_EVERY = 8  # chunks' top-k kept side by side before they are merged
+
     def __init__(self, num_classes: int, embedding_dim: int, objective: CosineMarginObjective,
-                 chunk_size: int = 8192, candidates: int = 32, process_group=None):
+                 chunk_size: Optional[int] = None, candidates: int = 32, process_group=None):
         super().__init__()
         if objective.alpha <= 1.0:
             raise ValueError("the sparse head needs alpha > 1 (softmax posteriors are dense); "
                              f"got {type(objective).__name__} with alpha={objective.alpha}")
-        if chunk_size < 1 or candidates < 1:
+        if (chunk_size is not None and chunk_size < 1) or candidates < 1:
             raise ValueError(f"chunk_size and candidates must be >= 1, got {chunk_size} and {candidates}")
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
@@ -176,6 +185,13 @@ class StreamingSparseHead(nn.Module):
         self.candidates = candidates
         self.restreams = 0  # how often a certificate failed (for diagnostics)
 
+    def classes_per_chunk(self, batch: int) -> int:
+        """``chunk_size``, or by default as many classes as fill a (batch, chunk) block of
+        :attr:`BLOCK_ELEMENTS` cosines."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, self.BLOCK_ELEMENTS // max(batch, 1))
+
     def _all_reduce(self, value, op):
         if self.process_group is not None:
             dist.all_reduce(value, op=op, group=self.process_group)
@@ -183,24 +199,52 @@ class StreamingSparseHead(nn.Module):
 
     @torch.no_grad()
     def _top_candidates(self, unit: torch.Tensor, targets: torch.Tensor, k: int):
-        """Each row's top-``k`` non-target cosines and their classes, streaming the prototypes."""
-        batch = unit.shape[0]
-        best = unit.new_full((batch, k), -math.inf)
-        index = torch.zeros(batch, k, dtype=torch.long, device=unit.device)
-        for start in range(0, self.weight.shape[0], self.chunk_size):
-            chunk = F.normalize(self.weight[start:start + self.chunk_size].detach(), dim=1)
-            cosine = unit @ chunk.T
-            # The target is handled separately: mask it where it falls in this chunk (no device sync).
-            local = targets - start
-            inside = (local >= 0) & (local < chunk.shape[0])
-            column = local.clamp(0, chunk.shape[0] - 1)[:, None]
-            cosine.scatter_(1, column, cosine.gather(1, column).masked_fill(inside[:, None], -math.inf))
-            # Top-k of the chunk first, then merge with the running top-k: temporaries stay (B, chunk).
-            chunk_best, chunk_index = cosine.topk(min(k, cosine.shape[1]), dim=1)
-            merged = torch.cat([best, chunk_best], dim=1)
-            best, where = merged.topk(k, dim=1)
-            index = torch.cat([index, chunk_index + start], dim=1).gather(1, where)
-        return best, index
+        """Each row's top-``k`` non-target cosines (B, k) and their classes, streaming the prototypes.
+
+        A chunk costs three launches: its product with the unit embeddings, the
+        division by its prototypes' norms (computed once for the shard) and a
+        top-(k+1) written into a slot of a buffer; every :attr:`MERGE_EVERY`
+        chunks the buffer is merged into its first slot.  The target is not
+        masked while streaming: the top-(k+1) of all classes holds the top-k
+        non-target ones, which are picked once at the end (``targets`` -1: none).
+        """
+        weight = self.weight.detach()
+        batch, classes = unit.shape[0], weight.shape[0]
+        chunk = self.classes_per_chunk(batch)
+        width = k + 1  # slots past a narrow shard's classes stay -inf
+        inverse_norms = weight.norm(dim=1).clamp_min_(_GatheredCosine.EPS).reciprocal_()
+        starts = list(range(0, classes, chunk))
+        offsets = torch.tensor(starts, device=unit.device)
+        slots = min(self.MERGE_EVERY, len(starts)) + 1  # slot 0: the running best, with class indices
+        values = unit.new_full((slots, batch, width), -math.inf)
+        index = torch.zeros(slots, batch, width, dtype=torch.long, device=unit.device)
+        slot = 1
+        for number, start in enumerate(starts):
+            cosine = (unit @ weight[start:start + chunk].T).mul_(inverse_norms[start:start + chunk])
+            if cosine.shape[1] >= width:
+                torch.topk(cosine, width, dim=1, out=(values[slot], index[slot]))
+            else:  # a last chunk narrower than k + 1
+                values[slot, :, :cosine.shape[1]], index[slot, :, :cosine.shape[1]] = cosine.topk(cosine.shape[1])
+                values[slot, :, cosine.shape[1]:] = -math.inf
+            slot += 1
+            if slot == slots or number == len(starts) - 1:
+                index[1:slot] += offsets[number + 2 - slot:number + 1, None, None]
+                self._merge(values, index, slot, width)
+                slot = 1
+        best, index = values[0], index[0]
+        best = best.masked_fill(index == targets[:, None], -math.inf)
+        best, where = best.topk(k, dim=1)
+        return best, index.gather(1, where)
+
+    @staticmethod
+    def _merge(values: torch.Tensor, index: torch.Tensor, used: int, width: int) -> None:
+        """Keep the top ``width`` of slots ``[0, used)`` in slot 0."""
+        batch = values.shape[1]
+        merged_values = values[:used].permute(1, 0, 2).reshape(batch, used * width)
+        merged_index = index[:used].permute(1, 0, 2).reshape(batch, used * width)
+        best, where = merged_values.topk(width, dim=1)
+        values[0] = best
+        index[0] = merged_index.gather(1, where)
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         objective = self.objective
@@ -217,23 +261,23 @@ class StreamingSparseHead(nn.Module):
         local_targets = targets - self.class_offset
         owned = (local_targets >= 0) & (local_targets < local_classes)
         safe_targets = local_targets.clamp(0, max(local_classes - 1, 0))
-        scale, reach = objective.scale, 1.0 / (objective.alpha - 1.0)
-        # The target's cosine, with gradient, from the rank that holds it (a sparse lookup).
-        target_rows = F.embedding(safe_targets[:, None], self.weight, sparse=True)
-        target_cosine = torch.where(owned, _GatheredCosine.apply(target_rows, unit).squeeze(1),
-                                    torch.zeros_like(unit[:, 0]))
-        if self.process_group is not None:
-            target_cosine = _SumAcrossRanks.apply(target_cosine, self.process_group)
-        with torch.no_grad():  # the target's logit and bound
-            target_logit = scale * objective.target_cosine(target_cosine.detach())
-            log_q_y = objective.target_log_q()
-            bound_y = target_logit if log_q_y is None else \
-                target_logit - math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
         stream_targets = torch.where(owned, local_targets, torch.full_like(local_targets, -1))
+        scale, reach = objective.scale, 1.0 / (objective.alpha - 1.0)
+        log_q_y = objective.target_log_q()
         k = max(1, min(self.candidates, local_classes))
         while True:
             best, index = self._top_candidates(unit.detach(), stream_targets, k)
+            # The kept classes' and the target's cosines, with gradient, from one sparse lookup of their
+            # prototypes; the target's comes from the rank that holds it.
+            rows = F.embedding(torch.cat([index, safe_targets[:, None]], dim=1), self.weight, sparse=True)
+            cosine = _GatheredCosine.apply(rows, unit)
+            target_cosine = torch.where(owned, cosine[:, -1], torch.zeros_like(cosine[:, -1]))
+            if self.process_group is not None:
+                target_cosine = _SumAcrossRanks.apply(target_cosine, self.process_group)
             with torch.no_grad():
+                target_logit = scale * objective.target_cosine(target_cosine.detach())
+                bound_y = target_logit if log_q_y is None else \
+                    target_logit - math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
                 top = self._all_reduce(best[:, 0].clone(), dist.ReduceOp.MAX)
                 tau_lo = torch.maximum(scale * top, bound_y)
                 # Certified when a kept logit is out of reach, or the shard has no class left out.
@@ -250,11 +294,9 @@ class StreamingSparseHead(nn.Module):
                 width = torch.tensor(k)
                 k = int(self._all_reduce(width, dist.ReduceOp.MAX))
         self.candidates = max(self.candidates, k)
-        # Gradient-carrying cosines of the kept classes through a sparse lookup; padding slots
-        # (a shard with fewer than k classes) are masked out.
-        cosine = _GatheredCosine.apply(F.embedding(index, self.weight, sparse=True), unit)
-        cosine = cosine.masked_fill(best == -math.inf, -math.inf)
+        # Padding slots (a shard with fewer than k classes) are masked out.
+        kept = cosine[:, :-1].masked_fill(best == -math.inf, -math.inf)
         if self.process_group is not None:
-            cosine = _GatherColumns.apply(cosine, self.process_group)
-        columns = torch.cat([cosine, target_cosine[:, None]], dim=1)
+            kept = _GatherColumns.apply(kept, self.process_group)
+        columns = torch.cat([kept, target_cosine[:, None]], dim=1)
         return objective(columns, torch.full_like(targets, columns.shape[1] - 1))
