@@ -40,10 +40,11 @@ def main():
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="the sparse head's chunk_size (default: its own)")
     args = parser.parse_args()
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    on_gpu = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     chunk = "" if args.chunk_size is None else f", chunk_size={args.chunk_size}"
     print(f"# exact sparse head vs dense head, B={args.batch}, D={args.dim}, QMargin(30, 0.2, 1.5){chunk}, {device}")
-    print("| classes | head | step (s) | peak extra memory (MiB) | x prototype matrix | time vs dense |")
+    print("| classes | head | step (ms) | peak extra memory (MiB) | x prototype matrix | time vs dense |")
     print("|---:|---|---:|---:|---:|---:|")
     for classes in args.classes:
         torch.manual_seed(0)
@@ -75,8 +76,8 @@ def main():
             rows[name] = (median_seconds(step, args.repeats, args.device), peak)
         for name, (seconds, peak) in rows.items():
             ratio = f"{seconds / rows['dense'][0]:.2f}x" if "dense" in rows else "n/a"
-            print(f"| {classes:,} | {name} | {seconds:.3f} | {peak / 2 ** 20:.0f} | {(matrix + peak) / matrix:.2f} | "
-                  f"{ratio} |", flush=True)
+            print(f"| {classes:,} | {name} | {1e3 * seconds:.2f} | {peak / 2 ** 20:.0f} | "
+                  f"{(matrix + peak) / matrix:.2f} | {ratio} |", flush=True)
         if classes == args.profile:
             profile(sparse_step, args.device)
 

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 from hypothesis import settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Property tests explore the same examples on every run: a red CI names a real regression,
 # never a new random draw. Set HYPOTHESIS_PROFILE=explore to search afresh.
@@ -33,3 +34,24 @@ def tiny_corpus(tmp_path_factory):
     synthesize_corpus(folder, speakers=10, utterances=4, seed=5, min_seconds=1.2, max_seconds=1.6,
                       test_speakers=3, progress=False)
     return folder
+
+
+class _LaunchCounter(TorchDispatchMode):
+    """Records the torch operations that launch device work (allocations, views and detach do not)."""
+
+    FREE = {"empty", "empty_like", "detach", "unsqueeze", "expand", "view", "squeeze", "select", "slice", "_to_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.launches = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.FREE:
+            self.launches.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def launch_counter():
+    """A dispatch mode recording the torch operations that launch device work (for launch-bound code)."""
+    return _LaunchCounter

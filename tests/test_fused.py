@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 
@@ -179,22 +178,7 @@ def test_objectives_in_one_kernel_match_the_torch_path_and_raise_the_same_errors
     _run_on_the_kernel(OBJECTIVES_CHECK, "fused objectives agree")
 
 
-class _LaunchCounter(TorchDispatchMode):
-    """Records the torch operations that launch device work (allocations, views and detach do not)."""
-
-    FREE = {"empty", "empty_like", "detach", "unsqueeze", "expand", "view", "squeeze", "select", "slice", "_to_copy"}
-
-    def __init__(self):
-        super().__init__()
-        self.launches = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in self.FREE:
-            self.launches.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(monkeypatch):
+def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(monkeypatch, launch_counter):
     """An isolated call on a GPU is bound by its launches: the fused path needs no more than cross_entropy.
 
     The kernel itself is replaced by a no-op, so this counts what surrounds it, on any machine.
@@ -216,7 +200,7 @@ def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(monkeypat
                        ("A3M", lambda x: A3M(30.0, 0.2, 1.5)(x, targets)),
                        ("ArcFace", lambda x: ArcFace(30.0, 0.2)(x, targets))):
         x = cosine.clone().requires_grad_(True)
-        with _LaunchCounter() as counter:
+        with launch_counter() as counter:
             call(x).backward()
         counts[name] = counter.launches
     assert len(counts["cross_entropy"]) == 7, counts["cross_entropy"]
@@ -224,6 +208,31 @@ def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(monkeypat
         # zeroing the totals, autograd's seed gradient (cross_entropy has it too), the backward product
         assert sorted(counts[name]) == ["mul", "ones_like", "zeros"], (name, counts[name])
         assert len(counts[name]) + 1 < len(counts["cross_entropy"])  # + 1: the fused kernel itself
+
+
+def test_inside_a_graph_the_objective_reads_the_device_back_only_at_backward(monkeypatch):
+    """The host must not wait for the kernel between forward and backward (the read-back is deferred)."""
+    from spkver.losses import QMargin, fused, objectives
+
+    class NoKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fused, "_alpha_loss_kernel", NoKernel())
+    reads = []
+    read_back = objectives.statistics_from_totals
+    monkeypatch.setattr(objectives, "statistics_from_totals", lambda *args: reads.append(1) or read_back(*args))
+    objective = QMargin(30.0, 0.2, 1.5)
+    cosine, targets = torch.rand(8, 100) * 2 - 1, torch.randint(0, 100, (8,))
+    loss = objective(cosine.clone().requires_grad_(True), targets)
+    assert reads == []
+    loss.backward()
+    assert reads == [1]
+    assert objective.last_statistics is not None and reads == [1]  # read once, kept
+    with torch.no_grad():
+        objective(cosine, targets)
+    assert reads == [1, 1]  # outside a graph there is nothing to overlap: read at once
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -20,7 +20,8 @@ def test_loss_and_gradients_equal_the_dense_objective(name, spread):
     head = StreamingSparseHead(classes, dim, OBJECTIVES[name](), chunk_size=64, candidates=2)
     targets = torch.randint(0, classes, (batch,))
     with torch.no_grad():
-        embeddings = head.weight[targets] + spread * torch.randn(batch, dim) / dim ** 0.5 * head.weight.norm(dim=1).mean()
+        typical_norm = head.weight.norm(dim=1).mean()
+        embeddings = head.weight[targets] + spread * torch.randn(batch, dim) / dim ** 0.5 * typical_norm
     embeddings.requires_grad_(True)
     loss = head(embeddings, targets)
     loss.backward()
@@ -64,6 +65,53 @@ def test_the_default_chunk_bounds_the_streamed_block_whatever_the_batch():
     head = StreamingSparseHead(10, 4, AlphaDiv(30.0, 1.5))
     assert head.classes_per_chunk(512) == 32768 and head.classes_per_chunk(128) == 131072
     assert StreamingSparseHead(10, 4, AlphaDiv(30.0, 1.5), chunk_size=100).classes_per_chunk(512) == 100
+
+
+def test_each_streamed_chunk_costs_four_launches(launch_counter):
+    """On a GPU a small step is bound by its launches: a chunk is a product, a division by the
+    prototypes' norms, a top-k and the shift of its class indices; every eighth chunk adds a merge
+    of the kept top-k (two concatenations, a top-k, a gather)."""
+    from collections import Counter
+
+    views = {"permute", "t", "transpose", "_unsafe_view"}
+    unit = F.normalize(torch.randn(8, 16), dim=1)
+    launches = {}
+    for chunks in (9, 17):
+        head = StreamingSparseHead(chunks * 100, 16, QMargin(30.0, 0.2, 1.5), chunk_size=100)
+        with launch_counter() as counter:
+            head._top_candidates(unit, torch.zeros(8, dtype=torch.long), 4)
+        launches[chunks] = Counter(name for name in counter.launches if name not in views)
+    eight_more = launches[17] - launches[9]
+    assert eight_more == Counter({"mm": 8, "div_": 8, "topk": 8 + 1, "add": 8, "cat": 2, "gather": 1}), eight_more
+
+
+def test_a_step_launches_at_most_two_and_a_half_times_the_dense_head(launch_counter, monkeypatch):
+    """Where the shard fits one chunk (C = 10^4 at B = 512 on a GPU) the step is bound by its launches:
+    the sparse head may not launch much more than the dense head (measured with the fused objective,
+    as on CUDA; the kernel itself is replaced by a no-op)."""
+    from spkver.losses import fused
+
+    class NoKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    torch.manual_seed(5)
+    head = StreamingSparseHead(2000, 16, QMargin(30.0, 0.2, 1.5))
+    targets = torch.randint(0, 2000, (64,))
+    with torch.no_grad():
+        embeddings = head.weight[targets] + 0.1 * torch.randn(64, 16) * head.weight[targets].norm(dim=1, keepdim=True)
+    head(embeddings.clone().requires_grad_(True), targets).backward()  # the candidate count settles
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fused, "_alpha_loss_kernel", NoKernel())
+    dense_objective = QMargin(30.0, 0.2, 1.5)
+    steps = {"sparse": lambda x: head(x, targets),
+             "dense": lambda x: dense_objective(F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).T, targets)}
+    launches = {}
+    for name, step in steps.items():
+        with launch_counter() as counter:
+            step(embeddings.clone().requires_grad_(True)).backward()
+        launches[name] = [op for op in counter.launches if op not in {"permute", "t", "transpose", "_unsafe_view"}]
+    assert len(launches["sparse"]) <= 2.5 * len(launches["dense"]), (len(launches["sparse"]), len(launches["dense"]))
 
 
 def test_failed_certificates_grow_the_candidate_set_and_stay_exact():

@@ -201,50 +201,40 @@ class StreamingSparseHead(nn.Module):
     def _top_candidates(self, unit: torch.Tensor, targets: torch.Tensor, k: int):
         """Each row's top-``k`` non-target cosines (B, k) and their classes, streaming the prototypes.
 
-        A chunk costs three launches: its product with the unit embeddings, the
-        division by its prototypes' norms (computed once for the shard) and a
-        top-(k+1) written into a slot of a buffer; every :attr:`MERGE_EVERY`
-        chunks the buffer is merged into its first slot.  The target is not
-        masked while streaming: the top-(k+1) of all classes holds the top-k
-        non-target ones, which are picked once at the end (``targets`` -1: none).
+        A chunk costs three launches (four past the first): its product with
+        the unit embeddings, the division by its prototypes' norms (computed
+        once for the shard), a top-(k+1) and the shift of its class indices;
+        every :attr:`MERGE_EVERY` chunks the kept top-(k+1) are merged.  The
+        target is not masked while streaming: the top-(k+1) of all classes
+        holds the top-k non-target ones, picked once at the end (a target of
+        -1 leaves nothing out).  Past a shard's classes the slots are -inf.
         """
         weight = self.weight.detach()
-        batch, classes = unit.shape[0], weight.shape[0]
-        chunk = self.classes_per_chunk(batch)
-        width = k + 1  # slots past a narrow shard's classes stay -inf
-        inverse_norms = weight.norm(dim=1).clamp_min_(_GatheredCosine.EPS).reciprocal_()
-        starts = list(range(0, classes, chunk))
-        offsets = torch.tensor(starts, device=unit.device)
-        slots = min(self.MERGE_EVERY, len(starts)) + 1  # slot 0: the running best, with class indices
-        values = unit.new_full((slots, batch, width), -math.inf)
-        index = torch.zeros(slots, batch, width, dtype=torch.long, device=unit.device)
-        slot = 1
-        for number, start in enumerate(starts):
-            cosine = (unit @ weight[start:start + chunk].T).mul_(inverse_norms[start:start + chunk])
-            if cosine.shape[1] >= width:
-                torch.topk(cosine, width, dim=1, out=(values[slot], index[slot]))
-            else:  # a last chunk narrower than k + 1
-                values[slot, :, :cosine.shape[1]], index[slot, :, :cosine.shape[1]] = cosine.topk(cosine.shape[1])
-                values[slot, :, cosine.shape[1]:] = -math.inf
-            slot += 1
-            if slot == slots or number == len(starts) - 1:
-                index[1:slot] += offsets[number + 2 - slot:number + 1, None, None]
-                self._merge(values, index, slot, width)
-                slot = 1
-        best, index = values[0], index[0]
-        best = best.masked_fill(index == targets[:, None], -math.inf)
-        best, where = best.topk(k, dim=1)
+        classes = weight.shape[0]
+        chunk = self.classes_per_chunk(unit.shape[0])
+        norms = weight.norm(dim=1).clamp_min_(_GatheredCosine.EPS)
+        kept = []  # (values, class indices) of the chunks since the last merge
+        for start in range(0, classes, chunk):
+            cosine = (unit @ weight[start:start + chunk].T).div_(norms[start:start + chunk])
+            values, index = cosine.topk(min(k + 1, cosine.shape[1]), dim=1)
+            kept.append((values, index + start if start else index))
+            if len(kept) > self.MERGE_EVERY:
+                kept = [self._merge(kept, k + 1)]
+        values, index = kept[0] if len(kept) == 1 else self._merge(kept, k + 1)
+        values = values.masked_fill(index == targets[:, None], -math.inf)
+        if values.shape[1] < k:  # a shard of fewer than k classes
+            values = F.pad(values, (0, k - values.shape[1]), value=-math.inf)
+            index = F.pad(index, (0, k - index.shape[1]))
+        best, where = values.topk(k, dim=1)
         return best, index.gather(1, where)
 
     @staticmethod
-    def _merge(values: torch.Tensor, index: torch.Tensor, used: int, width: int) -> None:
-        """Keep the top ``width`` of slots ``[0, used)`` in slot 0."""
-        batch = values.shape[1]
-        merged_values = values[:used].permute(1, 0, 2).reshape(batch, used * width)
-        merged_index = index[:used].permute(1, 0, 2).reshape(batch, used * width)
-        best, where = merged_values.topk(width, dim=1)
-        values[0] = best
-        index[0] = merged_index.gather(1, where)
+    def _merge(kept, width: int):
+        """The top ``width`` of the kept chunks' candidates, with their class indices."""
+        values = torch.cat([v for v, _ in kept], dim=1)
+        index = torch.cat([i for _, i in kept], dim=1)
+        values, where = values.topk(min(width, values.shape[1]), dim=1)
+        return values, index.gather(1, where)
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         objective = self.objective
@@ -252,51 +242,60 @@ class StreamingSparseHead(nn.Module):
             raise ValueError(f"embeddings must have shape (batch, {self.weight.shape[1]}), "
                              f"got {tuple(embeddings.shape)}")
         targets = check_targets(targets, embeddings)
-        # Checked at the certificate's read-back (one device sync for both); harmless until then.
-        out_of_range = ((targets < 0) | (targets >= self.num_classes)).any()
-        if self.process_group is not None:
+        sharded = self.process_group is not None
+        # The targets' range is read back with the certificate (one device sync for both).
+        extremes = torch.stack(torch.aminmax(targets))
+        if sharded:
             embeddings = _SumGradientAcrossRanks.apply(embeddings, self.process_group)
         unit = F.normalize(embeddings, dim=1)
         local_classes = self.weight.shape[0]
-        local_targets = targets - self.class_offset
-        owned = (local_targets >= 0) & (local_targets < local_classes)
-        safe_targets = local_targets.clamp(0, max(local_classes - 1, 0))
-        stream_targets = torch.where(owned, local_targets, torch.full_like(local_targets, -1))
+        if sharded:  # the target's row is on the rank that holds its class; -1 streams with no target
+            local_targets = targets - self.class_offset
+            owned = (local_targets >= 0) & (local_targets < local_classes)
+            stream_targets = torch.where(owned, local_targets, torch.full_like(local_targets, -1))
+        else:
+            local_targets = stream_targets = targets
+        safe_targets = local_targets.clamp(0, max(local_classes - 1, 0))  # a safe lookup until the check
         scale, reach = objective.scale, 1.0 / (objective.alpha - 1.0)
         log_q_y = objective.target_log_q()
         k = max(1, min(self.candidates, local_classes))
         while True:
             best, index = self._top_candidates(unit.detach(), stream_targets, k)
-            # The kept classes' and the target's cosines, with gradient, from one sparse lookup of their
-            # prototypes; the target's comes from the rank that holds it.
+            # The kept classes' and the target's cosines, with gradient, from one sparse lookup.
             rows = F.embedding(torch.cat([index, safe_targets[:, None]], dim=1), self.weight, sparse=True)
             cosine = _GatheredCosine.apply(rows, unit)
-            target_cosine = torch.where(owned, cosine[:, -1], torch.zeros_like(cosine[:, -1]))
-            if self.process_group is not None:
+            target_cosine = cosine[:, -1]
+            if sharded:
+                target_cosine = torch.where(owned, target_cosine, torch.zeros_like(target_cosine))
                 target_cosine = _SumAcrossRanks.apply(target_cosine, self.process_group)
             with torch.no_grad():
-                target_logit = scale * objective.target_cosine(target_cosine.detach())
-                bound_y = target_logit if log_q_y is None else \
-                    target_logit - math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
-                top = self._all_reduce(best[:, 0].clone(), dist.ReduceOp.MAX)
+                bound_y = scale * objective.target_cosine(target_cosine.detach())
+                if log_q_y is not None:
+                    bound_y -= math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
+                top = self._all_reduce(best[:, 0].clone(), dist.ReduceOp.MAX) if sharded else best[:, 0]
                 tau_lo = torch.maximum(scale * top, bound_y)
-                # Certified when a kept logit is out of reach, or the shard has no class left out.
-                certified = (scale * best[:, -1] < tau_lo - reach) | torch.tensor(k >= local_classes)
-                failed = self._all_reduce((~certified).any().to(torch.int32), dist.ReduceOp.MAX)
-                failed, bad_targets = torch.stack([failed, out_of_range.to(torch.int32)]).tolist()
-            if bad_targets:
-                raise ValueError(f"targets must lie in [0, {self.num_classes - 1}]")
+                # Certified when the smallest kept logit is out of reach (or the shard has no class left out).
+                failed = (scale * best[:, -1] >= tau_lo - reach).sum() if k < local_classes \
+                    else torch.zeros_like(extremes[0])
+                failed = self._all_reduce(failed, dist.ReduceOp.MAX) if sharded else failed
+                lowest, highest, failed = torch.cat([extremes, failed[None]]).tolist()
+            if lowest < 0 or highest >= self.num_classes:
+                bad = lowest if lowest < 0 else highest
+                raise ValueError(f"targets must lie in [0, {self.num_classes - 1}], got {bad}")
             if not failed:
                 break
             self.restreams += 1
             k = min(4 * k, max(local_classes, 1))
-            if self.process_group is not None:  # every rank must gather the same width
-                width = torch.tensor(k)
-                k = int(self._all_reduce(width, dist.ReduceOp.MAX))
+            if sharded:  # every rank must gather the same width
+                k = int(self._all_reduce(torch.tensor(k), dist.ReduceOp.MAX))
         self.candidates = max(self.candidates, k)
-        # Padding slots (a shard with fewer than k classes) are masked out.
-        kept = cosine[:, :-1].masked_fill(best == -math.inf, -math.inf)
-        if self.process_group is not None:
-            kept = _GatherColumns.apply(kept, self.process_group)
-        columns = torch.cat([kept, target_cosine[:, None]], dim=1)
+        if sharded:
+            # Padding slots (a shard with fewer than k classes) are masked out; the columns of all ranks
+            # are gathered, and the target's summed cosine goes last.
+            kept = cosine[:, :-1].masked_fill(best == -math.inf, -math.inf)
+            columns = torch.cat([_GatherColumns.apply(kept, self.process_group), target_cosine[:, None]], dim=1)
+        elif k >= local_classes - 1:  # there can be padding slots: mask them out
+            columns = cosine.masked_fill(F.pad(best == -math.inf, (0, 1)), -math.inf)
+        else:
+            columns = cosine  # the kept classes, then the target
         return objective(columns, torch.full_like(targets, columns.shape[1] - 1))
