@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 def prepare(hparams):
     data_folder = Path(hparams["data_folder"])
     if hparams["synthetic_corpus"] and not (data_folder / "wav").exists():
-        sb.utils.distributed.run_on_main(synthesize_corpus, args=[data_folder], kwargs=dict(hparams["synthetic_corpus"]))
+        sb.utils.distributed.run_on_main(synthesize_corpus, args=[data_folder],
+                                         kwargs=dict(hparams["synthetic_corpus"]))
     manifests = Path(hparams["manifest_folder"])
     if not (manifests / "counts.json").exists():
         sb.utils.distributed.run_on_main(prepare_voxceleb, args=[manifests], kwargs=dict(

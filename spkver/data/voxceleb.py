@@ -92,7 +92,8 @@ def scan_corpus(root, name: str) -> List[Utterance]:
                 utterance_id = path.relative_to(folder).as_posix()
                 utterances.append(Utterance(utterance_id, path, name, path.relative_to(root).as_posix()))
     if not utterances:
-        raise PreparationError(f"{root}: no audio files (wav, flac, m4a) under {[str(f) for f in _audio_folders(root)]}")
+        folders = [str(folder) for folder in _audio_folders(root)]
+        raise PreparationError(f"{root}: no audio files (wav, flac, m4a) under {folders}")
     return utterances
 
 
@@ -123,7 +124,8 @@ def _read_header(utterance: Utterance) -> Optional[str]:
     return None
 
 
-def read_durations(utterances: Sequence[Utterance], workers: int = 8, progress: bool = True) -> List[Tuple[Utterance, str]]:
+def read_durations(utterances: Sequence[Utterance], workers: int = 8,
+                   progress: bool = True) -> List[Tuple[Utterance, str]]:
     """Read every header in parallel; return the (utterance, reason) pairs that failed."""
     from tqdm import tqdm
 
@@ -207,7 +209,8 @@ def prepare_voxceleb(out, vox1=None, vox2=None, trials: Sequence = (), train_on:
         ids = set(trial_list.enroll) | set(trial_list.test)
         missing = sorted(i for i in ids if utterance_key(i) not in by_key)
         name = Path(trials_path).name
-        summary["trials"][name] = {"trials": len(trial_list), "utterances": len(ids), "missing_utterances": len(missing)}
+        summary["trials"][name] = {"trials": len(trial_list), "utterances": len(ids),
+                                   "missing_utterances": len(missing)}
         if missing:
             message = f"{name}: {len(missing)} trial utterances do not exist (first: {', '.join(missing[:5])})"
             logger.warning(message)

@@ -40,8 +40,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["fused_available", "fused_loss_rows", "fused_loss_and_totals", "FusedCosineObjective", "MARGIN_NONE",
-           "MARGIN_COSINE", "MARGIN_ANGULAR", "TOTALS_SIZE"]
+__all__ = ["fused_available", "fused_loss_rows", "fused_loss_and_totals", "FusedAlphaDivergenceLoss",
+           "FusedCosineObjective", "MARGIN_NONE", "MARGIN_COSINE", "MARGIN_ANGULAR", "TOTALS_SIZE"]
 
 _NEWTON_ITERATIONS = 12
 #: Classes per tile: the granularity at which rows are streamed and out-of-reach parts skipped.
@@ -338,6 +338,34 @@ def fused_loss_and_totals(values: torch.Tensor, targets: torch.Tensor, alpha: fl
     """
     loss, grad, p_y, _, totals = _launch(values, targets, alpha, totals=True, reduction=reduction, **options)
     return loss, grad, p_y, totals
+
+
+class FusedAlphaDivergenceLoss(torch.autograd.Function):
+    """The loss rows of logits (B, C) and the ``totals`` of :func:`fused_loss_and_totals`, in one launch.
+
+    ``apply(logits, targets, alpha, log_q_target, target_logits)``; the engine
+    behind :func:`~spkver.losses.operator.alpha_divergence_loss` on CUDA.
+    Backward scales the saved :math:`p - e_y` (and gives ``target_logits``
+    the gradient :math:`p_y - 1`).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, alpha, log_q_target, target_logits):
+        loss, grad, p_y, totals = fused_loss_and_totals(logits.detach(), targets, alpha, log_q_target=log_q_target,
+                                                        target_logits=target_logits)
+        ctx.save_for_backward(grad, p_y)
+        ctx.separate_target = target_logits is not None
+        ctx.target_dtype = None if target_logits is None else target_logits.dtype
+        ctx.mark_non_differentiable(totals)
+        ctx.set_materialize_grads(False)
+        return loss, totals
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_totals):
+        grad, p_y = ctx.saved_tensors
+        grad_logits = grad * grad_loss[:, None].to(grad.dtype)
+        grad_target = ((p_y - 1.0) * grad_loss).to(ctx.target_dtype) if ctx.separate_target else None
+        return grad_logits, None, None, None, grad_target
 
 
 class FusedCosineObjective(torch.autograd.Function):

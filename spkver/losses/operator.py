@@ -635,11 +635,11 @@ def loss_rows_and_statistics(
         empty = logits.new_zeros(0, dtype=torch.float32)
         return empty.requires_grad_(logits.requires_grad), SparsityStatistics(math.nan, math.nan, math.nan)
 
-    from spkver.losses.fused import fused_available
+    from spkver.losses.fused import FusedAlphaDivergenceLoss, fused_available
 
     if fused_available(logits, alpha, log_q):
         # One launch: the kernel checks the inputs itself and sums the statistics; one read-back.
-        loss, totals = _FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
+        loss, totals = FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
         statistics = statistics_from_totals(totals, batch, classes)
         if statistics is None:
             checks = _check_arguments(logits, targets, targets.clamp(0, classes - 1), log_q_target, target_logits)
@@ -696,33 +696,6 @@ def _cross_entropy_rows(logits, targets, log_q, log_q_target, target_logits) -> 
                 .gather(1, targets[:, None])
         shifted = shifted.scatter(1, targets[:, None], theta_y + log_q_target[:, None])
     return F.cross_entropy(shifted, targets, reduction="none")
-
-
-class _FusedAlphaDivergenceLoss(torch.autograd.Function):
-    """Loss rows and ``totals`` from the fused Triton kernel (:mod:`spkver.losses.fused`).
-
-    Backward scales the saved :math:`p - e_y`.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, alpha, log_q_target, target_logits):
-        from spkver.losses.fused import fused_loss_and_totals
-
-        loss, grad, p_y, totals = fused_loss_and_totals(logits.detach(), targets, alpha, log_q_target=log_q_target,
-                                                        target_logits=target_logits)
-        ctx.save_for_backward(grad, p_y)
-        ctx.separate_target = target_logits is not None
-        ctx.target_dtype = None if target_logits is None else target_logits.dtype
-        ctx.mark_non_differentiable(totals)
-        ctx.set_materialize_grads(False)
-        return loss, totals
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_totals):
-        grad, p_y = ctx.saved_tensors
-        grad_logits = grad * grad_loss[:, None].to(grad.dtype)
-        grad_target = ((p_y - 1.0) * grad_loss).to(ctx.target_dtype) if ctx.separate_target else None
-        return grad_logits, None, None, None, grad_target
 
 
 @torch.no_grad()
