@@ -122,6 +122,31 @@ def test_failed_certificates_grow_the_candidate_set_and_stay_exact():
     assert head.restreams > 0 and head.candidates > 1
 
 
+def test_only_the_rows_whose_certificate_failed_are_streamed_again(monkeypatch):
+    torch.manual_seed(6)
+    classes, dim = 2000, 64
+    head = StreamingSparseHead(classes, dim, QMargin(30.0, 0.2, 1.5), chunk_size=256, candidates=1)
+    targets = torch.randint(0, classes, (24,))
+    with torch.no_grad():
+        embeddings = head.weight[targets] * 10  # trained-like rows: one candidate certifies them
+        embeddings[:3] = torch.randn(3, dim)  # three untrained rows: wide supports, their certificates fail
+    streamed = []
+    stream = head._top_candidates
+    monkeypatch.setattr(head, "_top_candidates", lambda unit, *args: streamed.append(len(unit)) or stream(unit, *args))
+    x = embeddings.clone().requires_grad_(True)
+    loss = head(x, targets)
+    loss.backward()
+    assert streamed[0] == 24 and 1 <= max(streamed[1:]) <= 3, streamed
+
+    weight = head.weight.detach().clone().requires_grad_(True)
+    reference = embeddings.clone().requires_grad_(True)
+    dense = QMargin(30.0, 0.2, 1.5)(F.normalize(reference, dim=1) @ F.normalize(weight, dim=1).T, targets)
+    dense.backward()
+    torch.testing.assert_close(loss, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head.weight.grad.to_dense(), weight.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_prototype_gradient_touches_only_candidates_and_targets():
     torch.manual_seed(2)
     head = StreamingSparseHead(5000, 16, QMargin(30.0, 0.2, 1.5), chunk_size=512, candidates=8)

@@ -259,8 +259,11 @@ class StreamingSparseHead(nn.Module):
         scale, reach = objective.scale, 1.0 / (objective.alpha - 1.0)
         log_q_y = objective.target_log_q()
         k = max(1, min(self.candidates, local_classes))
+        if sharded:  # every rank must gather the same width
+            k = int(self._all_reduce(torch.tensor(k), dist.ReduceOp.MAX))
+        best, index = self._top_candidates(unit.detach(), stream_targets, k)
+        padded = sharded or k >= local_classes - 1  # whether some kept slots can be padding (-inf)
         while True:
-            best, index = self._top_candidates(unit.detach(), stream_targets, k)
             # The kept classes' and the target's cosines, with gradient, from one sparse lookup.
             rows = F.embedding(torch.cat([index, safe_targets[:, None]], dim=1), self.weight, sparse=True)
             cosine = _GatheredCosine.apply(rows, unit)
@@ -274,27 +277,33 @@ class StreamingSparseHead(nn.Module):
                     bound_y -= math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
                 top = self._all_reduce(best[:, 0].clone(), dist.ReduceOp.MAX) if sharded else best[:, 0]
                 tau_lo = torch.maximum(scale * top, bound_y)
-                # Certified when the smallest kept logit is out of reach (or the shard has no class left out).
-                failed = (scale * best[:, -1] >= tau_lo - reach).sum() if k < local_classes \
-                    else torch.zeros_like(extremes[0])
-                failed = self._all_reduce(failed, dist.ReduceOp.MAX) if sharded else failed
-                lowest, highest, failed = torch.cat([extremes, failed[None]]).tolist()
+                # A row is certified when its smallest kept logit is out of reach (a padding slot is -inf).
+                failed = scale * best[:, -1] >= tau_lo - reach
+                if sharded:  # a row that fails on any rank is redone on every rank
+                    failed = self._all_reduce(failed.to(torch.int32), dist.ReduceOp.MAX).bool()
+                lowest, highest, failures = torch.cat([extremes, failed.sum()[None]]).tolist()
             if lowest < 0 or highest >= self.num_classes:
                 bad = lowest if lowest < 0 else highest
                 raise ValueError(f"targets must lie in [0, {self.num_classes - 1}], got {bad}")
-            if not failed:
+            if not failures:
                 break
+            # Redo only the failed rows, with 4x the candidates; the other rows' new slots are padding.
             self.restreams += 1
-            k = min(4 * k, max(local_classes, 1))
-            if sharded:  # every rank must gather the same width
-                k = int(self._all_reduce(torch.tensor(k), dist.ReduceOp.MAX))
+            wider = min(4 * k, max(local_classes, 1))
+            if sharded:
+                wider = int(self._all_reduce(torch.tensor(wider), dist.ReduceOp.MAX))
+            redo = failed.nonzero().squeeze(1)
+            more_best, more_index = self._top_candidates(unit.detach()[redo], stream_targets[redo], wider)
+            best = F.pad(best, (0, wider - k), value=-math.inf).index_copy_(0, redo, more_best)
+            index = F.pad(index, (0, wider - k)).index_copy_(0, redo, more_index)
+            k, padded = wider, True
         self.candidates = max(self.candidates, k)
         if sharded:
-            # Padding slots (a shard with fewer than k classes) are masked out; the columns of all ranks
-            # are gathered, and the target's summed cosine goes last.
+            # Padding slots are masked out; the columns of all ranks are gathered, and the target's
+            # summed cosine goes last.
             kept = cosine[:, :-1].masked_fill(best == -math.inf, -math.inf)
             columns = torch.cat([_GatherColumns.apply(kept, self.process_group), target_cosine[:, None]], dim=1)
-        elif k >= local_classes - 1:  # there can be padding slots: mask them out
+        elif padded:
             columns = cosine.masked_fill(F.pad(best == -math.inf, (0, 1)), -math.inf)
         else:
             columns = cosine  # the kept classes, then the target
