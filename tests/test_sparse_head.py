@@ -172,7 +172,7 @@ def test_targets_out_of_range_and_wrong_shapes_are_errors(bad):
         head(torch.randn(3, 8), torch.tensor([0, 1, 2]))
 
 
-def _sharded_worker(rank, world, port, name, result_path):
+def _sharded_worker(rank, world, port, name, candidates, result_path):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -182,7 +182,7 @@ def _sharded_worker(rank, world, port, name, result_path):
         full = torch.nn.init.xavier_uniform_(torch.empty(classes, dim))
         targets = torch.randint(0, classes, (batch,))
         embeddings = (full[targets] + 0.5 * torch.randn(batch, dim) / dim ** 0.5).requires_grad_(True)
-        head = StreamingSparseHead(classes, dim, OBJECTIVES[name](), chunk_size=32, candidates=1,
+        head = StreamingSparseHead(classes, dim, OBJECTIVES[name](), chunk_size=32, candidates=candidates,
                                    process_group=dist.group.WORLD)
         with torch.no_grad():
             head.weight.copy_(full[head.class_offset:head.class_offset + head.weight.shape[0]])
@@ -194,8 +194,10 @@ def _sharded_worker(rank, world, port, name, result_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["qmargin-1.5", "a3m-1.5", "alphadiv-1.8"])
-def test_sharded_head_over_two_gloo_processes_equals_the_dense_objective(name, tmp_path):
+# candidates=151: more than the second shard's 150 classes, so the ranks must agree on one width
+@pytest.mark.parametrize("name, candidates", [("qmargin-1.5", 1), ("a3m-1.5", 1), ("alphadiv-1.8", 1),
+                                              ("qmargin-1.5", 151)])
+def test_sharded_head_over_two_gloo_processes_equals_the_dense_objective(name, candidates, tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -203,7 +205,7 @@ def test_sharded_head_over_two_gloo_processes_equals_the_dense_objective(name, t
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_sharded_worker, args=(2, port, name, str(tmp_path / "r")), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, port, name, candidates, str(tmp_path / "r")), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"r.{rank}") for rank in range(2)]
 
     torch.manual_seed(0)
