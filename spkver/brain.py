@@ -1,8 +1,11 @@
 r"""``SpeakerBrain``: training speaker-embedding extractors with the objectives of :mod:`spkver.losses`.
 
 Modules (``modules:`` in the hparams): ``embedding_model`` (an
-:class:`~spkver.models.EmbeddingExtractor`) and ``classifier`` (a
-:class:`~spkver.models.CosineClassifier`).  Hparams used: ``objective``,
+:class:`~spkver.models.EmbeddingExtractor`) and ``classifier``: a
+:class:`~spkver.models.CosineClassifier`, whose (B, C) cosines the
+``objective`` scores, or a :class:`~spkver.losses.StreamingSparseHead` built
+on the same ``objective``, which computes the loss from the embeddings
+without (B, C) cosines (very many speakers).  Hparams used: ``objective``,
 ``augmenter`` (or ``null``), ``margin_warmup`` (a
 :class:`~spkver.losses.MarginWarmup` or ``null``), ``lr_schedule`` (a
 :class:`LearningRateSchedule`), ``reinit_policy`` (a
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import speechbrain as sb
 import torch
 
-from spkver.losses import ClassMeanAccumulator, reinitialize_prototypes
+from spkver.losses import ClassMeanAccumulator, StreamingSparseHead, reinitialize_prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +86,10 @@ class _EpochStatistics:
     target_zero: float = 0.0
     target_prob: float = 0.0
 
-    def update(self, cosine, targets, statistics) -> None:
-        rows = targets.shape[0]
+    def update(self, correct: torch.Tensor, statistics) -> None:
+        rows = correct.shape[0]
         self.rows += rows
-        self.correct += int((cosine.argmax(1) == targets).sum())
+        self.correct += int(correct.sum())
         self.support += statistics.support_size * rows
         self.target_zero += statistics.target_zero_fraction * rows
         self.target_prob += statistics.target_prob * rows
@@ -95,6 +98,11 @@ class _EpochStatistics:
         n = max(self.rows, 1)
         return {"accuracy": self.correct / n, "support_size": self.support / n,
                 "p_y_zero": self.target_zero / n, "mean_p_y": self.target_prob / n}
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, out of a DistributedDataParallel wrapper (SpeechBrain wraps modules under DDP)."""
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
 def _speaker_targets(batch, device) -> torch.Tensor:
@@ -140,16 +148,30 @@ class SpeakerBrain(sb.Brain):
         if stage == sb.Stage.TRAIN and augmenter is not None:
             waveforms, lengths = augmenter(waveforms, lengths)
         embeddings = self.modules.embedding_model(waveforms, lengths)
+        if self.streaming_head is not None:
+            return embeddings  # the head scores them with the targets (compute_objectives)
         return self.modules.classifier(embeddings)
 
-    def compute_objectives(self, cosine, batch, stage):
+    @property
+    def streaming_head(self):
+        """The classifier when it is a :class:`~spkver.losses.StreamingSparseHead` (else ``None``)."""
+        classifier = _unwrapped(self.modules.classifier)
+        return classifier if isinstance(classifier, StreamingSparseHead) else None
+
+    def compute_objectives(self, outputs, batch, stage):
+        """The objective's loss of the batch; ``outputs`` are cosines, or embeddings for a streaming head."""
         targets = _speaker_targets(batch, self.device)
         augmenter = getattr(self.hparams, "augmenter", None)
         if stage == sb.Stage.TRAIN and augmenter is not None:
             targets = augmenter.replicate_labels(targets)
-        loss = self.hparams.objective(cosine, targets)
+        if self.streaming_head is not None:
+            loss = self.modules.classifier(outputs, targets)
+            correct = self.streaming_head.last_correct
+        else:
+            loss = self.hparams.objective(outputs, targets)
+            correct = outputs.detach().argmax(1) == targets
         statistics = self.hparams.objective.last_statistics
-        self.epoch_statistics.update(cosine.detach(), targets, statistics)
+        self.epoch_statistics.update(correct, statistics)
         policy = getattr(self.hparams, "reinit_policy", None)
         if stage == sb.Stage.TRAIN and policy is not None:
             policy.observe(statistics, targets.shape[0])
@@ -191,7 +213,7 @@ class SpeakerBrain(sb.Brain):
     @torch.no_grad()
     def reinitialise_prototypes(self) -> int:
         """A3M-I: set every prototype to the normalised mean of its class's embeddings (no augmentation)."""
-        classifier = self.modules.classifier
+        classifier = _unwrapped(self.modules.classifier)
         accumulator = ClassMeanAccumulator(classifier.weight.shape[0], classifier.weight.shape[1],
                                            device=classifier.weight.device)
         training = self.modules.training

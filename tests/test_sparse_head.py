@@ -114,6 +114,30 @@ def test_a_step_launches_at_most_two_and_a_half_times_the_dense_head(launch_coun
     assert len(launches["sparse"]) <= 2.5 * len(launches["dense"]), (len(launches["sparse"]), len(launches["dense"]))
 
 
+def test_a_dense_prototype_gradient_for_any_optimiser_and_the_accuracy_without_scores():
+    torch.manual_seed(7)
+    classes, dim = 900, 24
+    head = StreamingSparseHead(classes, dim, A3M(30.0, 0.2, 1.5), chunk_size=128, sparse_gradient=False)
+    targets = torch.randint(0, classes, (40,))
+    with torch.no_grad():
+        spread = torch.linspace(0.1, 3.0, 40)[:, None] * head.weight[targets].norm(dim=1, keepdim=True) / dim ** 0.5
+        embeddings = head.weight[targets] + spread * torch.randn(40, dim)
+    x = embeddings.clone().requires_grad_(True)
+    head(x, targets).backward()
+    assert not head.weight.grad.is_sparse
+
+    weight = head.weight.detach().clone().requires_grad_(True)
+    reference = embeddings.clone().requires_grad_(True)
+    cosine = F.normalize(reference, dim=1) @ F.normalize(weight, dim=1).T
+    A3M(30.0, 0.2, 1.5)(cosine, targets).backward()
+    torch.testing.assert_close(head.weight.grad, weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-4)
+    correct = cosine.argmax(1) == targets
+    assert 0 < int(correct.sum()) < 40  # both kinds of row
+    assert torch.equal(head.last_correct, correct)
+    torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4).step()  # accepts it
+
+
 def test_failed_certificates_grow_the_candidate_set_and_stay_exact():
     torch.manual_seed(1)
     head = StreamingSparseHead(300, 8, AlphaDiv(30.0, 1.5), chunk_size=50, candidates=1)

@@ -28,6 +28,7 @@ from spkver.evaluation import (
     write_results,
 )
 from spkver.hparams import load
+from spkver.losses import StreamingSparseHead
 from spkver.models import CosineClassifier
 from spkver.report import text_table
 
@@ -69,7 +70,15 @@ def main():
                                    hyperparams_to_save=resolved.name, overrides=overrides)
     prepare(hparams)
     train_set, valid_set, num_speakers = speaker_datasets(hparams["manifest_folder"], hparams["crop_seconds"])
-    classifier = CosineClassifier(hparams["embedding_model"].embedding_dim, num_speakers)
+    embedding_dim = hparams["embedding_model"].embedding_dim
+    if hparams["head"] == "streaming":  # the exact sparse head: no (batch, speakers) cosines
+        classifier = StreamingSparseHead(num_speakers, embedding_dim, hparams["objective"],
+                                         chunk_size=hparams["streaming_chunk_size"],
+                                         candidates=hparams["streaming_candidates"], sparse_gradient=False)
+    elif hparams["head"] == "dense":
+        classifier = CosineClassifier(embedding_dim, num_speakers)
+    else:
+        raise ValueError(f"{hparams_file}: head must be 'dense' or 'streaming', got {hparams['head']!r}")
     hparams["checkpointer"].add_recoverable("classifier", classifier)
     brain = SpeakerBrain(modules={"embedding_model": hparams["embedding_model"], "classifier": classifier},
                          opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,

@@ -145,6 +145,12 @@ class StreamingSparseHead(nn.Module):
         ones less memory.
     candidates : int
         Initial top-k kept per row; grows by itself when a certificate fails.
+    sparse_gradient : bool
+        The prototype gradient as a sparse tensor over the touched rows (for
+        ``torch.optim.SGD`` without momentum or ``torch.optim.SparseAdam``:
+        memory :math:`O(B k D)`), or as a dense (C, D) tensor that any
+        optimiser takes (the recipe's SGD with momentum): still no (B, C)
+        logits or logit gradients.
     process_group : torch.distributed group, optional
         Shard the prototypes by class over this group (model parallel, as
         Partial FC does): each rank holds a contiguous range of classes
@@ -160,13 +166,17 @@ class StreamingSparseHead(nn.Module):
     >>> loss = head(torch.randn(4, 16), torch.tensor([0, 5, 999, 3]))
     >>> loss.backward(); head.weight.grad.is_sparse
     True
+
+    After a call, ``last_correct`` (B,) says which rows' target cosine exceeds
+    every other class's (the classification accuracy, without (B, C) scores).
     """
 
     BLOCK_ELEMENTS = 1 << 24  # cosines per streamed block when chunk_size is not given
     MERGE_EVERY = 8  # chunks' top-k kept side by side before they are merged
 
     def __init__(self, num_classes: int, embedding_dim: int, objective: CosineMarginObjective,
-                 chunk_size: Optional[int] = None, candidates: int = 32, process_group=None):
+                 chunk_size: Optional[int] = None, candidates: int = 32, sparse_gradient: bool = True,
+                 process_group=None):
         super().__init__()
         if objective.alpha <= 1.0:
             raise ValueError("the sparse head needs alpha > 1 (softmax posteriors are dense); "
@@ -183,7 +193,9 @@ class StreamingSparseHead(nn.Module):
         self.objective = objective
         self.chunk_size = chunk_size
         self.candidates = candidates
+        self.sparse_gradient = sparse_gradient
         self.restreams = 0  # how often a certificate failed (for diagnostics)
+        self.last_correct: Optional[torch.Tensor] = None
 
     def classes_per_chunk(self, batch: int) -> int:
         """``chunk_size``, or by default as many classes as fill a (batch, chunk) block of
@@ -265,7 +277,8 @@ class StreamingSparseHead(nn.Module):
         padded = sharded or k >= local_classes - 1  # whether some kept slots can be padding (-inf)
         while True:
             # The kept classes' and the target's cosines, with gradient, from one sparse lookup.
-            rows = F.embedding(torch.cat([index, safe_targets[:, None]], dim=1), self.weight, sparse=True)
+            rows = F.embedding(torch.cat([index, safe_targets[:, None]], dim=1), self.weight,
+                               sparse=self.sparse_gradient)
             cosine = _GatheredCosine.apply(rows, unit)
             target_cosine = cosine[:, -1]
             if sharded:
@@ -298,6 +311,7 @@ class StreamingSparseHead(nn.Module):
             index = F.pad(index, (0, wider - k)).index_copy_(0, redo, more_index)
             k, padded = wider, True
         self.candidates = max(self.candidates, k)
+        self.last_correct = target_cosine.detach() > top
         if sharded:
             # Padding slots are masked out; the columns of all ranks are gathered, and the target's
             # summed cosine goes last.
