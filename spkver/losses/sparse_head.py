@@ -209,6 +209,10 @@ class StreamingSparseHead(nn.Module):
             dist.all_reduce(value, op=op, group=self.process_group)
         return value
 
+    def _agreed(self, width: int, device) -> int:
+        """The largest of the ranks' ``width`` (a tensor on ``device``: NCCL reduces only GPU tensors)."""
+        return int(self._all_reduce(torch.tensor(width, device=device), dist.ReduceOp.MAX))
+
     @torch.no_grad()
     def _top_candidates(self, unit: torch.Tensor, targets: torch.Tensor, k: int):
         """Each row's top-``k`` non-target cosines (B, k) and their classes, streaming the prototypes.
@@ -272,7 +276,7 @@ class StreamingSparseHead(nn.Module):
         log_q_y = objective.target_log_q()
         k = max(1, min(self.candidates, local_classes))
         if sharded:  # every rank must gather the same width
-            k = int(self._all_reduce(torch.tensor(k), dist.ReduceOp.MAX))
+            k = self._agreed(k, unit.device)
         best, index = self._top_candidates(unit.detach(), stream_targets, k)
         padded = sharded or k >= local_classes - 1  # whether some kept slots can be padding (-inf)
         while True:
@@ -304,7 +308,7 @@ class StreamingSparseHead(nn.Module):
             self.restreams += 1
             wider = min(4 * k, max(local_classes, 1))
             if sharded:
-                wider = int(self._all_reduce(torch.tensor(wider), dist.ReduceOp.MAX))
+                wider = self._agreed(wider, unit.device)
             redo = failed.nonzero().squeeze(1)
             more_best, more_index = self._top_candidates(unit.detach()[redo], stream_targets[redo], wider)
             best = F.pad(best, (0, wider - k), value=-math.inf).index_copy_(0, redo, more_best)
