@@ -72,7 +72,7 @@ def test_sparse_head_on_cuda_matches_the_cpu(chunk_size):
         head = head.to(device)
         with torch.no_grad():
             head.weight.copy_(weight)
-        x = embeddings.to(device).requires_grad_(True)
+        x = embeddings.detach().to(device).requires_grad_(True)
         loss = head(x, targets.to(device))
         loss.backward()
         results.append((loss.detach().cpu(), x.grad.cpu(), head.weight.grad.to_dense().cpu()))

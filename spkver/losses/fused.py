@@ -20,8 +20,7 @@ its kernel launches, so the kernel also does what would otherwise be some
 forty small launches around it: it forms the logits :math:`s\cos` and the
 target's margin (:class:`FusedCosineObjective`), checks the inputs (NaN,
 +inf, all ``-inf`` rows, targets out of range) and sums the batch statistics
-into four numbers that the caller reads back once (the objectives do so
-lazily, so that the host need not wait for the kernel before the backward pass).
+into four numbers that the caller reads back once (a bad row's loss is NaN).
 
 Used automatically for CUDA tensors with :math:`1 \le \alpha \le 2` and no
 general ``log_q``: by :func:`~spkver.losses.operator.loss_rows_and_statistics`
@@ -379,23 +378,16 @@ class FusedCosineObjective(torch.autograd.Function):
     :math:`\cos_y - m` or :data:`MARGIN_ANGULAR` :math:`\cos(\phi_y + m)`), the
     reduction and the gradient with respect to the cosines are all formed
     inside the kernel: a forward and backward call costs three launches
-    (zeroing the totals, the kernel, the backward product), where the same
-    objective in torch operations takes some forty.
-
-    ``check``, if given, is called with no argument in the backward pass,
-    after its product is launched and before any gradient is returned: the
-    caller's deferred read-back of ``totals``, which raises on bad input (see
-    :class:`~spkver.losses.objectives.CosineMarginObjective`).  Rows with bad
-    input have a NaN loss.
+    (zeroing the totals, the kernel, the backward product) and one read-back,
+    where the same objective in torch operations takes some forty.
     """
 
     @staticmethod
-    def forward(ctx, cosine, targets, alpha, scale, margin_kind, margin, log_q_y, reduction, check=None):
+    def forward(ctx, cosine, targets, alpha, scale, margin_kind, margin, log_q_y, reduction):
         loss, grad, _, totals = fused_loss_and_totals(cosine.detach(), targets, alpha, reduction, scale=scale,
                                                       log_q_y=log_q_y, margin_kind=margin_kind, margin=margin)
         ctx.save_for_backward(grad)
         ctx.reduced = reduction != "none"
-        ctx.check = check
         ctx.mark_non_differentiable(totals)
         ctx.set_materialize_grads(False)
         return loss, totals
@@ -403,10 +395,8 @@ class FusedCosineObjective(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_totals):
         (grad,) = ctx.saved_tensors
-        if grad_loss is not None:
-            # A 0-d upstream gradient keeps grad's dtype; a (B, 1) one must be cast to it.
-            upstream = grad_loss if ctx.reduced else grad_loss[:, None].to(grad.dtype)
-            grad = grad * upstream  # launched before the check waits for the device
-        if ctx.check is not None:
-            ctx.check()  # raises on bad input, before any gradient is returned
-        return (None if grad_loss is None else grad,) + (None,) * 8
+        if grad_loss is None:
+            return (None,) * 8
+        # A 0-d upstream gradient keeps grad's dtype; a (B, 1) one must be cast to it.
+        upstream = grad_loss if ctx.reduced else grad_loss[:, None].to(grad.dtype)
+        return (grad * upstream,) + (None,) * 7

@@ -22,12 +22,9 @@ that a :class:`MarginWarmup` moves with :meth:`CosineMarginObjective.update`,
 and leaves the :class:`~spkver.losses.operator.SparsityStatistics` of its last
 batch in ``last_statistics``.
 
-On CUDA the objectives run as one fused kernel that also checks the inputs.
-Inside an autograd graph its result is read back lazily -- at the backward
-pass, before any gradient is returned, or when ``last_statistics`` is read --
-so that the host need not wait for the device between forward and backward;
-bad input then raises its ``ValueError`` there, and the loss of a bad row is
-NaN until then.  Under ``torch.no_grad()`` the check is immediate.
+On CUDA the objectives run as one fused kernel that also checks the inputs
+and sums the statistics; the call reads four numbers back, and bad input
+raises the same ``ValueError`` as on the torch path.
 """
 from __future__ import annotations
 
@@ -111,33 +108,6 @@ def qmargin_log_q_target(scale: float, margin: float, alpha: float) -> float:
     return -math.log1p((alpha - 1.0) * scale * margin) / (alpha - 1.0)
 
 
-class _DeferredCheck:
-    """A fused objective call's input checks and statistics, read back from the device once, when asked.
-
-    :meth:`statistics` reads the kernel's ``totals`` (one device sync); if the
-    kernel found bad input it re-runs the call on the torch path, whose checks
-    raise the precise ``ValueError`` (naming the argument), and raises that
-    each time it is asked again.  Until then the call's inputs are kept.
-    """
-
-    def __init__(self, objective: "CosineMarginObjective", cosine: torch.Tensor, targets: torch.Tensor):
-        self.objective, self.cosine, self.targets = objective, cosine.detach(), targets
-        self.totals: Optional[torch.Tensor] = None
-        self._statistics: Optional[SparsityStatistics] = None
-
-    def statistics(self) -> SparsityStatistics:
-        if self._statistics is None:
-            statistics = statistics_from_totals(self.totals, *self.cosine.shape)
-            if statistics is None:
-                with torch.no_grad():
-                    self.objective._torch_forward(self.cosine, self.targets)  # raises the precise error
-                raise ValueError(f"{type(self.objective).__name__}: the fused kernel found invalid input "
-                                 "(NaN or +inf cosines, all -inf rows or targets out of range)")
-            self._statistics = statistics
-            self.cosine = self.targets = self.totals = None  # nothing more to check: release the inputs
-        return self._statistics
-
-
 class CosineMarginObjective(nn.Module):
     r"""Alpha-divergence loss of :math:`s\cos` with a margin on the target.
 
@@ -166,8 +136,7 @@ class CosineMarginObjective(nn.Module):
         self.margin = float(margin)
         self.alpha = check_alpha(alpha)
         self.reduction = check_reduction(reduction)
-        self._statistics: Optional[SparsityStatistics] = None
-        self._deferred: Optional[_DeferredCheck] = None
+        self.last_statistics: Optional[SparsityStatistics] = None
 
     def update(self, margin: float) -> None:
         """Set the current margin (called by schedules such as :class:`MarginWarmup`)."""
@@ -182,22 +151,6 @@ class CosineMarginObjective(nn.Module):
     def target_log_q(self) -> Optional[float]:
         r""":math:`\log q_y` of the target; ``None`` means the unit measure."""
         return None
-
-    @property
-    def last_statistics(self) -> Optional[SparsityStatistics]:
-        """The :class:`~spkver.losses.operator.SparsityStatistics` of the last call.
-
-        After a fused call inside an autograd graph, reading them performs the
-        call's deferred read-back, and raises its input error if it had one.
-        """
-        if self._deferred is not None:
-            self._statistics = self._deferred.statistics()
-            self._deferred = None
-        return self._statistics
-
-    @last_statistics.setter
-    def last_statistics(self, statistics: Optional[SparsityStatistics]) -> None:
-        self._deferred, self._statistics = None, statistics
 
     def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not isinstance(cosine, torch.Tensor) or cosine.dim() != 2:
@@ -218,9 +171,7 @@ class CosineMarginObjective(nn.Module):
         margined = self.target_cosine(cosine_y)
         target_logits = None if margined is cosine_y else margined * self.scale
         # Consecutive batches need about as many candidates; a little slack avoids a redo.
-        # (The stored statistics, not the property: a deferred check re-runs this to raise its error.)
-        previous = self._statistics
-        hint = None if previous is None else previous.candidates * 5 // 4 + 8
+        hint = None if self.last_statistics is None else self.last_statistics.candidates * 5 // 4 + 8
         loss, self.last_statistics = loss_rows_and_statistics(
             cosine * self.scale, targets, self.alpha, log_q_target=self.target_log_q(),
             candidates_hint=hint, target_logits=target_logits,
@@ -238,25 +189,14 @@ class CosineMarginObjective(nn.Module):
         return margin if self.margin else MARGIN_NONE
 
     def _fused_forward(self, cosine: torch.Tensor, targets: torch.Tensor, kind: int) -> Optional[torch.Tensor]:
-        """The objective as one kernel launch (:class:`~spkver.losses.fused.FusedCosineObjective`).
+        """The objective as one kernel launch and one read-back (:class:`~spkver.losses.fused.FusedCosineObjective`).
 
-        Outside an autograd graph the kernel's totals are read back at once, and
-        ``None`` is returned on bad input: the caller then takes the torch path,
-        whose checks raise the precise error.  Inside a graph the read-back is
-        deferred (:class:`_DeferredCheck`) to the backward pass or to
-        :attr:`last_statistics`, whichever comes first, so that the host does
-        not wait for the kernel between forward and backward.
+        Returns ``None`` when the kernel found a bad input: the caller then takes
+        the torch path, whose checks raise the precise error.
         """
         log_q_y = self.target_log_q()
-        in_graph = torch.is_grad_enabled() and cosine.requires_grad
-        deferred = _DeferredCheck(self, cosine, targets) if in_graph else None
         loss, totals = FusedCosineObjective.apply(cosine, targets, self.alpha, self.scale, kind, self.margin,
-                                                  0.0 if log_q_y is None else log_q_y, self.reduction,
-                                                  None if deferred is None else deferred.statistics)
-        if deferred is not None:
-            deferred.totals = totals
-            self._deferred = deferred
-            return loss
+                                                  0.0 if log_q_y is None else log_q_y, self.reduction)
         statistics = statistics_from_totals(totals, *cosine.shape)
         if statistics is None:
             return None
