@@ -55,3 +55,21 @@ class _LaunchCounter(TorchDispatchMode):
 def launch_counter():
     """A dispatch mode recording the torch operations that launch device work (for launch-bound code)."""
     return _LaunchCounter
+
+
+@pytest.fixture
+def replace_fused_kernel_by_a_noop(monkeypatch):
+    """A call that makes CPU tensors take the fused CUDA path with the Triton kernel replaced by a no-op,
+    so that what surrounds the kernel (the launches a GPU would see) can be counted on any machine."""
+    pytest.importorskip("triton")
+    from spkver.losses import fused
+
+    class NoKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    def replace():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # makes CPU tensors eligible for the fused path
+        monkeypatch.setattr(fused, "_alpha_loss_kernel", NoKernel())
+
+    return replace

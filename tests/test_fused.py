@@ -160,19 +160,15 @@ def test_objectives_in_one_kernel_match_the_torch_path_and_raise_the_same_errors
     _run_on_the_kernel(OBJECTIVES_CHECK, "fused objectives agree")
 
 
-def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(monkeypatch, launch_counter):
+def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(replace_fused_kernel_by_a_noop,
+                                                                          launch_counter):
     """An isolated call on a GPU is bound by its launches: the fused path needs no more than cross_entropy.
 
     The kernel itself is replaced by a no-op, so this counts what surrounds it, on any machine.
     """
-    from spkver.losses import A3M, AlphaDiv, ArcFace, QMargin, fused
+    from spkver.losses import A3M, AlphaDiv, ArcFace, QMargin
 
-    class NoKernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # makes CPU tensors eligible for the fused path
-    monkeypatch.setattr(fused, "_alpha_loss_kernel", NoKernel())
+    replace_fused_kernel_by_a_noop()
     cosine = torch.rand(8, 100) * 2 - 1
     targets = torch.randint(0, 100, (8,))
     counts = {}

@@ -85,24 +85,17 @@ def test_each_streamed_chunk_costs_four_launches(launch_counter):
     assert eight_more == Counter({"mm": 8, "div_": 8, "topk": 8 + 1, "add": 8, "cat": 2, "gather": 1}), eight_more
 
 
-def test_a_step_launches_at_most_two_and_a_half_times_the_dense_head(launch_counter, monkeypatch):
+def test_a_step_launches_at_most_two_and_a_half_times_the_dense_head(launch_counter, replace_fused_kernel_by_a_noop):
     """Where the shard fits one chunk (C = 10^4 at B = 512 on a GPU) the step is bound by its launches:
     the sparse head may not launch much more than the dense head (measured with the fused objective,
     as on CUDA; the kernel itself is replaced by a no-op)."""
-    from spkver.losses import fused
-
-    class NoKernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
     torch.manual_seed(5)
     head = StreamingSparseHead(2000, 16, QMargin(30.0, 0.2, 1.5))
     targets = torch.randint(0, 2000, (64,))
     with torch.no_grad():
         embeddings = head.weight[targets] + 0.1 * torch.randn(64, 16) * head.weight[targets].norm(dim=1, keepdim=True)
     head(embeddings.clone().requires_grad_(True), targets).backward()  # the candidate count settles
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(fused, "_alpha_loss_kernel", NoKernel())
+    replace_fused_kernel_by_a_noop()
     dense_objective = QMargin(30.0, 0.2, 1.5)
     steps = {"sparse": lambda x: head(x, targets),
              "dense": lambda x: dense_objective(F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).T, targets)}

@@ -64,6 +64,8 @@ def main():
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
     sb.utils.distributed.ddp_init_group(run_opts)  # a no-op unless launched by torchrun
     hparams, composed = load(hparams_file, overrides)
+    if hparams["head"] not in ("dense", "streaming"):  # before any data preparation
+        raise ValueError(f"{hparams_file}: head must be 'dense' or 'streaming', got {hparams['head']!r}")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as resolved:
         resolved.write(composed)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
@@ -75,10 +77,8 @@ def main():
         classifier = StreamingSparseHead(num_speakers, embedding_dim, hparams["objective"],
                                          chunk_size=hparams["streaming_chunk_size"],
                                          candidates=hparams["streaming_candidates"], sparse_gradient=False)
-    elif hparams["head"] == "dense":
-        classifier = CosineClassifier(embedding_dim, num_speakers)
     else:
-        raise ValueError(f"{hparams_file}: head must be 'dense' or 'streaming', got {hparams['head']!r}")
+        classifier = CosineClassifier(embedding_dim, num_speakers)
     hparams["checkpointer"].add_recoverable("classifier", classifier)
     brain = SpeakerBrain(modules={"embedding_model": hparams["embedding_model"], "classifier": classifier},
                          opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
