@@ -16,11 +16,6 @@ RECIPE = ROOT / "recipes" / "voxceleb" / "train.py"
 OBJECTIVES = ["softmax", "cosface", "arcface", "alphadiv", "qmargin", "a3m", "a3m_i"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tiny_corpus):
-    return tiny_corpus
-
-
 def _arguments(corpus, output, objective="qmargin", epochs=3, batch_size=8, extra=()):
     return [str(ROOT / "hparams" / f"ecapa512_{objective}.yaml"), f"--data_folder={corpus}",
             f"--trial_lists=[{corpus}/trials.txt]", f"--output_folder={output}", f"--number_of_epochs={epochs}",
@@ -39,9 +34,9 @@ def _run_in_process(arguments, monkeypatch):
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_recipe_trains_checkpoints_and_scores_with_every_objective(objective, corpus, tmp_path, monkeypatch):
+def test_recipe_trains_checkpoints_and_scores_with_every_objective(objective, tiny_corpus, tmp_path, monkeypatch):
     output = tmp_path / objective
-    _run_in_process(_arguments(corpus, output, objective), monkeypatch)
+    _run_in_process(_arguments(tiny_corpus, output, objective), monkeypatch)
     losses = _train_losses(output)
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert list((output / "save").glob("CKPT+*"))
@@ -50,18 +45,18 @@ def test_recipe_trains_checkpoints_and_scores_with_every_objective(objective, co
     assert row["name"] == "trials.txt" and 0.0 <= row["eer"] <= 1.0
     assert "| trials.txt |" in (output / "results.md").read_text()
     # Resuming with a longer schedule continues from the checkpoint instead of starting over.
-    _run_in_process(_arguments(corpus, output, objective, epochs=4), monkeypatch)
+    _run_in_process(_arguments(tiny_corpus, output, objective, epochs=4), monkeypatch)
     assert len(_train_losses(output)) == 4
 
 
 @pytest.mark.parametrize("objective", ["qmargin", "a3m_i"])
-def test_recipe_trains_with_the_streaming_head(objective, corpus, tmp_path, monkeypatch):
+def test_recipe_trains_with_the_streaming_head(objective, tiny_corpus, tmp_path, monkeypatch):
     """The exact sparse head in place of the dense cosine head: it trains, checkpoints and resumes."""
     output = tmp_path / objective
     streaming = ["--head=streaming", "--streaming_chunk_size=3", "--streaming_candidates=1"]  # several chunks,
     if objective == "a3m_i":                                                                # failing certificates
         streaming.append("--reinit_epochs=[1]")  # A3M-I re-initialises the streaming head's prototypes
-    _run_in_process(_arguments(corpus, output, objective, extra=streaming), monkeypatch)
+    _run_in_process(_arguments(tiny_corpus, output, objective, extra=streaming), monkeypatch)
     losses = _train_losses(output)
     assert len(losses) == 3 and losses[-1] < losses[0]
     log = (output / "train_log.txt").read_text()
@@ -69,20 +64,21 @@ def test_recipe_trains_with_the_streaming_head(objective, corpus, tmp_path, monk
     assert ("a3m_i_fired" in log) == (objective == "a3m_i")
     results = json.loads((output / "results.json").read_text())
     assert 0.0 <= results["after training"][0]["eer"] <= 1.0
-    _run_in_process(_arguments(corpus, output, objective, epochs=4, extra=streaming), monkeypatch)
+    _run_in_process(_arguments(tiny_corpus, output, objective, epochs=4, extra=streaming), monkeypatch)
     assert len(_train_losses(output)) == 4
 
 
-def test_an_unknown_head_or_a_dense_objective_on_the_streaming_head_is_a_clear_error(corpus, tmp_path, monkeypatch):
+def test_an_unknown_head_or_a_dense_objective_on_the_streaming_head_is_a_clear_error(tiny_corpus, tmp_path,
+                                                                                    monkeypatch):
     with pytest.raises(ValueError, match=r"ecapa512_qmargin.yaml: head must be 'dense' or 'streaming', got 'sparse'"):
-        _run_in_process(_arguments(corpus, tmp_path / "a", extra=["--head=sparse"]), monkeypatch)
+        _run_in_process(_arguments(tiny_corpus, tmp_path / "a", extra=["--head=sparse"]), monkeypatch)
     with pytest.raises(ValueError, match=r"the sparse head needs alpha > 1 .* ArcFace with alpha=1.0"):
-        _run_in_process(_arguments(corpus, tmp_path / "b", "arcface", extra=["--head=streaming"]), monkeypatch)
+        _run_in_process(_arguments(tiny_corpus, tmp_path / "b", "arcface", extra=["--head=streaming"]), monkeypatch)
 
 
-def test_a_killed_run_resumes_mid_epoch_and_finishes(corpus, tmp_path):
+def test_a_killed_run_resumes_mid_epoch_and_finishes(tiny_corpus, tmp_path):
     output = tmp_path / "killed"
-    command = [sys.executable, str(RECIPE), *_arguments(corpus, output, epochs=2, batch_size=2,
+    command = [sys.executable, str(RECIPE), *_arguments(tiny_corpus, output, epochs=2, batch_size=2,
                                                         extra=["--ckpt_interval_steps=1"])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
