@@ -10,7 +10,7 @@ import argparse
 import time
 
 import torch
-from memory import peak_bytes
+from measure import device_name, peak_bytes, sync
 
 from spkver.models import ecapa_tdnn
 
@@ -27,25 +27,20 @@ def main():
     seconds = 8.0
     audio = 0.1 * torch.randn(count, int(seconds * 16000), device=args.device)
 
-    def sync():
-        if on_gpu:
-            torch.cuda.synchronize()
-
     def timed(batch):
         model(audio[:batch], torch.ones(min(batch, count), device=args.device))  # warm-up
-        sync()
+        sync(args.device)
         start = time.perf_counter()
         for i in range(0, count, batch):
             chunk = audio[i:i + batch]
             model(chunk, torch.ones(chunk.shape[0], device=args.device))
-        sync()
+        sync(args.device)
         return (time.perf_counter() - start) / (count * seconds)
 
     rtf_single, rtf_batched = timed(1), timed(32)
     long = 0.1 * torch.randn(1, 60 * 16000, device=args.device)
     peak = peak_bytes(lambda: model(long, torch.ones(1, device=args.device)), args.device)
-    device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# ECAPA-TDNN C=1024 embedding extraction, {device}, torch {torch.__version__}")
+    print(f"# ECAPA-TDNN C=1024 embedding extraction, {device_name(args.device)}, torch {torch.__version__}")
     print("| mode | real-time factor | audio seconds per second |")
     print("|---|---:|---:|")
     print(f"| batch 1 (8 s utterances) | {rtf_single:.4f} | {1 / rtf_single:.0f} |")

@@ -26,7 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from memory import peak_bytes
+from measure import device_name, peak_bytes, sync
 
 SCALE, MARGIN, ALPHA = 30.0, 0.2, 1.5
 CONFIGS = [(256, 5994), (128, 100_000)]
@@ -63,11 +63,6 @@ def make_inputs(batch, classes, device, seed=0):
     protos[targets] = F.normalize(emb + 0.8 * torch.randn(batch, 192, generator=generator) / 192 ** 0.5, dim=1)
     cosine = (emb @ protos.T).to(device)
     return cosine, targets.to(device)
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def time_methods(methods, cosine, targets, repeats, device):
@@ -123,8 +118,8 @@ def main():
         print(json.dumps(peaks))
         return
     cpu_peaks = None if on_gpu else cpu_peak_memories()
-    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# objective forward+backward on {device_name}, torch {torch.__version__}, s={SCALE} m={MARGIN}")
+    print(f"# objective forward+backward on {device_name(args.device)}, torch {torch.__version__}, "
+          f"s={SCALE} m={MARGIN}")
     for batch, classes in CONFIGS:
         cosine, targets = make_inputs(batch, classes, args.device)
         print(f"\n## B={batch}, C={classes}")

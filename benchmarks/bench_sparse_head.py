@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from memory import peak_bytes
+from measure import device_name, peak_bytes, sync
 
 from spkver.losses import QMargin, StreamingSparseHead
 
@@ -40,8 +40,7 @@ def main():
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="the sparse head's chunk_size (default: its own)")
     args = parser.parse_args()
-    on_gpu = args.device.startswith("cuda")
-    device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    device = device_name(args.device)
     chunk = "" if args.chunk_size is None else f", chunk_size={args.chunk_size}"
     print(f"# exact sparse head vs dense head, B={args.batch}, D={args.dim}, QMargin(30, 0.2, 1.5){chunk}, {device}")
     print("| classes | head | step (ms) | peak extra memory (MiB) | x prototype matrix | time vs dense |")
@@ -85,12 +84,10 @@ def main():
 def median_seconds(step, repeats: int, device: str) -> float:
     times = []
     for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -103,8 +100,7 @@ def profile(step, device: str) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with torch_profile(activities=activities) as profiler:
         step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
     key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
     print(profiler.key_averages().table(sort_by=key, row_limit=15), flush=True)
 

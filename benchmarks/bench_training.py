@@ -11,6 +11,7 @@ import statistics
 import time
 
 import torch
+from measure import device_name, sync
 
 from spkver.losses import A3M, AlphaDiv, ArcFace, CosFace, QMargin, Softmax
 from spkver.models import CosineClassifier, ecapa_tdnn
@@ -51,24 +52,19 @@ def main():
         objective(cosine.float(), targets).backward()
         optimizer.step()
 
-    def sync():
-        if on_gpu:
-            torch.cuda.synchronize()
-
     objectives = {name: make() for name, make in OBJECTIVES.items()}
     for objective in objectives.values():  # warm-up (kernels, allocator, candidate hints)
         step(objective)
     samples = {name: [] for name in objectives}
     for _ in range(steps):  # objectives take turns against drifting machine load
         for name, objective in objectives.items():
-            sync()
+            sync(args.device)
             start = time.perf_counter()
             step(objective)
-            sync()
+            sync(args.device)
             samples[name].append(time.perf_counter() - start)
-    device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"# ECAPA-TDNN C={args.channels}, {args.speakers} speakers, batch {batch} x 2 s, {args.precision}, "
-          f"{device}, torch {torch.__version__}")
+          f"{device_name(args.device)}, torch {torch.__version__}")
     print("| objective | step (ms) | utterances/s | step vs ArcFace |")
     print("|---|---:|---:|---:|")
     reference = statistics.median(samples["ArcFace"])

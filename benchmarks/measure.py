@@ -1,5 +1,16 @@
-"""Peak-memory readings shared by the benchmarks (Linux)."""
+"""Measurements shared by the benchmarks: the device's name, synchronisation, peak memory (Linux)."""
 import torch
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU and its torch thread count, for a benchmark's header."""
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a timer sees all of it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def status_kib(field: str) -> int:
@@ -13,11 +24,11 @@ def status_kib(field: str) -> int:
 def peak_bytes(run, device: str = "cpu") -> int:
     """Extra peak memory of ``run()``: CUDA's allocator peak, or the resident-set peak growth (VmHWM reset)."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        sync(device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run()
-        torch.cuda.synchronize()
+        sync(device)
         return torch.cuda.max_memory_allocated() - base
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the peak resident set size to the current one
