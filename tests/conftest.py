@@ -39,7 +39,8 @@ def tiny_corpus(tmp_path_factory):
 class _LaunchCounter(TorchDispatchMode):
     """Records the torch operations that launch device work (allocations, views and detach do not)."""
 
-    FREE = {"empty", "empty_like", "detach", "unsqueeze", "expand", "view", "squeeze", "select", "slice", "_to_copy"}
+    FREE = {"empty", "empty_like", "detach", "unsqueeze", "expand", "view", "_unsafe_view", "squeeze", "select",
+            "slice", "permute", "t", "transpose", "_to_copy"}
 
     def __init__(self):
         super().__init__()

@@ -73,14 +73,13 @@ def test_each_streamed_chunk_costs_four_launches(launch_counter):
     of the kept top-k (two concatenations, a top-k, a gather)."""
     from collections import Counter
 
-    views = {"permute", "t", "transpose", "_unsafe_view"}
     unit = F.normalize(torch.randn(8, 16), dim=1)
     launches = {}
     for chunks in (9, 17):
         head = StreamingSparseHead(chunks * 100, 16, QMargin(30.0, 0.2, 1.5), chunk_size=100)
         with launch_counter() as counter:
             head._top_candidates(unit, torch.zeros(8, dtype=torch.long), 4)
-        launches[chunks] = Counter(name for name in counter.launches if name not in views)
+        launches[chunks] = Counter(counter.launches)
     eight_more = launches[17] - launches[9]
     assert eight_more == Counter({"mm": 8, "div_": 8, "topk": 8 + 1, "add": 8, "cat": 2, "gather": 1}), eight_more
 
@@ -103,7 +102,7 @@ def test_a_step_launches_at_most_two_and_a_half_times_the_dense_head(launch_coun
     for name, step in steps.items():
         with launch_counter() as counter:
             step(embeddings.clone().requires_grad_(True)).backward()
-        launches[name] = [op for op in counter.launches if op not in {"permute", "t", "transpose", "_unsafe_view"}]
+        launches[name] = counter.launches
     assert len(launches["sparse"]) <= 2.5 * len(launches["dense"]), (len(launches["sparse"]), len(launches["dense"]))
 
 
