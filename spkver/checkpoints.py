@@ -90,4 +90,3 @@ class AtomicCheckpointer(Checkpointer):
             return []
         return [name for name in self.recoverables
                 if name not in checkpoint.paramfiles and not self.optional_recoverables.get(name, False)]
-

@@ -5,7 +5,7 @@ For :math:`\alpha > 1` a class can only carry probability if its logit is within
 \max(b_y, \max_{j \ne y}\theta_j)` (see :mod:`spkver.losses.operator`).  The head
 
 1. streams the prototype matrix in chunks of ``chunk_size`` classes, keeping each
-   row's top-``k`` non-target logits (no gradient, three kernel launches per
+   row's top-``k`` non-target logits (no gradient, four kernel launches per
    chunk, memory :math:`O(B \cdot (8k + \text{chunk}))`);
 2. **certifies** every row: its smallest kept logit lies below
    :math:`\tau_{lo} - 1/(\alpha-1)`, so every class it did not keep has
