@@ -27,7 +27,8 @@ def pytest_collection_modifyitems():
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
-    """A tiny synthetic VoxCeleb1-layout corpus (10 speakers x 4 utterances, 3 test speakers), read-only."""
+    """A tiny synthetic VoxCeleb1-layout corpus, read-only: 10 speakers x 4 utterances of 1.2-1.6 s,
+    the last 3 speakers in the trial list."""
     from spkver.data.synth import synthesize_corpus
 
     folder = tmp_path_factory.mktemp("tiny_corpus")

@@ -99,4 +99,3 @@ def test_checkpoints_written_by_the_stock_checkpointer_load_unchanged(tmp_path):
     fresh = _models()
     assert AtomicCheckpointer(tmp_path, recoverables=fresh).recover_if_possible().meta["value"] == 3.0
     assert all(torch.all(m.weight == 3.0) for m in fresh.values())
-

@@ -16,20 +16,14 @@ from spkver.data.voxceleb import PreparationError, prepare_voxceleb
 from spkver.scoring import read_trials
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tiny_corpus):
-    """conftest's tiny corpus: 10 speakers x 4 utterances of 1.2-1.6 s, the last 3 speakers in the trials."""
-    return tiny_corpus
-
-
-def test_synth_writes_the_voxceleb1_layout_and_a_cross_session_trial_list(small_corpus):
-    files = sorted((small_corpus / "wav").glob("*/*/*.wav"))
+def test_synth_writes_the_voxceleb1_layout_and_a_cross_session_trial_list(tiny_corpus):
+    files = sorted((tiny_corpus / "wav").glob("*/*/*.wav"))
     assert len(files) == 40
-    speaker, video, name = files[0].relative_to(small_corpus / "wav").parts
+    speaker, video, name = files[0].relative_to(tiny_corpus / "wav").parts
     assert speaker.startswith("id1") and len(speaker) == 7 and len(video) == 11 and len(name) == 9
     info = soundfile.info(str(files[0]))
     assert info.samplerate == SAMPLE_RATE and 1.2 <= info.duration <= 1.6
-    trials = read_trials(small_corpus / "trials.txt")
+    trials = read_trials(tiny_corpus / "trials.txt")
     assert 0.4 <= trials.labels.mean() <= 0.6
     for label, a, b in zip(trials.labels, trials.enroll, trials.test):
         assert (a.split("/")[0] == b.split("/")[0]) == bool(label)
@@ -72,8 +66,8 @@ def test_synthetic_speakers_are_separable_by_a_simple_baseline_but_not_trivially
     assert 0.03 < eer < 0.4
 
 
-def test_prepare_writes_manifests_and_holds_out_trial_speakers(small_corpus, tmp_path):
-    summary = prepare_voxceleb(tmp_path, vox1=small_corpus, trials=[small_corpus / "trials.txt"],
+def test_prepare_writes_manifests_and_holds_out_trial_speakers(tiny_corpus, tmp_path):
+    summary = prepare_voxceleb(tmp_path, vox1=tiny_corpus, trials=[tiny_corpus / "trials.txt"],
                                chunk_seconds=1.0, min_seconds=0.5, valid_fraction=0.0, progress=False)
     assert summary["train"]["speakers"] == 7 and summary["excluded_speakers"] == 3
     rows = list(csv.DictReader(open(tmp_path / "train.csv")))
@@ -87,7 +81,7 @@ def test_prepare_writes_manifests_and_holds_out_trial_speakers(small_corpus, tmp
     trial_rows = list(csv.DictReader(open(tmp_path / "trial_utterances.csv")))
     assert len(trial_rows) == 12 and not {r["spk_id"] for r in trial_rows} & set(speakers)
     # Total chunked duration equals the audio of the training utterances (less dropped remainders).
-    audio = sum(soundfile.info(str(p)).duration for p in (small_corpus / "wav").glob("id1000[1-7]/*/*.wav"))
+    audio = sum(soundfile.info(str(p)).duration for p in (tiny_corpus / "wav").glob("id1000[1-7]/*/*.wav"))
     assert sum(float(r["duration"]) for r in rows) == pytest.approx(audio, rel=0.3)
 
 
@@ -95,14 +89,14 @@ def _copy_tree(src, dst):
     shutil.copytree(src / "wav", dst / "wav")
 
 
-def test_prepare_lists_corrupt_files_and_missing_trial_utterances_without_crashing(small_corpus, tmp_path):
+def test_prepare_lists_corrupt_files_and_missing_trial_utterances_without_crashing(tiny_corpus, tmp_path):
     corpus = tmp_path / "vox1"
-    _copy_tree(small_corpus, corpus)
+    _copy_tree(tiny_corpus, corpus)
     corrupt = next((corpus / "wav" / "id10001").glob("*/*.wav"))
     corrupt.write_bytes(b"RIFF\x00\x00not audio at all")
     trials = tmp_path / "trials.txt"
-    trials.write_text((small_corpus / "trials.txt").read_text() + "1 id10012/nope0000000/00001.wav "
-                      + read_trials(small_corpus / "trials.txt").enroll[0] + "\n")
+    trials.write_text((tiny_corpus / "trials.txt").read_text() + "1 id10012/nope0000000/00001.wav "
+                      + read_trials(tiny_corpus / "trials.txt").enroll[0] + "\n")
     summary = prepare_voxceleb(tmp_path / "out", vox1=corpus, trials=[trials], progress=False)
     assert summary["unreadable"] == 1
     assert summary["trials"]["trials.txt"]["missing_utterances"] == 1
@@ -110,21 +104,21 @@ def test_prepare_lists_corrupt_files_and_missing_trial_utterances_without_crashi
     assert str(corrupt) in (tmp_path / "out" / "unreadable.txt").read_text()
 
 
-def test_training_on_voxceleb2_only_is_one_flag_away(small_corpus, tmp_path):
-    _copy_tree(small_corpus, tmp_path / "vox1")
-    shutil.copytree(small_corpus / "wav", tmp_path / "vox2" / "aac")
+def test_training_on_voxceleb2_only_is_one_flag_away(tiny_corpus, tmp_path):
+    _copy_tree(tiny_corpus, tmp_path / "vox1")
+    shutil.copytree(tiny_corpus / "wav", tmp_path / "vox2" / "aac")
     summary = prepare_voxceleb(tmp_path / "out", vox1=tmp_path / "vox1", vox2=tmp_path / "vox2",
-                               trials=[small_corpus / "trials.txt"], train_on=["vox2"], progress=False)
+                               trials=[tiny_corpus / "trials.txt"], train_on=["vox2"], progress=False)
     rows = list(csv.DictReader(open(tmp_path / "out" / "train.csv")))
     assert rows and all(r["wav"].startswith("$vox2_root/aac/") for r in rows)
     assert any("official count" in w for w in summary["warnings"])  # a tiny VoxCeleb2 is reported
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
-def test_prepare_reads_m4a_and_convert_m4a_is_resumable(small_corpus, tmp_path):
+def test_prepare_reads_m4a_and_convert_m4a_is_resumable(tiny_corpus, tmp_path):
     source = tmp_path / "vox2" / "aac" / "id00001" / "vid00000001"
     source.mkdir(parents=True)
-    wav = next((small_corpus / "wav").rglob("*.wav"))
+    wav = next((tiny_corpus / "wav").rglob("*.wav"))
     subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(wav), str(source / "00001.m4a")], check=True)
     summary = prepare_voxceleb(tmp_path / "out", vox2=tmp_path / "vox2", progress=False)
     assert summary["scanned"]["vox2"] == 1 and summary["unreadable"] == 0

@@ -60,7 +60,6 @@ def test_embedder_embeds_files_batches_and_verifies(experiment):
     assert score == pytest.approx(1.0, abs=1e-5) and same is True
 
 
-
 def test_an_unfinished_checkpoint_save_is_not_loaded(experiment, tmp_path):
     """A run killed while saving leaves a newer folder without CKPT.yaml: the embedder ignores it."""
     output, corpus = experiment
@@ -73,6 +72,7 @@ def test_an_unfinished_checkpoint_save_is_not_loaded(experiment, tmp_path):
     wav = _wavs(corpus)[0]
     np.testing.assert_array_equal(SpeakerEmbedder.from_pretrained(copy).embed_file(wav),
                                   SpeakerEmbedder.from_pretrained(output).embed_file(wav))
+
 
 def test_bad_audio_is_an_error_naming_the_file(experiment, tmp_path):
     embedder = SpeakerEmbedder.from_pretrained(experiment[0])
