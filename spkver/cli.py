@@ -6,7 +6,9 @@
 * ``spkver convert-m4a`` decodes VoxCeleb2's m4a files (:mod:`spkver.data.convert`);
 * ``spkver synth`` generates the synthetic speaker corpus (:mod:`spkver.data.synth`);
 * ``spkver embed`` / ``verify`` / ``export`` reuse a trained extractor (:mod:`spkver.inference`,
-  :mod:`spkver.export`).
+  :mod:`spkver.export`);
+* ``spkver environment`` checks that torch, torchaudio and SpeechBrain load together
+  (:mod:`spkver.environment`).
 
 Bad input ends with one clear message and exit status 2, never a traceback.
 """
@@ -209,6 +211,16 @@ def command_export(args) -> int:
     return 0
 
 
+def command_environment(args) -> int:
+    from spkver import __version__
+    from spkver.environment import check_environment
+
+    versions = check_environment(load=True)
+    print(f"spkver {__version__}: " + ", ".join(f"{name} {version}" for name, version in versions.items())
+          + ": they load together")
+    return 0
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -312,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="PRETRAINED_FOLDER")
     export.add_argument("--onnx", action="store_true", help="also write embedding_model.onnx (features in)")
     export.set_defaults(handler=command_export)
+
+    environment = commands.add_parser("environment", help="check that torch, torchaudio and SpeechBrain load "
+                                                          "together, and print their versions")
+    environment.set_defaults(handler=command_environment)
     return parser
 
 
