@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from spkver.checkpoints import AtomicCheckpointer
-from spkver.hparams import HparamsError, compose, load
+from spkver.hparams import HparamsError, compose, load, path_list
 
 HPARAMS = Path(__file__).resolve().parent.parent / "hparams"
 # Experiment files are <model>_<objective>.yaml; recipe.yaml and demo.yaml are shared pieces.
@@ -55,3 +55,26 @@ def test_missing_piece_is_named(tmp_path):
     (tmp_path / "e.yaml").write_text("include: [nope.yaml]\n")
     with pytest.raises(HparamsError, match="nope.yaml does not exist"):
         compose(tmp_path / "e.yaml")
+
+
+def test_a_misspelt_override_is_named_with_the_closest_key(tmp_path):
+    with pytest.raises(HparamsError, match=r"--nubmer_of_epochs: .*ecapa512_qmargin.yaml has no such key "
+                                           r"\(did you mean number_of_epochs\?\)"):
+        load(HPARAMS / "ecapa512_qmargin.yaml", "data_folder: x\nnubmer_of_epochs: 3")  # SpeechBrain's form
+
+
+def test_a_missing_experiment_file_suggests_the_closest_one():
+    with pytest.raises(HparamsError, match=r"resnet34_qmargn.yaml: no such hparams file "
+                                           r"\(did you mean resnet34_qmargin.yaml\?\)"):
+        compose(HPARAMS / "resnet34_qmargn.yaml")
+
+
+def test_a_value_an_object_refuses_names_the_experiment_file(tmp_path):
+    with pytest.raises(HparamsError, match=r"ecapa512_qmargin.yaml: .*epochs=0"):
+        load(HPARAMS / "ecapa512_qmargin.yaml", {"data_folder": str(tmp_path), "number_of_epochs": 0})
+
+
+def test_a_path_list_accepts_one_path_or_a_list_and_refuses_anything_else():
+    assert path_list(Path("a.txt"), "trial_lists") == ["a.txt"] and path_list(None, "trial_lists") == []
+    with pytest.raises(HparamsError, match=r"trial_lists: expected a path or a list of paths"):
+        path_list(3, "trial_lists")

@@ -68,12 +68,57 @@ def test_recipe_trains_with_the_streaming_head(objective, tiny_corpus, tmp_path,
     assert len(_train_losses(output)) == 4
 
 
-def test_an_unknown_head_or_a_dense_objective_on_the_streaming_head_is_a_clear_error(tiny_corpus, tmp_path,
-                                                                                    monkeypatch):
-    with pytest.raises(ValueError, match=r"ecapa512_qmargin.yaml: head must be 'dense' or 'streaming', got 'sparse'"):
-        _run_in_process(_arguments(tiny_corpus, tmp_path / "a", extra=["--head=sparse"]), monkeypatch)
-    with pytest.raises(ValueError, match=r"the sparse head needs alpha > 1 .* ArcFace with alpha=1.0"):
+def test_a_single_trial_list_may_be_given_as_a_plain_path(tiny_corpus, tmp_path, monkeypatch):
+    arguments = [a for a in _arguments(tiny_corpus, tmp_path, epochs=1) if not a.startswith("--trial_lists")]
+    _run_in_process([*arguments, "--trial_lists", f"{tiny_corpus}/trials.txt"], monkeypatch)
+    assert [row["name"] for row in json.loads((tmp_path / "results.json").read_text())["after training"]] == \
+        ["trials.txt"]
+
+
+USER_ERRORS = {  # argument replaced or added -> the one line that names it
+    "misspelt key": ("--nubmer_of_epochs=3", r"--nubmer_of_epochs: .*ecapa512_qmargin.yaml has no such key "
+                                             r"\(did you mean number_of_epochs\?\)"),
+    "missing data folder": ("--data_folder=/no/such/corpus", r"data_folder: /no/such/corpus is not a folder"),
+    "missing trial list": ("--trial_lists=/no/such/trials.txt",
+                           r"trial_lists: /no/such/trials.txt: cannot read trial list \(No such file"),
+    "a folder as trial list": ("--trial_lists={corpus}", r"trial_lists: .*: cannot read trial list \(Is a directory"),
+    "trial lists not paths": ("--trial_lists=[1, 2]", r"trial_lists: expected a path or a list of paths like "
+                                                      r"\[a.txt,b.txt\], got \[1, 2\]"),
+    "a schedule of no epochs": ("--number_of_epochs=0", r".*ecapa512_qmargin.yaml: need 0 < final <= peak and "
+                                                        r"0 <= warmup_epochs <= epochs; .* epochs=0"),
+    "unknown head": ("--head=sparse", r".*ecapa512_qmargin.yaml: head must be 'dense' or 'streaming', got 'sparse'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_a_user_error_is_one_line_naming_the_value_before_training(case, tiny_corpus, tmp_path, monkeypatch):
+    argument, message = USER_ERRORS[case]
+    argument = argument.format(corpus=tiny_corpus)
+    key = argument.split("=")[0]
+    arguments = [a for a in _arguments(tiny_corpus, tmp_path / "out") if not a.startswith(key + "=")]
+    with pytest.raises(SystemExit, match=r"^train.py: error: " + message):
+        _run_in_process([*arguments, argument], monkeypatch)
+    assert not list((tmp_path / "out").glob("save/CKPT+*"))  # nothing trained
+
+
+def test_an_unknown_experiment_file_or_a_dense_objective_on_the_streaming_head_is_one_line(tiny_corpus, tmp_path,
+                                                                                          monkeypatch):
+    arguments = _arguments(tiny_corpus, tmp_path / "a")
+    with pytest.raises(SystemExit, match=r"ecapa512_qmargn.yaml: no such hparams file "
+                                         r"\(did you mean ecapa512_qmargin.yaml\?\)"):
+        _run_in_process([arguments[0].replace("qmargin", "qmargn"), *arguments[1:]], monkeypatch)
+    with pytest.raises(SystemExit, match=r"head: the sparse head needs alpha > 1 .* ArcFace with alpha=1.0"):
         _run_in_process(_arguments(tiny_corpus, tmp_path / "b", "arcface", extra=["--head=streaming"]), monkeypatch)
+
+
+def test_the_recipe_prints_a_user_error_as_one_line_with_status_1(tiny_corpus, tmp_path):
+    completed = subprocess.run([sys.executable, str(RECIPE), *_arguments(tiny_corpus, tmp_path), "--bach_size=4"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 1
+    assert completed.stderr.strip().splitlines()[-1] == \
+        f"train.py: error: --bach_size: {ROOT / 'hparams' / 'ecapa512_qmargin.yaml'} has no such key " \
+        "(did you mean batch_size?)"
+    assert "Traceback" not in completed.stderr
 
 
 def test_a_killed_run_resumes_mid_epoch_and_finishes(tiny_corpus, tmp_path):

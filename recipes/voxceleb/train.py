@@ -14,12 +14,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import spkver  # noqa: F401  (first: checks that torch, torchaudio and SpeechBrain match before they load)
 import speechbrain as sb
 
 from spkver.brain import SpeakerBrain
 from spkver.data.datasets import speaker_datasets
 from spkver.data.synth import synthesize_corpus
-from spkver.data.voxceleb import prepare_voxceleb
+from spkver.data.voxceleb import PreparationError, prepare_voxceleb
 from spkver.evaluation import (
     calibrate_threshold,
     evaluate_trial_lists,
@@ -27,12 +28,38 @@ from spkver.evaluation import (
     write_model_card,
     write_results,
 )
-from spkver.hparams import load
+from spkver.hparams import HparamsError, load, path_list
 from spkver.losses import StreamingSparseHead
 from spkver.models import CosineClassifier
 from spkver.report import text_table
+from spkver.scoring import ScoringError, read_trials
 
 logger = logging.getLogger(__name__)
+
+
+def check_settings(hparams, hparams_file):
+    """The user errors that can be caught before anything is written: one line naming the value."""
+    if hparams["head"] not in ("dense", "streaming"):
+        raise HparamsError(f"{hparams_file}: head must be 'dense' or 'streaming', got {hparams['head']!r}")
+    if hparams["head"] == "streaming":
+        try:
+            StreamingSparseHead.check_objective(hparams["objective"])
+        except ValueError as error:
+            raise HparamsError(f"head: {error}") from None
+    hparams["trial_lists"] = path_list(hparams["trial_lists"], "trial_lists")
+    if not hparams["synthetic_corpus"] and not Path(hparams["data_folder"]).is_dir():
+        raise HparamsError(f"data_folder: {hparams['data_folder']} is not a folder (a VoxCeleb1 layout with wav/)")
+    if hparams["vox2_folder"] is not None and not Path(hparams["vox2_folder"]).is_dir():
+        raise HparamsError(f"vox2_folder: {hparams['vox2_folder']} is not a folder (VoxCeleb2 dev with aac/ or wav/)")
+
+
+def check_trial_lists(paths):
+    """Every trial list is readable and well formed before training, not only when scoring after it."""
+    for path in paths:
+        try:
+            read_trials(path)
+        except ScoringError as error:
+            raise HparamsError(f"trial_lists: {error}") from None
 
 
 def prepare(hparams):
@@ -40,6 +67,7 @@ def prepare(hparams):
     if hparams["synthetic_corpus"] and not (data_folder / "wav").exists():
         sb.utils.distributed.run_on_main(synthesize_corpus, args=[data_folder],
                                          kwargs=dict(hparams["synthetic_corpus"]))
+    check_trial_lists(hparams["trial_lists"])
     manifests = Path(hparams["manifest_folder"])
     if not (manifests / "counts.json").exists():
         sb.utils.distributed.run_on_main(prepare_voxceleb, args=[manifests], kwargs=dict(
@@ -64,8 +92,7 @@ def main():
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
     sb.utils.distributed.ddp_init_group(run_opts)  # a no-op unless launched by torchrun
     hparams, composed = load(hparams_file, overrides)
-    if hparams["head"] not in ("dense", "streaming"):  # before any data preparation
-        raise ValueError(f"{hparams_file}: head must be 'dense' or 'streaming', got {hparams['head']!r}")
+    check_settings(hparams, hparams_file)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as resolved:
         resolved.write(composed)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
@@ -98,4 +125,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (HparamsError, PreparationError, ScoringError) as error:  # the user's input, named in the message
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")

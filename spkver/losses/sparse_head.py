@@ -174,13 +174,18 @@ class StreamingSparseHead(nn.Module):
     BLOCK_ELEMENTS = 1 << 24  # cosines per streamed block when chunk_size is not given
     MERGE_EVERY = 8  # chunks' top-k kept side by side before they are merged
 
+    @staticmethod
+    def check_objective(objective: CosineMarginObjective) -> None:
+        """Raise ``ValueError`` unless the head can be exact for ``objective`` (it needs alpha > 1)."""
+        if objective.alpha <= 1.0:
+            raise ValueError("the sparse head needs alpha > 1 (softmax posteriors are dense); "
+                             f"got {type(objective).__name__} with alpha={objective.alpha}")
+
     def __init__(self, num_classes: int, embedding_dim: int, objective: CosineMarginObjective,
                  chunk_size: Optional[int] = None, candidates: int = 32, sparse_gradient: bool = True,
                  process_group=None):
         super().__init__()
-        if objective.alpha <= 1.0:
-            raise ValueError("the sparse head needs alpha > 1 (softmax posteriors are dense); "
-                             f"got {type(objective).__name__} with alpha={objective.alpha}")
+        self.check_objective(objective)
         if (chunk_size is not None and chunk_size < 1) or candidates < 1:
             raise ValueError(f"chunk_size and candidates must be >= 1, got {chunk_size} and {candidates}")
         self.process_group = process_group
