@@ -1,4 +1,5 @@
 """Every experiment file composes and loads; composition rules."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,30 @@ def test_a_path_list_accepts_one_path_or_a_list_and_refuses_anything_else():
     assert path_list(Path("a.txt"), "trial_lists") == ["a.txt"] and path_list(None, "trial_lists") == []
     with pytest.raises(HparamsError, match=r"trial_lists: expected a path or a list of paths"):
         path_list(3, "trial_lists")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_uses_the_papers_settings_without_a_warning(name, tmp_path):
+    """alpha > 1 at s(alpha-1) = 5 (s = 10, alpha = 1.5), m = 0.2 (0.1 for ResNet34 from scratch);
+    CosFace and ArcFace at WeSpeaker's s = 32, m = 0.2."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hparams, _ = load(HPARAMS / name, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")})
+    objective = hparams["objective"]
+    if objective.alpha > 1:
+        assert (objective.scale, objective.alpha) == (10.0, 1.5)
+        if hparams["objective_name"] != "alphadiv":
+            assert objective.base_margin == (0.1 if hparams["model_name"] == "resnet34" else 0.2)
+    else:
+        assert objective.scale == 32.0 and objective.base_margin in (0.0, 0.2)
+    if hparams["objective_name"] == "qmargin":
+        assert objective.form == "exp"
+
+
+def test_the_papers_other_pairs_are_one_override_away(tmp_path):
+    for scale, alpha in ((20.0, 1.25), (5.0, 2.0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            hparams, _ = load(HPARAMS / "ecapa512_qmargin.yaml",
+                              {"data_folder": str(tmp_path), "scale": scale, "alpha": alpha})
+        assert (hparams["objective"].scale, hparams["objective"].alpha) == (scale, alpha)

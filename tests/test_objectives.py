@@ -1,6 +1,8 @@
 """Specification of the margin objectives: baselines against SpeechBrain, the alpha family's margins."""
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,9 @@ from spkver.losses import (
     Softmax,
     alpha_divergence_loss,
     qmargin_log_q_target,
+    qmargin_zero_loss_gap,
 )
+from tests import reference
 
 
 def _batch(seed=0, batch=32, classes=20):
@@ -53,20 +57,70 @@ def test_arcface_target_logit_is_decreasing_in_the_angle_past_pi():
     assert torch.all(loss[:-1] >= loss[1:] - 1e-6)
 
 
+@pytest.mark.parametrize("form", ["exp", "exp_alpha"])
 @pytest.mark.parametrize("margin", [0.1, 0.2, 0.35])
-def test_qmargin_reduces_to_cosface_as_alpha_tends_to_one(margin):
+def test_qmargin_reduces_to_cosface_as_alpha_tends_to_one(margin, form):
     cosine, targets = _batch(3)
     cosface = CosFace(30.0, margin)(cosine, targets)
-    torch.testing.assert_close(QMargin(30.0, margin, alpha=1.0)(cosine, targets), cosface)
-    close = QMargin(30.0, margin, alpha=1.0005)(cosine, targets)
+    torch.testing.assert_close(QMargin(30.0, margin, alpha=1.0, form=form)(cosine, targets), cosface)
+    close = QMargin(30.0, margin, alpha=1.0005, form=form)(cosine, targets)
     torch.testing.assert_close(close, cosface, atol=0.02 * cosface.item(), rtol=0)
 
 
+@pytest.mark.parametrize("scale, alpha", [(20.0, 1.25), (10.0, 1.5), (5.0, 2.0), (10.0, 1.75)])
+def test_qmargin_default_is_the_papers_loss_with_log_q_target_minus_s_m(scale, alpha):
+    """The alpha-divergence Fenchel-Young loss with q_y = exp(-s m), q_j = 1, by float64 bisection."""
+    cosine, targets = _batch(6, batch=16, classes=12)
+    margin = 0.2
+    log_q = torch.zeros(cosine.shape, dtype=torch.float64).scatter(1, targets[:, None], -scale * margin)
+    expected = reference.loss(scale * cosine.detach().double().numpy(), targets.numpy(), alpha, log_q.numpy())
+    loss = QMargin(scale, margin, alpha, reduction="none")(cosine, targets)
+    torch.testing.assert_close(loss.double(), torch.from_numpy(expected), atol=2e-4, rtol=1e-4)
+
+
+def _zero_loss_boundary(scale, margin, alpha, log_q_target):
+    """The smallest cosine lead at which the float64 reference posterior is one-hot, by bisection."""
+    def one_hot(gap):
+        theta = scale * np.array([[gap, 0.0]])
+        return reference.softargmax(theta, alpha, np.array([[log_q_target, 0.0]]))[0, 1] == 0.0
+    low, high = 0.0, 4.0
+    for _ in range(50):
+        low, high = (low, (low + high) / 2) if one_hot((low + high) / 2) else ((low + high) / 2, high)
+    return high
+
+
+# The zero-loss cosine gap of the issue's table: the papers' q_y = exp(-s m) against the exp_alpha form.
+BOUNDARIES = [((20.0, 1.25), 0.1, 0.33, 0.30), ((10.0, 1.5), 0.1, 0.33, 0.30), ((5.0, 2.0), 0.1, 0.33, 0.30),
+              ((20.0, 1.25), 0.2, 0.54, 0.40), ((10.0, 1.5), 0.2, 0.54, 0.40), ((5.0, 2.0), 0.2, 0.54, 0.40),
+              ((20.0, 1.25), 0.3, 0.90, 0.50), ((10.0, 1.5), 0.3, 0.90, 0.50), ((5.0, 2.0), 0.3, 0.90, 0.50),
+              ((30.0, 1.5), 0.2, 1.34, 0.27)]
+
+
+@pytest.mark.parametrize("pair, margin, papers_gap, exp_alpha_gap", BOUNDARIES)
+def test_qmargin_zero_loss_boundary_reproduces_the_table(pair, margin, papers_gap, exp_alpha_gap):
+    scale, alpha = pair
+    for form, table in (("exp", papers_gap), ("exp_alpha", exp_alpha_gap)):
+        closed_form = qmargin_zero_loss_gap(scale, margin, alpha, form)
+        bisected = _zero_loss_boundary(scale, margin, alpha, qmargin_log_q_target(scale, margin, alpha, form))
+        assert closed_form == pytest.approx(bisected, abs=1e-6)
+        assert round(closed_form, 2) == table
+        # ... and the objective itself: a one-hot posterior (no gradient) just beyond the boundary, a
+        # loss short of it.
+        objective = QMargin(scale, margin, alpha, form=form, reduction="none")
+        target = torch.tensor([0])
+        beyond = torch.tensor([[1.0, 1.0 - closed_form - 1e-3]], requires_grad=True)
+        loss = objective(beyond, target)
+        loss.backward()
+        assert float(loss) < 1e-6 and objective.last_statistics.support_size == 1.0
+        assert torch.count_nonzero(beyond.grad) == 0
+        assert float(objective(torch.tensor([[1.0, 1.0 - closed_form + 0.05]]), target)) > 1e-4
+
+
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
-def test_qmargin_loss_vanishes_exactly_beyond_the_cosine_margin(alpha):
+def test_exp_alpha_qmargin_vanishes_exactly_beyond_an_additive_cosine_margin(alpha):
     scale, margin = 30.0, 0.2
     gap = 1.0 / ((alpha - 1.0) * scale) + margin  # required cosine lead of the target
-    objective = QMargin(scale, margin, alpha, reduction="none")
+    objective = QMargin(scale, margin, alpha, form="exp_alpha", reduction="none")
     others = torch.tensor([0.1, -0.2, 0.05])
     just_beyond = torch.cat([torch.tensor([0.1 + gap + 1e-3]), others])[None]
     just_short = torch.cat([torch.tensor([0.1 + gap - 0.02]), others])[None]
@@ -84,14 +138,37 @@ def test_alphadiv_loss_vanishes_once_the_target_leads_by_one_over_alpha_minus_on
     assert float(objective(torch.tensor([[0.3 + gap - 0.02, 0.3, 0.0]]), torch.tensor([0]))) > 0.0
 
 
-def test_naive_qmargin_is_far_stronger_than_the_alpha_log_form():
-    # The naive log q_y = -s m asks for a cosine lead of (e^{(alpha-1)sm} - 1)/(alpha-1)/s + 1/(alpha-1)/s.
+def test_at_a_mismatched_pair_the_papers_form_asks_far_more_than_the_exp_alpha_form():
     scale, margin, alpha = 30.0, 0.2, 1.5
-    naive = QMargin(scale, margin, alpha, log_q_target=-scale * margin, reduction="none")
-    principled = QMargin(scale, margin, alpha, reduction="none")
-    cosine = torch.tensor([[0.95, 0.1, 0.0]])  # a cosine lead of 0.85: beyond 1/15 + 0.2
-    assert float(principled(cosine, torch.tensor([0]))) == 0.0
-    assert float(naive(cosine, torch.tensor([0]))) > 0.5
+    papers = QMargin(scale, margin, alpha, reduction="none")
+    exp_alpha = QMargin(scale, margin, alpha, form="exp_alpha", reduction="none")
+    cosine = torch.tensor([[0.95, 0.1, 0.0]])  # a cosine lead of 0.85: beyond 1/15 + 0.2, short of 1.34
+    assert float(exp_alpha(cosine, torch.tensor([0]))) == 0.0
+    assert float(papers(cosine, torch.tensor([0]))) > 0.5
+    assert papers.form == "exp" and "form=exp" in repr(papers)
+
+
+@pytest.mark.parametrize("make", [lambda: QMargin(30.0, 0.2, 1.5), lambda: AlphaDiv(30.0, 1.5),
+                                  lambda: A3M(30.0, 0.2, 1.5), lambda: QMargin(10.0, 0.2, 2.5)])
+def test_an_alpha_objective_far_outside_the_trainable_band_warns_naming_the_pair(make):
+    with pytest.warns(UserWarning, match=r"\(scale=\d+, alpha=[\d.]+\): s\(alpha-1\) = [\d.]+ is outside the "
+                                         r"trainable band \[2, 10\]; the papers choose s and alpha together"):
+        make()
+
+
+@pytest.mark.parametrize("make", [lambda: QMargin(20.0, 0.1, 1.25), lambda: QMargin(10.0, 0.2, 1.5),
+                                  lambda: QMargin(5.0, 0.2, 2.0), lambda: A3M(10.0, 0.2, 1.75),
+                                  lambda: AlphaDiv(10.0, 1.5), lambda: CosFace(32.0, 0.2), lambda: ArcFace(32.0, 0.2),
+                                  lambda: QMargin(32.0, 0.2, 1.0), lambda: Softmax(30.0)])
+def test_the_papers_pairs_and_every_alpha_one_objective_do_not_warn(make):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make()
+
+
+def test_qmargin_refuses_an_unknown_form():
+    with pytest.raises(ValueError, match=r"form must be one of \('exp', 'exp_alpha'\), got 'naive'"):
+        QMargin(10.0, 0.2, 1.5, form="naive")
 
 
 def test_a3m_reduces_to_arcface_at_alpha_one():
@@ -152,9 +229,10 @@ def test_margin_warmup_ramps_every_margin_objective_from_zero(make):
     assert float(no_margin.detach()) < float(half.detach()) < float(full.detach())
 
 
-def test_qmargin_target_mass_formula():
-    assert qmargin_log_q_target(30.0, 0.2, 1.5) == pytest.approx(-math.log(1 + 0.5 * 30 * 0.2) / 0.5)
-    assert qmargin_log_q_target(30.0, 0.2, 1.0 + 1e-9) == pytest.approx(-6.0, abs=1e-6)
+def test_qmargin_target_mass_formulas():
+    assert qmargin_log_q_target(10.0, 0.2, 1.5) == -2.0 and qmargin_log_q_target(10.0, 0.2, 1.0) == -2.0
+    assert qmargin_log_q_target(30.0, 0.2, 1.5, "exp_alpha") == pytest.approx(-math.log(1 + 0.5 * 30 * 0.2) / 0.5)
+    assert qmargin_log_q_target(30.0, 0.2, 1.0 + 1e-9, "exp_alpha") == pytest.approx(-6.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,7 +1,7 @@
 """Alpha-divergence losses, margin objectives and A3M-I prototype re-initialisation.
 
 >>> import torch
->>> objective = QMargin(scale=30.0, margin=0.2, alpha=1.5)
+>>> objective = QMargin(scale=10.0, margin=0.2, alpha=1.5)
 >>> cosine = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.1]])
 >>> loss = objective(cosine, torch.tensor([0, 1]))
 >>> objective.last_statistics.target_zero_fraction
@@ -18,6 +18,7 @@ from spkver.losses.objectives import (
     Softmax,
     additive_angular_cosine,
     qmargin_log_q_target,
+    qmargin_zero_loss_gap,
 )
 from spkver.losses.operator import (
     SparsityStatistics,
@@ -45,6 +46,7 @@ __all__ = [
     "MarginWarmup",
     "additive_angular_cosine",
     "qmargin_log_q_target",
+    "qmargin_zero_loss_gap",
     "ClassMeanAccumulator",
     "reinitialize_prototypes",
     "ReinitializationPolicy",

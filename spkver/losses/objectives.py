@@ -13,7 +13,7 @@ objective       target logit :math:`\theta_y`               reference :math:`q` 
 ``CosFace``     :math:`s(\cos_y - m)`                       1                       1
 ``ArcFace``     :math:`s\cos(\phi_y + m)`                   1                       1
 ``AlphaDiv``    :math:`s\cos_y`                             1                       > 1
-``QMargin``     :math:`s\cos_y`                             :math:`q_y < 1`         > 1
+``QMargin``     :math:`s\cos_y`                             :math:`q_y = e^{-sm}`   > 1
 ``A3M``         :math:`s\cos(\phi_y + m)`                   1                       > 1
 ==============  ==========================================  ======================  =========
 
@@ -29,6 +29,7 @@ raises the same ``ValueError`` as on the torch path.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -57,6 +58,9 @@ __all__ = [
     "MarginWarmup",
     "additive_angular_cosine",
     "qmargin_log_q_target",
+    "qmargin_zero_loss_gap",
+    "QMARGIN_FORMS",
+    "TRAINABLE_BAND",
 ]
 
 
@@ -84,28 +88,67 @@ def additive_angular_cosine(cosine: torch.Tensor, margin: float) -> torch.Tensor
     return torch.where(cosine > math.cos(math.pi - margin), shifted, cosine - margin * math.sin(margin))
 
 
-def qmargin_log_q_target(scale: float, margin: float, alpha: float) -> float:
-    r"""Q-Margin's target reference mass :math:`\log q_y = -\log\exp_\alpha(s m)`.
+#: Q-Margin's forms of the target's reference mass (see :func:`qmargin_log_q_target`).
+QMARGIN_FORMS = ("exp", "exp_alpha")
+
+#: The band of s(alpha - 1) in which the alpha objectives train; the papers' pairs (20, 1.25),
+#: (10, 1.5), (5, 2) all have s(alpha - 1) = 5.
+TRAINABLE_BAND = (2.0, 10.0)
+
+
+def qmargin_log_q_target(scale: float, margin: float, alpha: float, form: str = "exp") -> float:
+    r"""Q-Margin's target reference mass :math:`\log q_y` (:math:`q_j = 1` for :math:`j \ne y`).
+
+    ``form="exp"`` (the papers' definition, the default): :math:`q_y = e^{-s m}`.
+    ``form="exp_alpha"``: :math:`q_y = 1/\exp_\alpha(s m)`, i.e.
 
     .. math::
-        \log q_y = -\frac{\log(1 + (\alpha-1) s m)}{\alpha - 1}
-        \;\xrightarrow[\alpha\to 1]{}\; -s m.
+        \log q_y = -\frac{\log(1 + (\alpha-1) s m)}{\alpha - 1},
 
-    With this :math:`q_y` (and :math:`q_j = 1` elsewhere) the loss is zero
-    exactly when :math:`s\cos_y - s\cos_j \ge 1/(\alpha-1) + s m` for all
-    :math:`j \ne y`: an additive cosine margin :math:`m` on top of the
-    alpha-divergence's own separation.
+    an additive cosine margin :math:`m` on top of the alpha-divergence's own
+    separation. Both tend to :math:`-s m` (CosFace) as :math:`\alpha \to 1`;
+    :func:`qmargin_zero_loss_gap` gives the cosine lead each asks for.
 
     Examples
     --------
-    >>> round(qmargin_log_q_target(30.0, 0.2, 1.5), 4)
-    -2.7726
-    >>> qmargin_log_q_target(30.0, 0.2, 1.0)
+    >>> qmargin_log_q_target(10.0, 0.2, 1.5)
+    -2.0
+    >>> round(qmargin_log_q_target(10.0, 0.2, 1.5, form="exp_alpha"), 4)
+    -1.3863
+    >>> qmargin_log_q_target(30.0, 0.2, 1.0, form="exp_alpha")
     -6.0
     """
-    if alpha == 1.0:
+    if form not in QMARGIN_FORMS:
+        raise ValueError(f"form must be one of {QMARGIN_FORMS}, got {form!r}")
+    if form == "exp" or alpha == 1.0:
         return -scale * margin
     return -math.log1p((alpha - 1.0) * scale * margin) / (alpha - 1.0)
+
+
+def qmargin_zero_loss_gap(scale: float, margin: float, alpha: float, form: str = "exp") -> float:
+    r"""The cosine lead :math:`\cos_y - \max_{j \ne y}\cos_j` at which Q-Margin's loss becomes exactly 0.
+
+    The loss vanishes iff :math:`s\cos_y - s\cos_j \ge \log_\alpha(1/q_y) + 1/(\alpha-1)` for every
+    :math:`j \ne y`, which is
+
+    .. math::
+        \text{exp:}\ \frac{e^{(\alpha-1) s m}}{s(\alpha-1)}, \qquad
+        \text{exp\_alpha:}\ m + \frac{1}{s(\alpha-1)}.
+
+    The papers' form grows exponentially in :math:`(\alpha-1)s m`, so :math:`s` must shrink as
+    :math:`\alpha` grows. At :math:`\alpha = 1` no finite lead gives a zero loss (``inf``).
+
+    Examples
+    --------
+    >>> round(qmargin_zero_loss_gap(10.0, 0.2, 1.5), 2)     # a papers' pair
+    0.54
+    >>> round(qmargin_zero_loss_gap(30.0, 0.2, 1.5), 2)     # a mismatched pair: beyond any embedding
+    1.34
+    """
+    if alpha == 1.0:
+        return math.inf
+    log_q = qmargin_log_q_target(scale, margin, alpha, form)
+    return (math.expm1(-(alpha - 1.0) * log_q) / (alpha - 1.0) + 1.0 / (alpha - 1.0)) / scale
 
 
 class CosineMarginObjective(nn.Module):
@@ -137,6 +180,13 @@ class CosineMarginObjective(nn.Module):
         self.alpha = check_alpha(alpha)
         self.reduction = check_reduction(reduction)
         self.last_statistics: Optional[SparsityStatistics] = None
+        low, high = TRAINABLE_BAND
+        if self.alpha > 1.0 and not low <= self.scale * (self.alpha - 1.0) <= high:
+            warnings.warn(
+                f"{type(self).__name__}(scale={self.scale:g}, alpha={self.alpha:g}): s(alpha-1) = "
+                f"{self.scale * (self.alpha - 1.0):g} is outside the trainable band [{low:g}, {high:g}]; the "
+                f"papers choose s and alpha together, s(alpha-1) = 5: (s, alpha) = (20, 1.25), (10, 1.5), (5, 2)",
+                UserWarning, stacklevel=3)
 
     def update(self, margin: float) -> None:
         """Set the current margin (called by schedules such as :class:`MarginWarmup`)."""
@@ -256,25 +306,37 @@ class QMargin(CosineMarginObjective):
     r"""Margin in the reference measure (Q-Margin).
 
     Logits :math:`s\cos` without a geometric margin; :math:`q_j = 1` for
-    :math:`j \ne y` and :math:`\log q_y` from :func:`qmargin_log_q_target`, so
-    the loss vanishes exactly when :math:`s\cos_y - s\cos_j \ge 1/(\alpha-1) + s m`,
-    and ``QMargin(s, m, alpha -> 1)`` is ``CosFace(s, m)``.
+    :math:`j \ne y` and :math:`\log q_y` from :func:`qmargin_log_q_target`:
+    by default the papers' :math:`q_y = e^{-s m}`, whose loss vanishes exactly
+    when :math:`\cos_y - \cos_j \ge e^{(\alpha-1)s m}/(s(\alpha-1))`
+    (:func:`qmargin_zero_loss_gap`). Either form gives ``CosFace(s, m)`` as
+    :math:`\alpha \to 1`.
 
     Parameters
     ----------
+    form : {"exp", "exp_alpha"}
+        ``"exp"``: :math:`q_y = e^{-s m}` (the papers'); ``"exp_alpha"``:
+        :math:`q_y = 1/\exp_\alpha(s m)`, an additive cosine margin :math:`m`
+        on top of the separation :math:`1/(s(\alpha-1))`, linear in :math:`m` at any :math:`s`.
     log_q_target : float, optional
-        Overrides the formula with a fixed :math:`\log q_y` (for experiments,
-        e.g. the naive :math:`-s m`); warm-up then scales it by ``margin / base_margin``.
+        Overrides both forms with a fixed :math:`\log q_y` (for experiments);
+        warm-up then scales it by ``margin / base_margin``.
 
-    >>> QMargin(scale=30.0, margin=0.2, alpha=1.5).target_log_q() == qmargin_log_q_target(30, 0.2, 1.5)
+    >>> QMargin(scale=10.0, margin=0.2, alpha=1.5).target_log_q()
+    -2.0
+    >>> QMargin(scale=10.0, margin=0.2, alpha=1.5, form="exp_alpha").target_log_q() == \
+    ...     qmargin_log_q_target(10.0, 0.2, 1.5, form="exp_alpha")
     True
     """
 
-    def __init__(self, scale: float, margin: float, alpha: float, log_q_target: Optional[float] = None,
-                 reduction: str = "mean"):
+    def __init__(self, scale: float, margin: float, alpha: float, form: str = "exp",
+                 log_q_target: Optional[float] = None, reduction: str = "mean"):
         super().__init__(scale, margin, alpha, reduction)
+        if form not in QMARGIN_FORMS:
+            raise ValueError(f"form must be one of {QMARGIN_FORMS}, got {form!r}")
         if log_q_target is not None and not math.isfinite(log_q_target):
             raise ValueError(f"log_q_target must be finite, got {log_q_target!r}")
+        self.form = form
         self.log_q_target_override = log_q_target
 
     def target_log_q(self) -> Optional[float]:
@@ -283,7 +345,10 @@ class QMargin(CosineMarginObjective):
             return self.log_q_target_override * ramp
         if self.margin == 0:
             return None
-        return qmargin_log_q_target(self.scale, self.margin, self.alpha)
+        return qmargin_log_q_target(self.scale, self.margin, self.alpha, self.form)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, form={self.form}"
 
 
 class A3M(CosineMarginObjective):
