@@ -141,7 +141,8 @@ def test_failed_certificates_grow_the_candidate_set_and_stay_exact():
 def test_only_the_rows_whose_certificate_failed_are_streamed_again(monkeypatch):
     torch.manual_seed(6)
     classes, dim = 2000, 64
-    head = StreamingSparseHead(classes, dim, QMargin(30.0, 0.2, 1.5), chunk_size=256, candidates=1)
+    # exp_alpha at s = 30: a target that leads by 0.3 in cosine is certified with one candidate.
+    head = StreamingSparseHead(classes, dim, QMargin(30.0, 0.2, 1.5, form="exp_alpha"), chunk_size=256, candidates=1)
     targets = torch.randint(0, classes, (24,))
     with torch.no_grad():
         embeddings = head.weight[targets] * 10  # trained-like rows: one candidate certifies them
@@ -156,7 +157,7 @@ def test_only_the_rows_whose_certificate_failed_are_streamed_again(monkeypatch):
 
     weight = head.weight.detach().clone().requires_grad_(True)
     reference = embeddings.clone().requires_grad_(True)
-    dense = QMargin(30.0, 0.2, 1.5)(F.normalize(reference, dim=1) @ F.normalize(weight, dim=1).T, targets)
+    dense = QMargin(30.0, 0.2, 1.5, form="exp_alpha")(F.normalize(reference, dim=1) @ F.normalize(weight, dim=1).T, targets)
     dense.backward()
     torch.testing.assert_close(loss, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-4)

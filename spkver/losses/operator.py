@@ -27,13 +27,15 @@ reference measure :math:`q \in (0, \infty)^C` given as ``log_q``, and
 Root finding.  Every :math:`p_j \le 1` gives the lower bound
 :math:`\tau \ge \tau_{lo} = \max_j[\theta_j - \log_\alpha(1/q_j)]`, so only the
 classes with :math:`\theta_j > \tau_{lo} - 1/(\alpha-1)` can be in the support.
-The solver keeps just those candidates (one ``topk``), then runs a safeguarded
+The solver keeps the top candidates (one ``topk``), runs a safeguarded
 Newton iteration on :math:`\varphi(\tau) = (\sum_j q_j z_j^k)^{1/k} - 1`,
 :math:`z_j = [1 + (\alpha-1)(\theta_j - \tau)]_+`, from :math:`\tau_{lo}`.  For
 :math:`1 < \alpha \le 2` :math:`\varphi` is convex and decreasing, so the
 iterates rise monotonically to the root (3--6 passes to float32 accuracy); a
 bracket :math:`[\tau_{lo}, \tau_{hi}]` with bisection guards :math:`\alpha > 2`.
-Everything runs in float32 whatever the input dtype; the result is renormalised.
+The root on the kept candidates is itself a lower bound of the full root, and
+certifies them when their smallest logit is out of its reach (see
+:func:`solve_alpha_softargmax`).  Everything runs in float32 whatever the input dtype; the result is renormalised.
 On CUDA, for :math:`1 \le \alpha \le 2` without a general ``log_q``, the loss
 runs through the fused Triton kernel of :mod:`spkver.losses.fused` instead, with
 this solver (and cross-entropy at :math:`\alpha = 1`) as its oracle.
@@ -59,12 +61,17 @@ __all__ = [
 _REDUCTIONS = ("mean", "sum", "none")
 #: Newton passes are cheap; the cap only guards against pathological rows.
 _MAX_ITERATIONS = 60
-#: Convergence is declared when every row's :math:`|\sum_j p_j - 1|` is below this.
+#: Convergence is declared when every row's :math:`|\sum_j p_j - 1|` is below this,
 _TOLERANCE = 1e-6
+#: ... or its Newton step below this many units of float32 resolution of tau.
+_STEP_RESOLUTION = 4 * torch.finfo(torch.float32).eps
 #: Above this fraction of candidate classes the solve is done densely (no topk).
 _DENSE_FRACTION = 0.25
 #: Number of top logits tried first when the caller has no better guess.
 _INITIAL_CANDIDATES = 16
+#: A class is certified out of the support only when its logit is this far below the
+#: threshold tau - 1/(alpha-1): far above float32's error in tau, far below any scale.
+_CERTIFICATE_SLACK = 1e-3
 
 
 def _log_alpha_of_inverse(log_q: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -257,6 +264,11 @@ def _powers(z: torch.Tensor, alpha: float):
     if alpha == 2.0:  # k = 1: sparsemax
         return z, (z > 0).to(z.dtype)
     k = 1.0 / (alpha - 1.0)
+    if k == round(k) and k <= 8:  # alpha = 1 + 1/n (1.25, 1.333..): products, not exp and log
+        lower = z
+        for _ in range(int(k) - 2):
+            lower = lower * z
+        return lower * z, lower
     positive = z > 0
     log_z = torch.log(torch.where(positive, z, torch.ones_like(z)))
     zero = torch.zeros_like(z)
@@ -291,8 +303,6 @@ def _newton_tau(bound, steepness, alpha, tau_lo, tau_hi):
         mass = w.sum(1)
         slope = w_prime.sum(1)
         error = mass - 1.0
-        if (iteration + 1) % check_every == 0 and float(error.abs().max()) <= _TOLERANCE:
-            break
         above = error > 0
         lo = torch.where(above, tau, lo)
         hi = torch.where(above, hi, tau)
@@ -307,6 +317,13 @@ def _newton_tau(bound, steepness, alpha, tau_lo, tau_hi):
             accept &= step.abs() <= 0.5 * last_step
         new_tau = torch.where(accept, candidate, 0.5 * (lo + hi))
         last_step = (new_tau - tau).abs()
+        if (iteration + 1) % check_every == 0:
+            # Converged where the mass is 1, or where tau no longer moves at float32 resolution: a
+            # sum of many z_j near 1 carries rounding above the tolerance (sparsemax rows did not
+            # converge and took every pass).
+            done = (error.abs() <= _TOLERANCE) | (last_step <= _STEP_RESOLUTION * (1.0 + tau.abs()))
+            if bool(done.all()):
+                break
         tau = new_tau
     return tau, w, w_prime
 
@@ -359,10 +376,16 @@ def solve_alpha_softargmax(
     Computation is in float32.
 
     The top ``candidates_hint`` logits of each row (16 by default) are taken
-    with one ``topk`` and *certified*: if the smallest of them lies below
-    :math:`\tau_{lo} - 1/(\alpha-1)`, no class outside can be in the support.
-    Rows that fail the certificate make the solve count the candidates and
-    redo the ``topk``; above a quarter of the classes the solve is dense.  With
+    with one ``topk``, the equation is solved on them alone, and the result is
+    *certified*: the root :math:`\tau_K` on a subset is a lower bound of the
+    full root (a subset has less mass at every :math:`\tau`), so if the
+    smallest kept logit lies below :math:`\tau_K - 1/(\alpha-1)`, no class
+    left out can be in the support and :math:`\tau_K` is the root. That
+    bound is far tighter than :math:`\tau_{lo}` when many classes crowd the top
+    of a row (random embeddings at the papers' small scales), so the ``topk``
+    stays about the size of the support. Rows that fail make the solve take
+    every class above their threshold and redo the ``topk`` (which then
+    certifies); above a quarter of the classes the solve is dense.  With
     a special target, its column is appended to the candidates (and masked
     out of the ``topk`` part), so ``index`` may name the target twice, once
     with :math:`p = 0`.
@@ -395,40 +418,58 @@ def solve_alpha_softargmax(
             )
 
     k = min(classes, max(2, candidates_hint or _INITIAL_CANDIDATES))
-    sub_log_q = log_q
     while True:
         if k > _DENSE_FRACTION * classes:
-            index, sub_theta = None, theta
+            index, sub_theta, sub_log_q = None, theta, log_q
             if special_target:
                 others = theta.scatter(1, targets[:, None], -math.inf).amax(1)
                 tau_lo = _target_lower_bound(theta_y, others, log_q_target, alpha)
                 sub_theta = theta.scatter(1, targets[:, None], theta_y[:, None])
                 if log_q_target is not None:
                     sub_log_q = theta.new_zeros(batch, classes).scatter_(1, targets[:, None], log_q_target[:, None])
+            tau, w, w_prime, shifted = _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha)
             break
         sub_theta, index = theta.topk(k, dim=1, sorted=False)
+        sub_log_q = None
         if special_target:
             is_target = index == targets[:, None]
             others_theta = sub_theta.masked_fill(is_target, -math.inf)
             tau_lo = _target_lower_bound(theta_y, others_theta.amax(1), log_q_target, alpha)
             smallest = sub_theta.masked_fill(is_target, math.inf).amin(1)
+            # The target's column is appended (its own logit and mass); in the topk part it has p = 0.
+            sub_theta = torch.cat([others_theta, theta_y[:, None]], dim=1)
+            index = torch.cat([index, targets[:, None]], dim=1)
+            if log_q_target is not None:
+                sub_log_q = torch.cat([torch.zeros_like(others_theta), log_q_target[:, None]], dim=1)
         else:
             smallest = sub_theta.amin(1)
-        threshold = tau_lo - reach
-        if bool((smallest < threshold).all()):
-            # Certified: every class left out of the topk has p_j = 0.
-            if special_target:
-                sub_theta = torch.cat([others_theta, theta_y[:, None]], dim=1)
-                index = torch.cat([index, targets[:, None]], dim=1)
-                if log_q_target is not None:
-                    sub_log_q = torch.cat([torch.zeros_like(others_theta), log_q_target[:, None]], dim=1)
-            elif log_q is not None:
+            if log_q is not None:
                 sub_log_q = log_q.gather(1, index)
-            # What this batch needed: its candidates plus one column to certify them.
-            k = int((sub_theta >= threshold[:, None]).sum(1).max()) + 1
+        # The root on any subset of the classes is a lower bound of the full root (a subset has
+        # less mass at every tau), and a far tighter one than tau_lo when many classes are near the
+        # top, as with random embeddings at a small scale.
+        tau, w, w_prime, shifted = _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha)
+        threshold = tau + row_max - (reach + _CERTIFICATE_SLACK)
+        if bool((smallest < threshold).all()):
+            # Certified: every class left out of the topk has theta_j < tau - 1/(alpha-1), so
+            # p_j = 0 exactly, and tau is the root of the whole row.
+            k = int((sub_theta >= threshold[:, None]).sum(1).max()) + 1  # what this batch needed
             break
+        # Every class in the support of a failed row is at or above its threshold: take them all.
         k = int((theta >= threshold[:, None]).sum(1).max()) + 2
 
+    total = w.sum(1, keepdim=True)
+    probs = w / total
+    return SparseRows(probs=probs, shifted=shifted, index=index, tau=tau,
+                      num_classes=classes, jacobian_diagonal=w_prime / total, candidates_needed=min(k, classes))
+
+
+def _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha):
+    r"""Newton on the candidate columns, in logits shifted by ``row_max``.
+
+    Returns :math:`\tau` (shifted), the unnormalised :math:`p`, :math:`\partial p/\partial b`
+    and the shifted logits minus :math:`\tau`.
+    """
     sub_theta = sub_theta - row_max[:, None]  # exact for the top classes; p is shift invariant
     tau_lo = tau_lo - row_max
     if sub_log_q is None:
@@ -440,12 +481,8 @@ def solve_alpha_softargmax(
     margin = -math.expm1(-(alpha - 1.0) * math.log(n)) / (alpha - 1.0)
     tau_hi = (bound + margin if steepness is None else bound + margin / steepness).amax(1)
     tau_hi = torch.maximum(tau_hi, tau_lo).nan_to_num(posinf=torch.finfo(torch.float32).max / 4)
-
     tau, w, w_prime = _newton_tau(bound, steepness, alpha, tau_lo, tau_hi)
-    total = w.sum(1, keepdim=True)
-    probs = w / total
-    return SparseRows(probs=probs, shifted=sub_theta - tau[:, None], index=index, tau=tau,
-                      num_classes=classes, jacobian_diagonal=w_prime / total, candidates_needed=min(k, classes))
+    return tau, w, w_prime, sub_theta - tau[:, None]
 
 
 class _AlphaSoftargmax(torch.autograd.Function):
