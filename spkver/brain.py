@@ -10,7 +10,8 @@ without (B, C) cosines (very many speakers).  Hparams used: ``objective``,
 :class:`~spkver.losses.MarginWarmup` or ``null``), ``lr_schedule`` (a
 :class:`LearningRateSchedule`), ``reinit_policy`` (a
 :class:`~spkver.losses.ReinitializationPolicy` or ``null``: A3M-I),
-``epoch_counter`` and ``train_logger``.
+``epoch_counter``, ``train_logger`` and ``prototype_lr_multiplier`` (the
+prototypes' learning rate as a multiple of the extractor's).
 
 The margin and the learning rate follow training progress in epochs, stepped
 every batch; checkpoints (:class:`~spkver.checkpoints.AtomicCheckpointer`, also
@@ -135,6 +136,20 @@ class SpeakerBrain(sb.Brain):
             )
         super().on_fit_start()
 
+    def init_optimizers(self):
+        """One optimiser, two parameter groups: the extractor at the scheduled learning rate and the
+        prototypes at ``prototype_lr_multiplier`` times it (the papers train a new prototype layer on
+        a pretrained extractor at 5x)."""
+        if self.opt_class is None:
+            return super().init_optimizers()
+        multiplier = getattr(self.hparams, "prototype_lr_multiplier", 1.0)
+        groups = [{"params": list(self.modules.embedding_model.parameters()), "lr_multiplier": 1.0},
+                  {"params": list(self.modules.classifier.parameters()), "lr_multiplier": float(multiplier)}]
+        self.optimizer = self.opt_class(groups)
+        self.optimizers_dict = {"opt_class": self.optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+
     def progress(self) -> float:
         """Training progress in epochs (fractional within the current one)."""
         epoch = self.hparams.epoch_counter.current
@@ -184,7 +199,7 @@ class SpeakerBrain(sb.Brain):
             warmup.step(self.hparams.objective, progress)
         learning_rate = self.hparams.lr_schedule(progress)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate
+            group["lr"] = learning_rate * group.get("lr_multiplier", 1.0)
 
     def on_stage_start(self, stage, epoch=None):
         self.epoch_statistics = _EpochStatistics()

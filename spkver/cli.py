@@ -7,6 +7,8 @@
 * ``spkver synth`` generates the synthetic speaker corpus (:mod:`spkver.data.synth`);
 * ``spkver embed`` / ``verify`` / ``export`` reuse a trained extractor (:mod:`spkver.inference`,
   :mod:`spkver.export`);
+* ``spkver sparsity`` measures how many training examples of an experiment are already one-hot
+  under an alpha objective, before fine-tuning with it (:mod:`spkver.finetune`);
 * ``spkver environment`` checks that torch, torchaudio and SpeechBrain load together
   (:mod:`spkver.environment`).
 
@@ -211,6 +213,41 @@ def command_export(args) -> int:
     return 0
 
 
+#: The objectives ``spkver sparsity`` can measure, by name.
+SPARSITY_OBJECTIVES = ("qmargin", "a3m", "alphadiv")
+
+
+def command_sparsity(args) -> int:
+    import speechbrain as sb
+    import torch
+
+    from spkver.data.datasets import speaker_datasets
+    from spkver.finetune import one_hot_fraction, prototypes_of
+    from spkver.inference import SpeakerEmbedder
+    from spkver.losses import A3M, AlphaDiv, QMargin
+
+    folder = Path(args.model)
+    manifests = folder / "manifests"
+    prototypes = prototypes_of(folder)
+    if prototypes is None or not (manifests / "train.csv").exists():
+        raise CommandError(f"{folder}: needs an experiment folder, with its checkpoints under save/ and its "
+                           "manifests/ (an exported folder has no prototypes)")
+    if args.alpha <= 1.0:
+        raise CommandError(f"--alpha must be > 1 (softmax posteriors are never one-hot), got {args.alpha}")
+    objective = {"qmargin": lambda: QMargin(args.scale, args.margin, args.alpha),
+                 "a3m": lambda: A3M(args.scale, args.margin, args.alpha),
+                 "alphadiv": lambda: AlphaDiv(args.scale, args.alpha)}[args.objective]()
+    extractor = SpeakerEmbedder.from_pretrained(folder, device=args.device).extractor
+    train, _, _ = speaker_datasets(manifests, args.crop_seconds)
+    torch.manual_seed(0)  # the same examples on every call
+    loader = sb.dataio.dataloader.make_dataloader(train, batch_size=args.batch_size, shuffle=True)
+    examples = min(args.examples, len(train))
+    fraction = one_hot_fraction(extractor, prototypes, objective, loader, args.device, examples)
+    print(f"{100 * fraction:.1f} % of {examples} training examples are one-hot (zero loss, zero gradient) "
+          f"under {objective!r}")
+    return 0
+
+
 def command_environment(args) -> int:
     from spkver import __version__
     from spkver.environment import check_environment
@@ -324,6 +361,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="PRETRAINED_FOLDER")
     export.add_argument("--onnx", action="store_true", help="also write embedding_model.onnx (features in)")
     export.set_defaults(handler=command_export)
+
+    sparsity = commands.add_parser(
+        "sparsity", help="fraction of an experiment's training examples already one-hot under an alpha objective",
+        description="Before fine-tuning with an alpha objective: embeds training crops of an experiment folder "
+                    "and counts those whose posterior is exactly one-hot (zero loss and gradient) with its "
+                    "prototypes. Above about 80 %, fine-tuning has little gradient to learn from.")
+    sparsity.add_argument("--model", required=True, metavar="EXP_FOLDER", help="the recipe's output folder")
+    sparsity.add_argument("--objective", default="qmargin", choices=SPARSITY_OBJECTIVES)
+    sparsity.add_argument("--alpha", type=float, required=True)
+    sparsity.add_argument("--scale", type=float, required=True)
+    sparsity.add_argument("--margin", type=float, default=0.0)
+    sparsity.add_argument("--examples", type=int, default=2000, help="training examples measured (default 2000)")
+    sparsity.add_argument("--crop-seconds", type=float, default=2.0, help="training crop length (default 2 s)")
+    sparsity.add_argument("--batch-size", type=int, default=32)
+    sparsity.add_argument("--device", default="cpu")
+    sparsity.set_defaults(handler=command_sparsity)
 
     environment = commands.add_parser("environment", help="check that torch, torchaudio and SpeechBrain load "
                                                           "together, and print their versions")

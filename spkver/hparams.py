@@ -99,9 +99,11 @@ def load(path, overrides=None) -> Tuple[dict, str]:
 
     text = compose(path)
     overrides = overrides or {}
-    given = overrides.keys() if isinstance(overrides, dict) else _TOP_LEVEL_KEY.findall(overrides)
+    given = list(overrides) if isinstance(overrides, dict) else _TOP_LEVEL_KEY.findall(overrides)
     known = set(_TOP_LEVEL_KEY.findall(text))
     for key in given:
+        if given.count(key) > 1:
+            raise HparamsError(f"--{key} is given {given.count(key)} times on the command line; give it once")
         if key not in known:
             raise HparamsError(f"--{key}: {path} has no such key{_suggestion(key, sorted(known))}")
     try:

@@ -8,8 +8,16 @@ from spkver.checkpoints import AtomicCheckpointer
 from spkver.hparams import HparamsError, compose, load, path_list
 
 HPARAMS = Path(__file__).resolve().parent.parent / "hparams"
-# Experiment files are <model>_<objective>.yaml; recipe.yaml and demo.yaml are shared pieces.
+# Experiment files are <model>_<objective>.yaml (and finetune_*.yaml); recipe.yaml and demo.yaml are shared pieces.
 EXPERIMENTS = sorted(p.name for p in HPARAMS.glob("*_*.yaml"))
+
+
+def _required(name, tmp_path):
+    """The keys an experiment file leaves to the command line."""
+    keys = {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")}
+    if name.startswith("finetune"):
+        keys["init_from"] = str(tmp_path / "trained")
+    return keys
 
 
 def test_there_is_one_experiment_file_per_model_and_objective():
@@ -20,8 +28,9 @@ def test_there_is_one_experiment_file_per_model_and_objective():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_file_loads_with_its_model_and_objective(name, tmp_path):
-    hparams, _ = load(HPARAMS / name, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")})
-    assert hparams["experiment_name"] == f"{hparams['model_name']}_{hparams['objective_name']}"
+    hparams, _ = load(HPARAMS / name, _required(name, tmp_path))
+    assert hparams["experiment_name"].startswith(hparams["model_name"])
+    assert hparams["experiment_name"].endswith(hparams["objective_name"])
     assert hparams["objective"].__class__.__name__.lower().replace("_", "") in name.replace("_", "") or \
         name.startswith("demo") or hparams["objective_name"] == "a3m_i"
     assert hasattr(hparams["embedding_model"], "embedding_dim")
@@ -64,6 +73,11 @@ def test_a_misspelt_override_is_named_with_the_closest_key(tmp_path):
         load(HPARAMS / "ecapa512_qmargin.yaml", "data_folder: x\nnubmer_of_epochs: 3")  # SpeechBrain's form
 
 
+def test_a_key_given_twice_on_the_command_line_is_an_error():
+    with pytest.raises(HparamsError, match=r"^--peak_lr is given 2 times on the command line; give it once$"):
+        load(HPARAMS / "ecapa512_qmargin.yaml", "data_folder: x\npeak_lr: 0.1\npeak_lr: 0.2")
+
+
 def test_a_missing_experiment_file_suggests_the_closest_one():
     with pytest.raises(HparamsError, match=r"resnet34_qmargn.yaml: no such hparams file "
                                            r"\(did you mean resnet34_qmargin.yaml\?\)"):
@@ -87,11 +101,11 @@ def test_every_experiment_uses_the_papers_settings_without_a_warning(name, tmp_p
     CosFace and ArcFace at WeSpeaker's s = 32, m = 0.2."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hparams, _ = load(HPARAMS / name, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")})
+        hparams, _ = load(HPARAMS / name, _required(name, tmp_path))
     objective = hparams["objective"]
     if objective.alpha > 1:
         assert (objective.scale, objective.alpha) == (10.0, 1.5)
-        if hparams["objective_name"] != "alphadiv":
+        if hparams["objective_name"] != "alphadiv" and not name.startswith("finetune_qmargin_large"):
             assert objective.base_margin == (0.1 if hparams["model_name"] == "resnet34" else 0.2)
     else:
         assert objective.scale == 32.0 and objective.base_margin in (0.0, 0.2)
@@ -106,3 +120,17 @@ def test_the_papers_other_pairs_are_one_override_away(tmp_path):
             hparams, _ = load(HPARAMS / "ecapa512_qmargin.yaml",
                               {"data_folder": str(tmp_path), "scale": scale, "alpha": alpha})
         assert (hparams["objective"].scale, hparams["objective"].alpha) == (scale, alpha)
+
+
+def test_finetuning_follows_the_papers_schedule(tmp_path):
+    """10 epochs at 1e-4 -> 5e-5, the margin fixed from the first step; the large-margin variant on 6 s crops."""
+    hparams, _ = load(HPARAMS / "finetune_qmargin.yaml", _required("finetune_qmargin.yaml", tmp_path))
+    schedule = hparams["lr_schedule"]
+    assert (schedule.peak, schedule.final, schedule.warmup, schedule.epochs) == (1e-4, 5e-5, 0, 10)
+    assert hparams["margin_warmup"].fraction(0.0) == 1.0 and hparams["init_from"] == str(tmp_path / "trained")
+    assert hparams["experiment_name"] == "resnet34_finetune_qmargin"
+    large, _ = load(HPARAMS / "finetune_qmargin_large_margin.yaml", _required("finetune_qmargin.yaml", tmp_path))
+    assert large["crop_seconds"] == 6.0 and large["objective"].base_margin == 0.3
+    assert large["lr_schedule"].epochs == 10
+    with pytest.raises(Exception, match="init_from"):  # the starting model must be named
+        load(HPARAMS / "finetune_qmargin.yaml", {"data_folder": str(tmp_path)})

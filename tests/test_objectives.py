@@ -251,3 +251,26 @@ def test_bad_inputs_raise_value_error():
         QMargin(30.0, 0.2, 1.5)(torch.zeros(4), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="targets"):
         QMargin(30.0, 0.2, 1.5)(torch.zeros(4, 3), torch.full((4,), 3))
+
+
+@pytest.mark.parametrize("make", [lambda: QMargin(10.0, 0.2, 1.5), lambda: QMargin(5.0, 0.2, 2.0),
+                                  lambda: QMargin(10.0, 0.1, 1.5, form="exp_alpha"), lambda: A3M(10.0, 0.2, 1.5),
+                                  lambda: AlphaDiv(20.0, 1.25)])
+def test_one_hot_rows_are_exactly_the_rows_the_loss_gives_no_gradient(make):
+    objective = make()
+    objective.reduction = "none"
+    torch.manual_seed(7)
+    prototypes = F.normalize(torch.randn(50, 256), dim=1)
+    targets = torch.randint(0, 50, (64,))
+    pull = torch.linspace(0.0, 8.0, 64)[:, None]  # from untrained rows to rows sitting on their prototype
+    embeddings = F.normalize(torch.randn(64, 256) / 16 + pull / 8 * prototypes[targets], dim=1)
+    cosine = (embeddings @ prototypes.T).requires_grad_(True)
+    objective(cosine, targets).sum().backward()
+    no_gradient = (cosine.grad == 0).all(1)
+    assert 0 < int(no_gradient.sum()) < 64  # both kinds of row
+    assert torch.equal(objective.one_hot_rows(cosine, targets), no_gradient)
+
+
+def test_no_row_is_one_hot_at_alpha_one():
+    cosine, targets = _batch(8)
+    assert not CosFace(32.0, 0.2).one_hot_rows(10 * cosine, targets).any()

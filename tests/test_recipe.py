@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "voxceleb" / "train.py"
@@ -17,11 +18,14 @@ OBJECTIVES = ["softmax", "cosface", "arcface", "alphadiv", "qmargin", "a3m", "a3
 
 
 def _arguments(corpus, output, objective="qmargin", epochs=3, batch_size=8, extra=()):
-    return [str(ROOT / "hparams" / f"ecapa512_{objective}.yaml"), f"--data_folder={corpus}",
-            f"--trial_lists=[{corpus}/trials.txt]", f"--output_folder={output}", f"--number_of_epochs={epochs}",
-            "--channels=16", "--embedding_dim=16", f"--batch_size={batch_size}", "--num_workers=0",
-            "--lr_warmup_epochs=1", "--margin_warmup_epochs=1", "--margin_warmup_start=0", "--crop_seconds=1.0",
-            "--mean_utterances=10", "--peak_lr=0.05", *extra]
+    """The recipe's command line for a tiny run; ``extra`` arguments replace the defaults of their keys."""
+    defaults = [f"--data_folder={corpus}", f"--trial_lists=[{corpus}/trials.txt]", f"--output_folder={output}",
+                f"--number_of_epochs={epochs}", "--channels=16", "--embedding_dim=16", f"--batch_size={batch_size}",
+                "--num_workers=0", "--lr_warmup_epochs=1", "--margin_warmup_epochs=1", "--margin_warmup_start=0",
+                "--crop_seconds=1.0", "--mean_utterances=10", "--peak_lr=0.05"]
+    replaced = {argument.split("=")[0] for argument in extra}
+    return [str(ROOT / "hparams" / f"ecapa512_{objective}.yaml"),
+            *(argument for argument in defaults if argument.split("=")[0] not in replaced), *extra]
 
 
 def _train_losses(output):
@@ -151,3 +155,73 @@ def test_a_killed_run_resumes_mid_epoch_and_finishes(tiny_corpus, tmp_path):
     assert first_bar and 0 < int(first_bar.group(1)) < int(first_bar.group(2)), completed.stderr[:500]
     assert len(_train_losses(output)) == 2
     assert (output / "results.json").exists()
+
+
+def _parameters(folder):
+    from spkver.finetune import prototypes_of
+    from spkver.inference import SpeakerEmbedder
+
+    return [p.detach().clone() for p in SpeakerEmbedder.from_pretrained(folder).extractor.parameters()], \
+        prototypes_of(folder)
+
+
+def test_finetuning_starts_from_the_trained_extractor_and_prototypes_of_the_same_speakers(
+        tiny_corpus, tmp_path, monkeypatch):
+    source = tmp_path / "cosface"
+    _run_in_process(_arguments(tiny_corpus, source, "cosface", epochs=2), monkeypatch)
+    target = tmp_path / "finetuned"
+    frozen = ["--peak_lr=1e-9", "--final_lr=1e-9", "--lr_warmup_epochs=0", f"--init_from={source}"]
+    _run_in_process(_arguments(tiny_corpus, target, epochs=1, extra=frozen), monkeypatch)
+    log = (target / "log.txt").read_text()
+    assert f"fine-tuning from {source}: extractor and the prototypes of its 7 speakers" in log
+    assert re.search(r"[\d.]+ % of training examples are already one-hot \(zero loss, zero gradient\) under "
+                     r"QMargin\(scale=10.0", log)
+    (before, prototypes), (after, finetuned_prototypes) = _parameters(source), _parameters(target)
+    for a, b in zip(before, after):  # a learning rate of 1e-9: the weights are the starting model's
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prototypes, finetuned_prototypes, atol=1e-6, rtol=0)
+
+
+def test_finetuning_on_other_speakers_takes_the_extractor_and_fresh_prototypes(tiny_corpus, tmp_path, monkeypatch):
+    from spkver.data.synth import synthesize_corpus
+
+    source = tmp_path / "cosface"
+    _run_in_process(_arguments(tiny_corpus, source, "cosface", epochs=1), monkeypatch)
+    other = tmp_path / "other_corpus"  # 6 training speakers instead of 7
+    synthesize_corpus(other, speakers=9, utterances=4, seed=8, min_seconds=1.2, max_seconds=1.6, test_speakers=3,
+                      progress=False)
+    _run_in_process(_arguments(other, tmp_path / "finetuned", epochs=1, extra=[f"--init_from={source}"]),
+                    monkeypatch)
+    assert (f"fine-tuning from {source}: extractor only; prototypes freshly initialised (its speakers differ "
+            "from this experiment's)") in (tmp_path / "finetuned" / "log.txt").read_text()
+    assert json.loads((tmp_path / "finetuned" / "results.json").read_text())["after training"]
+
+
+def test_finetuning_from_another_architecture_or_a_missing_folder_is_one_line(tiny_corpus, tmp_path, monkeypatch):
+    source = tmp_path / "wide"
+    _run_in_process(_arguments(tiny_corpus, source, "cosface", epochs=1, extra=["--channels=24"]), monkeypatch)
+    with pytest.raises(SystemExit, match=r"init_from: .*wide holds \{'architecture': 'ecapa_tdnn', 'channels': 24, "
+                                         r".*but this experiment builds \{'architecture': 'ecapa_tdnn', 'channels': 16"):
+        _run_in_process(_arguments(tiny_corpus, tmp_path / "a", extra=[f"--init_from={source}"]), monkeypatch)
+    with pytest.raises(SystemExit, match=r"init_from: /no/such/model is not a folder"):
+        _run_in_process(_arguments(tiny_corpus, tmp_path / "b", extra=["--init_from=/no/such/model"]), monkeypatch)
+
+
+def test_spkver_sparsity_measures_the_one_hot_fraction_of_an_experiment(tiny_corpus, tmp_path, monkeypatch, capsys):
+    from spkver.cli import main
+
+    source = tmp_path / "cosface"
+    _run_in_process(_arguments(tiny_corpus, source, "cosface", epochs=2), monkeypatch)
+    capsys.readouterr()
+    fractions = []
+    for margin in ("0.0", "0.3"):
+        assert main(["sparsity", "--model", str(source), "--alpha", "1.5", "--scale", "10", "--margin", margin,
+                     "--examples", "16", "--crop-seconds", "1.0"]) == 0
+        line = capsys.readouterr().out.strip()
+        match = re.fullmatch(r"([\d.]+) % of 16 training examples are one-hot \(zero loss, zero gradient\) under "
+                             rf"QMargin\(scale=10.0, margin={margin} .*\)", line)
+        assert match, line
+        fractions.append(float(match.group(1)))
+    assert fractions[1] <= fractions[0]  # a larger margin leaves fewer examples with nothing to learn
+    assert main(["sparsity", "--model", str(tmp_path), "--alpha", "1.5", "--scale", "10"]) == 2
+    assert "needs an experiment folder, with its checkpoints under save/" in capsys.readouterr().err

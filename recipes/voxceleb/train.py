@@ -8,7 +8,10 @@ Stages, each restartable: (1) synthesise the corpus if the hparams ask for it an
 (2) prepare manifests unless present, (3) train (resuming from the last checkpoint), (4) embed the
 trial utterances, subtract the training mean, score every trial list and write results.md/json.
 Multi-GPU: torchrun --nproc_per_node=N recipes/voxceleb/train.py ... (SpeechBrain's DDP).
+Fine-tuning: --init_from=FOLDER (an experiment or exported folder) starts from its extractor, and
+from its prototypes when it trained on the same speakers (hparams/finetune_qmargin.yaml).
 """
+import json
 import logging
 import sys
 import tempfile
@@ -28,6 +31,7 @@ from spkver.evaluation import (
     write_model_card,
     write_results,
 )
+from spkver.finetune import ONE_HOT_WARNING, FineTuningError, initialise_from, one_hot_fraction
 from spkver.hparams import HparamsError, load, path_list
 from spkver.losses import StreamingSparseHead
 from spkver.models import CosineClassifier
@@ -51,6 +55,8 @@ def check_settings(hparams, hparams_file):
         raise HparamsError(f"data_folder: {hparams['data_folder']} is not a folder (a VoxCeleb1 layout with wav/)")
     if hparams["vox2_folder"] is not None and not Path(hparams["vox2_folder"]).is_dir():
         raise HparamsError(f"vox2_folder: {hparams['vox2_folder']} is not a folder (VoxCeleb2 dev with aac/ or wav/)")
+    if hparams["init_from"] is not None and not Path(hparams["init_from"]).is_dir():
+        raise HparamsError(f"init_from: {hparams['init_from']} is not a folder (an experiment or exported model)")
 
 
 def check_trial_lists(paths):
@@ -74,6 +80,21 @@ def prepare(hparams):
             vox1=data_folder, vox2=hparams["vox2_folder"], trials=hparams["trial_lists"],
             train_on=hparams["train_on"], chunk_seconds=hparams["chunk_seconds"],
             valid_fraction=hparams["valid_fraction"]))
+
+
+def report_one_hot_fraction(brain, hparams, train_set):
+    """Before the first fine-tuning step: how many training examples have nothing left to learn."""
+    loader = sb.dataio.dataloader.make_dataloader(train_set, batch_size=hparams["batch_size"], shuffle=True)
+    fraction = one_hot_fraction(brain.modules.embedding_model, brain.modules.classifier.weight.detach(),
+                                hparams["objective"], loader, device=brain.device,
+                                max_examples=hparams["one_hot_examples"])
+    message = (f"{100 * fraction:.1f} % of training examples are already one-hot (zero loss, zero gradient) "
+               f"under {hparams['objective']!r} at the starting point")
+    if fraction > ONE_HOT_WARNING:
+        logger.warning(f"{message}: above {100 * ONE_HOT_WARNING:.0f} %, fine-tuning will starve for gradient "
+                       "(a larger margin, or a smaller alpha, gives those examples a loss again)")
+    else:
+        logger.info(message)
 
 
 def evaluate(brain, hparams, stage):
@@ -107,9 +128,15 @@ def main():
     else:
         classifier = CosineClassifier(embedding_dim, num_speakers)
     hparams["checkpointer"].add_recoverable("classifier", classifier)
+    fine_tuning = hparams["init_from"] is not None and not hparams["checkpointer"].list_checkpoints()
+    if fine_tuning:  # a fresh start from a trained extractor (a resumed run has its own checkpoint)
+        speakers = json.loads((Path(hparams["manifest_folder"]) / "speakers.json").read_text())
+        logger.info(initialise_from(hparams["init_from"], hparams["embedding_model"], classifier, speakers))
     brain = SpeakerBrain(modules={"embedding_model": hparams["embedding_model"], "classifier": classifier},
                          opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
                          checkpointer=hparams["checkpointer"])
+    if fine_tuning:
+        report_one_hot_fraction(brain, hparams, train_set)
     results = {}
     if hparams["evaluate_before_training"] and not hparams["checkpointer"].list_checkpoints():
         results["before training"], _ = evaluate(brain, hparams, "before training")
@@ -127,5 +154,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (HparamsError, PreparationError, ScoringError) as error:  # the user's input, named in the message
+    except (HparamsError, PreparationError, ScoringError, FineTuningError) as error:  # the user's input, named
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")

@@ -202,6 +202,28 @@ class CosineMarginObjective(nn.Module):
         r""":math:`\log q_y` of the target; ``None`` means the unit measure."""
         return None
 
+    @torch.no_grad()
+    def one_hot_rows(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        r"""Rows whose posterior is exactly :math:`e_y`: zero loss and zero gradient (B,) bool.
+
+        Alone, the target sets :math:`\tau = b_y = \theta_y - \log_\alpha(1/q_y)`; the
+        posterior is one-hot iff every other logit is out of reach of it,
+        :math:`\max_{j \ne y} s\cos_j \le b_y - 1/(\alpha-1)`. Never at :math:`\alpha = 1`
+        (softmax is dense). Exact and solve-free: the fine-tuning diagnostic.
+
+        >>> QMargin(10.0, 0.2, 1.5).one_hot_rows(torch.tensor([[0.9, 0.3], [0.9, 0.5]]), torch.tensor([0, 0]))
+        tensor([ True, False])
+        """
+        cosine = cosine.detach().float()
+        if self.alpha == 1.0:
+            return torch.zeros(cosine.shape[0], dtype=torch.bool, device=cosine.device)
+        column = targets.reshape(-1, 1)
+        theta_y = self.scale * self.target_cosine(cosine.gather(1, column).squeeze(1))
+        log_q = self.target_log_q() or 0.0
+        bound = theta_y - math.expm1(-(self.alpha - 1.0) * log_q) / (self.alpha - 1.0)
+        others = self.scale * cosine.scatter(1, column, -math.inf).amax(1)
+        return others <= bound - 1.0 / (self.alpha - 1.0)
+
     def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not isinstance(cosine, torch.Tensor) or cosine.dim() != 2:
             shape = tuple(cosine.shape) if isinstance(cosine, torch.Tensor) else type(cosine).__name__
