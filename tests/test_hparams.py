@@ -41,7 +41,8 @@ def test_experiment_file_loads_with_its_model_and_objective(name, tmp_path):
 
 def test_command_line_overrides_reach_shared_keys(tmp_path):
     hparams, _ = load(HPARAMS / "ecapa512_qmargin.yaml",
-                      {"data_folder": str(tmp_path), "number_of_epochs": 8, "alpha": 1.25, "margin": 0.3})
+                      {**_required("ecapa512_qmargin.yaml", tmp_path), "number_of_epochs": 8, "alpha": 1.25,
+                       "margin": 0.3})
     assert hparams["epoch_counter"].limit == 8 and hparams["lr_schedule"].epochs == 8
     assert hparams["objective"].alpha == 1.25 and hparams["objective"].base_margin == 0.3
 
@@ -118,7 +119,7 @@ def test_the_papers_other_pairs_are_one_override_away(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             hparams, _ = load(HPARAMS / "ecapa512_qmargin.yaml",
-                              {"data_folder": str(tmp_path), "scale": scale, "alpha": alpha})
+                              {**_required("ecapa512_qmargin.yaml", tmp_path), "scale": scale, "alpha": alpha})
         assert (hparams["objective"].scale, hparams["objective"].alpha) == (scale, alpha)
 
 
@@ -132,5 +133,6 @@ def test_finetuning_follows_the_papers_schedule(tmp_path):
     large, _ = load(HPARAMS / "finetune_qmargin_large_margin.yaml", _required("finetune_qmargin.yaml", tmp_path))
     assert large["crop_seconds"] == 6.0 and large["objective"].base_margin == 0.3
     assert large["lr_schedule"].epochs == 10
-    with pytest.raises(Exception, match="init_from"):  # the starting model must be named
-        load(HPARAMS / "finetune_qmargin.yaml", {"data_folder": str(tmp_path)})
+    with pytest.raises(HparamsError, match=r"finetune_qmargin.yaml: 'init_from' is a !PLACEHOLDER and must be "
+                                           r"replaced"):  # the starting model must be named
+        load(HPARAMS / "finetune_qmargin.yaml", {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")})

@@ -284,6 +284,43 @@ def test_newton_converges_in_a_few_passes_for_the_papers_alpha(monkeypatch):
     torch.testing.assert_close(p.sum(1), torch.ones(256), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_newton_stops_at_float32_resolution_for_wide_supports(alpha, monkeypatch):
+    """Cosines uniform in [-1, 1] at s(alpha-1) = 5: tens of classes in every support, whose mass
+    carries rounding above the tolerance; sparsemax rows used to take all 60 passes."""
+    calls = []
+    original = operator._powers
+    monkeypatch.setattr(operator, "_powers", lambda z, a: calls.append(1) or original(z, a))
+    torch.manual_seed(3)
+    theta = (2 * torch.rand(256, 5994) - 1) * 5 / (alpha - 1)
+    p = alpha_softargmax(theta, alpha)
+    assert len(calls) <= 10
+    expected = torch.from_numpy(reference.softargmax(theta[:16].double().numpy(), alpha))
+    torch.testing.assert_close(p[:16].double(), expected, atol=1e-5, rtol=0)
+
+
+def test_a_few_rows_with_wide_supports_are_solved_alone_and_exactly(monkeypatch):
+    """Trained-like rows with one or two candidates, and three untrained rows with hundreds: the
+    batch's topk stays narrow, the wide rows are redone alone, and the result is exact."""
+    torch.manual_seed(5)
+    theta = torch.randn(64, 4000) * 0.5
+    targets = torch.randint(0, 4000, (64,))
+    theta[torch.arange(61), targets[:61]] += 30.0  # sixty-one rows with a clear winner
+    widths = []
+    original = operator._attempt
+    monkeypatch.setattr(operator, "_attempt", lambda theta, k, *args: widths.append((theta.shape[0], k)) or
+                        original(theta, k, *args))
+    rows = operator.solve_alpha_softargmax(theta, 1.5, candidates_hint=4)
+    assert widths[0] == (64, 4) and [batch for batch, _ in widths[1:]] == [3]  # one redo, of the 3 wide rows
+    assert rows.candidates_needed <= 4  # the next batch starts narrow again
+    expected = torch.from_numpy(reference.softargmax(theta.double().numpy(), 1.5))
+    torch.testing.assert_close(rows.dense().double(), expected, atol=1e-5, rtol=0)
+    loss = alpha_divergence_loss(theta.clone().requires_grad_(True), targets, 1.5, reduction="none")
+    torch.testing.assert_close(loss.double(), torch.from_numpy(reference.loss(theta.double().numpy(),
+                                                                              targets.numpy(), 1.5)),
+                               atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(alpha=0.5), "alpha"),
     (dict(alpha=float("nan")), "alpha"),

@@ -164,6 +164,29 @@ def test_only_the_rows_whose_certificate_failed_are_streamed_again(monkeypatch):
     torch.testing.assert_close(head.weight.grad.to_dense(), weight.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("make", [lambda: QMargin(10.0, 0.2, 1.5), lambda: A3M(20.0, 0.2, 1.25),
+                                  lambda: AlphaDiv(5.0, 2.0)])
+def test_at_the_start_of_training_the_kept_classes_root_certifies_without_streaming_again(make):
+    """Random embeddings at the papers' settings: every class within 0.2 in cosine of the best is in reach
+    of max(b_y, max theta), so that bound certifies nothing; the root on the kept classes certifies them."""
+    torch.manual_seed(9)
+    classes, dim = 3000, 64
+    head = StreamingSparseHead(classes, dim, make(), chunk_size=512, candidates=200)
+    targets = torch.randint(0, classes, (32,))
+    embeddings = torch.randn(32, dim)
+    x = embeddings.clone().requires_grad_(True)
+    loss = head(x, targets)
+    loss.backward()
+    assert head.restreams == 0 and head.objective.last_statistics.support_size < 200
+    weight = head.weight.detach().clone().requires_grad_(True)
+    reference = embeddings.clone().requires_grad_(True)
+    dense = make()(F.normalize(reference, dim=1) @ F.normalize(weight, dim=1).T, targets)
+    dense.backward()
+    torch.testing.assert_close(loss, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head.weight.grad.to_dense(), weight.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_prototype_gradient_touches_only_candidates_and_targets():
     torch.manual_seed(2)
     head = StreamingSparseHead(5000, 16, QMargin(30.0, 0.2, 1.5), chunk_size=512, candidates=8)

@@ -69,6 +69,8 @@ _STEP_RESOLUTION = 4 * torch.finfo(torch.float32).eps
 _DENSE_FRACTION = 0.25
 #: Number of top logits tried first when the caller has no better guess.
 _INITIAL_CANDIDATES = 16
+#: The next batch's topk starts from what this fraction of the rows needed; wider rows are redone alone.
+_HINT_QUANTILE = 0.9
 #: A class is certified out of the support only when its logit is this far below the
 #: threshold tau - 1/(alpha-1): far above float32's error in tau, far below any scale.
 _CERTIFICATE_SLACK = 1e-3
@@ -417,51 +419,111 @@ def solve_alpha_softargmax(
                 "for every allowed class; rescale q (scaling q by c equals scaling the logits by c^(alpha-1))"
             )
 
+    if not special_target:
+        theta_y = None
     k = min(classes, max(2, candidates_hint or _INITIAL_CANDIDATES))
     while True:
-        if k > _DENSE_FRACTION * classes:
-            index, sub_theta, sub_log_q = None, theta, log_q
-            if special_target:
-                others = theta.scatter(1, targets[:, None], -math.inf).amax(1)
-                tau_lo = _target_lower_bound(theta_y, others, log_q_target, alpha)
-                sub_theta = theta.scatter(1, targets[:, None], theta_y[:, None])
-                if log_q_target is not None:
-                    sub_log_q = theta.new_zeros(batch, classes).scatter_(1, targets[:, None], log_q_target[:, None])
-            tau, w, w_prime, shifted = _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha)
-            break
-        sub_theta, index = theta.topk(k, dim=1, sorted=False)
-        sub_log_q = None
-        if special_target:
-            is_target = index == targets[:, None]
-            others_theta = sub_theta.masked_fill(is_target, -math.inf)
-            tau_lo = _target_lower_bound(theta_y, others_theta.amax(1), log_q_target, alpha)
-            smallest = sub_theta.masked_fill(is_target, math.inf).amin(1)
-            # The target's column is appended (its own logit and mass); in the topk part it has p = 0.
-            sub_theta = torch.cat([others_theta, theta_y[:, None]], dim=1)
-            index = torch.cat([index, targets[:, None]], dim=1)
-            if log_q_target is not None:
-                sub_log_q = torch.cat([torch.zeros_like(others_theta), log_q_target[:, None]], dim=1)
-        else:
-            smallest = sub_theta.amin(1)
-            if log_q is not None:
-                sub_log_q = log_q.gather(1, index)
-        # The root on any subset of the classes is a lower bound of the full root (a subset has
-        # less mass at every tau), and a far tighter one than tau_lo when many classes are near the
-        # top, as with random embeddings at a small scale.
-        tau, w, w_prime, shifted = _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha)
-        threshold = tau + row_max - (reach + _CERTIFICATE_SLACK)
-        if bool((smallest < threshold).all()):
-            # Certified: every class left out of the topk has theta_j < tau - 1/(alpha-1), so
-            # p_j = 0 exactly, and tau is the root of the whole row.
-            k = int((sub_theta >= threshold[:, None]).sum(1).max()) + 1  # what this batch needed
+        solution, certified, threshold = _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo,
+                                                  row_max, alpha, reach)
+        if bool(certified.all()):
             break
         # Every class in the support of a failed row is at or above its threshold: take them all.
-        k = int((theta >= threshold[:, None]).sum(1).max()) + 2
-
+        failed = (~certified).nonzero().squeeze(1)
+        wider = int((theta[failed] >= threshold[failed, None]).sum(1).max()) + 2
+        if 4 * failed.numel() > batch:  # many rows: the whole batch again, wider
+            k = wider
+            continue
+        # A few rows: only they are solved again (they certify at that width), so that one
+        # row with a wide support does not widen the topk of the whole batch.
+        pick = (lambda x: None if x is None else x[failed])
+        redo, redo_certified, _ = _attempt(theta[failed], wider, pick(targets), pick(theta_y),
+                                           None if log_q is None else log_q[failed], pick(log_q_target),
+                                           tau_lo[failed], row_max[failed], alpha, reach)
+        if bool(redo_certified.all()):
+            solution = _merge_rows(solution, redo, failed, classes)
+            break
+        k = max(k, wider)  # never reached in exact arithmetic; stay correct if rounding disagrees
+    tau, w, w_prime, shifted, index, needed = solution
     total = w.sum(1, keepdim=True)
     probs = w / total
     return SparseRows(probs=probs, shifted=shifted, index=index, tau=tau,
-                      num_classes=classes, jacobian_diagonal=w_prime / total, candidates_needed=min(k, classes))
+                      num_classes=classes, jacobian_diagonal=w_prime / total, candidates_needed=min(needed, classes))
+
+
+def _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo, row_max, alpha, reach):
+    """One solve on the top ``k`` logits of every row (dense past a quarter of the classes).
+
+    ``theta_y`` (B,) is given when the target is special (its own logit or mass, unit measure
+    elsewhere). Returns ``((tau, w, w_prime, shifted, index, needed), certified, threshold)``:
+    ``certified`` (B,) marks the rows whose left-out classes provably have p = 0, and
+    ``needed`` the candidates that most rows of the batch needed (a hint for the next one).
+    """
+    batch, classes = theta.shape
+    if k > _DENSE_FRACTION * classes:
+        sub_theta, sub_log_q = theta, log_q
+        if theta_y is not None:
+            others = theta.scatter(1, targets[:, None], -math.inf).amax(1)
+            tau_lo = _target_lower_bound(theta_y, others, log_q_target, alpha)
+            sub_theta = theta.scatter(1, targets[:, None], theta_y[:, None])
+            if log_q_target is not None:
+                sub_log_q = theta.new_zeros(batch, classes).scatter_(1, targets[:, None], log_q_target[:, None])
+        tau, w, w_prime, shifted = _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha)
+        certified = torch.ones(batch, dtype=torch.bool, device=theta.device)
+        return (tau, w, w_prime, shifted, None, classes), certified, None
+    sub_theta, index = theta.topk(k, dim=1, sorted=False)
+    sub_log_q = None
+    if theta_y is not None:
+        is_target = index == targets[:, None]
+        others_theta = sub_theta.masked_fill(is_target, -math.inf)
+        tau_lo = _target_lower_bound(theta_y, others_theta.amax(1), log_q_target, alpha)
+        smallest = sub_theta.masked_fill(is_target, math.inf).amin(1)
+        # The target's column is appended (its own logit and mass); in the topk part it has p = 0.
+        sub_theta = torch.cat([others_theta, theta_y[:, None]], dim=1)
+        index = torch.cat([index, targets[:, None]], dim=1)
+        if log_q_target is not None:
+            sub_log_q = torch.cat([torch.zeros_like(others_theta), log_q_target[:, None]], dim=1)
+    else:
+        smallest = sub_theta.amin(1)
+        if log_q is not None:
+            sub_log_q = log_q.gather(1, index)
+    # The root on any subset of the classes is a lower bound of the full root (a subset has less
+    # mass at every tau), and a far tighter one than tau_lo when many classes are near the top,
+    # as with random embeddings at a small scale.
+    tau, w, w_prime, shifted = _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha)
+    threshold = tau + row_max - (reach + _CERTIFICATE_SLACK)
+    # Certified: every class left out of the topk has theta_j < tau - 1/(alpha-1), so p_j = 0
+    # exactly, and tau is the root of the whole row.
+    certified = smallest < threshold
+    counts = (sub_theta >= threshold[:, None]).sum(1)
+    # What most rows needed, plus one column to certify them: the few wider rows are redone alone.
+    needed = int(counts.float().quantile(_HINT_QUANTILE)) + 1 if batch > 1 else int(counts.max()) + 1
+    return (tau, w, w_prime, shifted, index, needed), certified, threshold
+
+
+def _merge_rows(solution, redo, rows, classes):
+    """``solution`` with the rows ``rows`` replaced by ``redo``, padded to a common width with p = 0."""
+    def columns(part):
+        tau, w, w_prime, shifted, index, needed = part
+        if index is None:  # a dense solve: every class is a candidate
+            index = torch.arange(classes, device=w.device).expand(w.shape[0], classes)
+        return tau, w, w_prime, shifted, index, needed
+
+    solution, redo = columns(solution), columns(redo)
+    width = max(solution[1].shape[1], redo[1].shape[1])
+
+    def padded(part):
+        tau, w, w_prime, shifted, index, _ = part
+        extra = width - w.shape[1]
+        if extra == 0:
+            return w, w_prime, shifted, index
+        # Padding columns repeat a candidate's class with p = 0 (the loss masks their shifted -inf).
+        return (F.pad(w, (0, extra)), F.pad(w_prime, (0, extra)), F.pad(shifted, (0, extra), value=-math.inf),
+                torch.cat([index, index[:, :1].expand(-1, extra)], dim=1))
+
+    merged = [tensor.index_copy(0, rows, part) for tensor, part in zip(padded(solution), padded(redo))]
+    tau = solution[0].index_copy(0, rows, redo[0])
+    w, w_prime, shifted, index = merged
+    return tau, w, w_prime, shifted, index, solution[5]
 
 
 def _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha):

@@ -8,8 +8,11 @@ For :math:`\alpha > 1` a class can only carry probability if its logit is within
    row's top-``k`` non-target logits (no gradient, four kernel launches per
    chunk, memory :math:`O(B \cdot (8k + \text{chunk}))`);
 2. **certifies** every row: its smallest kept logit lies below
-   :math:`\tau_{lo} - 1/(\alpha-1)`, so every class it did not keep has
-   :math:`p_j = 0` exactly; rows that fail are streamed again with a larger ``k``;
+   :math:`\tau_{lo} - 1/(\alpha-1)`, or, where that fails, below
+   :math:`\tau_K - 1/(\alpha-1)` with :math:`\tau_K \ge \tau_{lo}` the root on the
+   kept classes and the target (a lower bound of the full root: a subset has
+   less mass), so every class it did not keep has :math:`p_j = 0` exactly;
+   rows that fail both are streamed again with a larger ``k``;
 3. recomputes the logits of the kept classes and the target *with* gradient,
    from prototype rows gathered in one sparse embedding lookup, and applies the
    objective (:class:`~spkver.losses.AlphaDiv`, :class:`~spkver.losses.QMargin`
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spkver.losses.objectives import CosineMarginObjective
-from spkver.losses.operator import check_targets
+from spkver.losses.operator import check_targets, solve_alpha_softargmax
 
 __all__ = ["StreamingSparseHead", "shard_range"]
 
@@ -126,6 +129,10 @@ def shard_range(num_classes: int, world_size: int, rank: int):
     per_rank = -(-num_classes // world_size)
     start = min(rank * per_rank, num_classes)
     return start, min(start + per_rank, num_classes)
+
+
+#: As the solver's: a kept class is out of the support only this far below tau - 1/(alpha-1).
+_CERTIFICATE_SLACK = 1e-3
 
 
 class StreamingSparseHead(nn.Module):
@@ -249,6 +256,16 @@ class StreamingSparseHead(nn.Module):
         best, where = values.topk(k, dim=1)
         return best, index.gather(1, where)
 
+    def _kept_root(self, logits: torch.Tensor, target_logit: torch.Tensor, log_q_y: Optional[float]) -> torch.Tensor:
+        """The root tau (B,) of the f-softargmax on the kept logits (B, k) and the target's logit (B,)."""
+        logits = torch.cat([logits, target_logit[:, None]], dim=1)
+        last = torch.full((logits.shape[0],), logits.shape[1] - 1, dtype=torch.long, device=logits.device)
+        log_q = None if log_q_y is None else torch.full_like(target_logit, log_q_y)
+        row_max = logits.amax(1)
+        rows = solve_alpha_softargmax(logits, self.objective.alpha, targets=last, log_q_target=log_q,
+                                      target_logits=target_logit, row_max=row_max, candidates_hint=logits.shape[1])
+        return rows.tau + row_max
+
     @staticmethod
     def _merge(kept, width: int):
         """The top ``width`` of the kept chunks' candidates, with their class indices."""
@@ -294,10 +311,11 @@ class StreamingSparseHead(nn.Module):
                 target_cosine = torch.where(owned, target_cosine, torch.zeros_like(target_cosine))
                 target_cosine = _SumAcrossRanks.apply(target_cosine, self.process_group)
             with torch.no_grad():
-                bound_y = scale * objective.target_cosine(target_cosine.detach())
-                if log_q_y is not None:
-                    bound_y -= math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
                 top = self._all_reduce(best[:, 0].clone(), dist.ReduceOp.MAX) if sharded else best[:, 0]
+                target_logit = scale * objective.target_cosine(target_cosine.detach())
+                bound_y = target_logit
+                if log_q_y is not None:
+                    bound_y = bound_y - math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
                 tau_lo = torch.maximum(scale * top, bound_y)
                 # A row is certified when its smallest kept logit is out of reach (a padding slot is -inf).
                 failed = scale * best[:, -1] >= tau_lo - reach
@@ -307,6 +325,19 @@ class StreamingSparseHead(nn.Module):
             if lowest < 0 or highest >= self.num_classes:
                 bad = lowest if lowest < 0 else highest
                 raise ValueError(f"targets must lie in [0, {self.num_classes - 1}], got {bad}")
+            if failures:
+                with torch.no_grad():
+                    # Where that bound fails: the root on the kept classes and the target is a lower
+                    # bound of the full root too (a subset has less mass), far tighter when many
+                    # classes crowd the top of a row (the start of training). The ranks' bounds
+                    # agree on their largest.
+                    tau = self._kept_root(scale * best, target_logit, log_q_y)
+                    if sharded:
+                        tau = self._all_reduce(tau, dist.ReduceOp.MAX)
+                    failed &= scale * best[:, -1] >= tau - reach - _CERTIFICATE_SLACK
+                    if sharded:
+                        failed = self._all_reduce(failed.to(torch.int32), dist.ReduceOp.MAX).bool()
+                    failures = int(failed.sum())
             if not failures:
                 break
             # Redo only the failed rows, with 4x the candidates; the other rows' new slots are padding.
