@@ -1,9 +1,12 @@
 """Forward+backward time and peak memory of every objective against its peers, in one run.
 
-Peers: (a) plain ``cross_entropy(s*cos)``, (b) SpeechBrain's
-``LogSoftmaxWrapper(AdditiveAngularMargin(0.2, 30))``, (c)
-``entmax.EntmaxBisectLoss(alpha=1.5)`` on ``s*cos``.  Times are medians over
-repeats, printed as ratios to (a).  Peak memory is the extra memory of one
+Peers: (a) plain ``cross_entropy(32*cos)``, (b) SpeechBrain's
+``LogSoftmaxWrapper(AdditiveAngularMargin(0.2, 32))``, (c)
+``entmax.EntmaxBisectLoss(alpha=1.5)`` on ``10*cos``.  Times are medians over
+repeats, printed as ratios to (a). A second table per size times Q-Margin and
+A3M at each of the papers' (s, alpha) pairs (and the mismatched (30, 1.5)) on
+cosines from four stages: random initialisation, mid-training, trained-like,
+and uniform in [-1, 1].  Peak memory is the extra memory of one
 forward+backward over the inputs: CUDA's allocator peak on a GPU, the peak
 resident-set growth on the CPU (Linux; measured in a child process where
 every large allocation is an mmap, so that it is seen).
@@ -28,8 +31,13 @@ import torch
 import torch.nn.functional as F
 from measure import device_name, peak_bytes, sync
 
-SCALE, MARGIN, ALPHA = 30.0, 0.2, 1.5
+#: The papers' settings: the baselines at WeSpeaker's s = 32, m = 0.2; the alpha objectives at (s, alpha) = (10, 1.5).
+BASELINE_SCALE, MARGIN, SCALE, ALPHA = 32.0, 0.2, 10.0, 1.5
 CONFIGS = [(256, 5994), (128, 100_000)]
+#: The papers' (s, alpha) pairs, and the mismatched pair spkver used before them.
+PAIRS = [(20.0, 1.25), (10.0, 1.5), (5.0, 2.0), (30.0, 1.5)]
+#: Cosines at three stages of training, and an adversarial spread: the solver's cost follows the support.
+FAMILIES = ["random-init", "mid-training", "trained-like", "uniform"]
 
 
 def make_methods():
@@ -38,15 +46,15 @@ def make_methods():
 
     from spkver.losses import A3M, AlphaDiv, ArcFace, CosFace, QMargin, Softmax
 
-    speechbrain_aam = LogSoftmaxWrapper(AdditiveAngularMargin(MARGIN, SCALE))
+    speechbrain_aam = LogSoftmaxWrapper(AdditiveAngularMargin(MARGIN, BASELINE_SCALE))
     entmax_loss = entmax.EntmaxBisectLoss(alpha=ALPHA)
     ours = {
-        "Softmax": Softmax(SCALE), "CosFace": CosFace(SCALE, MARGIN), "ArcFace": ArcFace(SCALE, MARGIN),
-        "AlphaDiv(1.5)": AlphaDiv(SCALE, ALPHA), "QMargin(1.5)": QMargin(SCALE, MARGIN, ALPHA),
-        "A3M(1.5)": A3M(SCALE, MARGIN, ALPHA),
+        "Softmax": Softmax(BASELINE_SCALE), "CosFace": CosFace(BASELINE_SCALE, MARGIN),
+        "ArcFace": ArcFace(BASELINE_SCALE, MARGIN), "AlphaDiv(10, 1.5)": AlphaDiv(SCALE, ALPHA),
+        "QMargin(10, 1.5)": QMargin(SCALE, MARGIN, ALPHA), "A3M(10, 1.5)": A3M(SCALE, MARGIN, ALPHA),
     }
     methods = {
-        "(a) cross_entropy": lambda c, y: F.cross_entropy(SCALE * c, y),
+        "(a) cross_entropy": cross_entropy,
         "(b) speechbrain AAM": lambda c, y: speechbrain_aam(c[:, None], y[:, None]),
         "(c) entmax bisect 1.5": lambda c, y: entmax_loss(SCALE * c, y).mean(),
     }
@@ -54,15 +62,42 @@ def make_methods():
     return methods
 
 
-def make_inputs(batch, classes, device, seed=0):
-    """Cosines of trained-looking embeddings: the target leads, the rest are spread."""
+def cross_entropy(cosine, targets):
+    return F.cross_entropy(BASELINE_SCALE * cosine, targets)
+
+
+def make_pair_methods():
+    import warnings
+
+    from spkver.losses import A3M, QMargin
+
+    methods = {"(a) cross_entropy": cross_entropy}
+    with warnings.catch_warnings():  # (30, 1.5) is the mismatched pair, measured on purpose
+        warnings.simplefilter("ignore")
+        for scale, alpha in PAIRS:
+            methods[f"QMargin({scale:g}, {alpha:g})"] = QMargin(scale, MARGIN, alpha)
+            methods[f"A3M({scale:g}, {alpha:g})"] = A3M(scale, MARGIN, alpha)
+    return methods
+
+
+def make_inputs(batch, classes, device, family="trained-like", seed=0):
+    """Cosines of a batch: random unit embeddings and prototypes (the start of training), the
+    target's prototype pulled towards its embedding (mid-training: cos_y about 0.5; trained-like:
+    about 0.9), or cosines uniform in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
-    emb = F.normalize(torch.randn(batch, 192, generator=generator), dim=1)
-    protos = F.normalize(torch.randn(classes, 192, generator=generator), dim=1)
+    dim = 192
+    emb = F.normalize(torch.randn(batch, dim, generator=generator), dim=1)
+    protos = F.normalize(torch.randn(classes, dim, generator=generator), dim=1)
     targets = torch.randint(0, classes, (batch,), generator=generator)
-    protos[targets] = F.normalize(emb + 0.8 * torch.randn(batch, 192, generator=generator) / 192 ** 0.5, dim=1)
-    cosine = (emb @ protos.T).to(device)
-    return cosine, targets.to(device)
+    noise = {"mid-training": 1.7, "trained-like": 0.5}.get(family)
+    if noise is not None:
+        protos[targets] = F.normalize(emb + noise * torch.randn(batch, dim, generator=generator) / dim ** 0.5, dim=1)
+    cosine = emb @ protos.T
+    if family == "uniform":
+        cosine = 2 * torch.rand(batch, classes, generator=generator) - 1
+    elif family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return cosine.to(device), targets.to(device)
 
 
 def time_methods(methods, cosine, targets, repeats, device):
@@ -99,7 +134,16 @@ def cpu_peak_memories():
     return json.loads(out.stdout)
 
 
+#: Timing runs with glibc's heap serving every allocation up to its 32 MiB maximum and never trimmed,
+#: as in the steady state of a training loop; otherwise whether a (B, C) temporary is a fresh mmap
+#: (page faults) or a reused heap block depends on the allocator's history, and the same call
+#: measured 2.5 ms or 8.7 ms from one run to the next.
+STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20), "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
+
+
 def main():
+    if not any(k in os.environ for k in STEADY_ALLOCATOR) and "--cpu-memory-child" not in sys.argv:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_ALLOCATOR})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per method (default: 20 CPU, 200 GPU)")
@@ -118,11 +162,12 @@ def main():
         print(json.dumps(peaks))
         return
     cpu_peaks = None if on_gpu else cpu_peak_memories()
-    print(f"# objective forward+backward on {device_name(args.device)}, torch {torch.__version__}, "
-          f"s={SCALE} m={MARGIN}")
+    print(f"# objective forward+backward on {device_name(args.device)}, torch {torch.__version__}; "
+          f"(a) and (b) at s={BASELINE_SCALE:g}, (c) and the alpha objectives at s={SCALE:g}, m={MARGIN}; "
+          f"medians of {repeats}")
     for batch, classes in CONFIGS:
         cosine, targets = make_inputs(batch, classes, args.device)
-        print(f"\n## B={batch}, C={classes}")
+        print(f"\n## B={batch}, C={classes}, trained-like cosines")
         print("| method | time (ms) | vs (a) | vs (c) | peak extra memory (MiB) |")
         print("|---|---:|---:|---:|---:|")
         times = time_methods(methods, cosine, targets, repeats, args.device)
@@ -130,6 +175,25 @@ def main():
             peak = peak_memory(fn, cosine, targets, args.device) if on_gpu else cpu_peaks[f"{batch}x{classes}"][name]
             print(f"| {name} | {1e3 * times[name]:.2f} | {times[name] / times['(a) cross_entropy']:.2f}x | "
                   f"{times[name] / times['(c) entmax bisect 1.5']:.3f}x | {peak / 2 ** 20:.1f} |", flush=True)
+    pair_methods = make_pair_methods()
+    for batch, classes in CONFIGS:
+        print(f"\n## B={batch}, C={classes}: the papers' pairs and every stage of training, as a ratio to (a)")
+        print("| method | " + " | ".join(FAMILIES) + " |")
+        print("|---|" + "---:|" * len(FAMILIES))
+        ratios = {name: [] for name in pair_methods if name != "(a) cross_entropy"}
+        supports = {name: [] for name in ratios}
+        baseline = []
+        for family in FAMILIES:
+            cosine, targets = make_inputs(batch, classes, args.device, family)
+            times = time_methods(pair_methods, cosine, targets, repeats, args.device)
+            baseline.append(times["(a) cross_entropy"])
+            for name in ratios:
+                ratios[name].append(times[name] / times["(a) cross_entropy"])
+                supports[name].append(pair_methods[name].last_statistics.support_size)
+        print("| (a) cross_entropy | " + " | ".join(f"{1e3 * t:.2f} ms" for t in baseline) + " |")
+        for name in ratios:
+            print(f"| {name} | " + " | ".join(f"{r:.2f}x (support {k:.0f})" for r, k in zip(ratios[name], supports[name]))
+                  + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Peak memory and step time of the exact streaming sparse head against the dense head.
 
-B=512 embeddings of D=256, trained-like (each near its class prototype), QMargin(s=30, m=0.2,
-alpha=1.5); C in {1e4, 1e5, 1e6}. Dense: cosines (B, C) -> objective -> dense gradients.
+B=512 embeddings of D=256, trained-like (each near its class prototype) or random (the start of
+training, ``--embeddings random-init``), QMargin at the papers' (s, m, alpha) = (10, 0.2, 1.5) by
+default; C in {1e4, 1e5, 1e6}. Dense: cosines (B, C) -> objective -> dense gradients.
 Sparse: spkver.losses.StreamingSparseHead (chunked top-k, certified, sparse prototype gradient).
 Peak memory is the growth over the prototype matrix already in memory, also shown as a
 multiple of the prototype matrix itself.
 
     python benchmarks/bench_sparse_head.py [--classes 10000 100000 1000000] [--device cuda] [--repeats 5]
-        [--profile 100000] [--chunk-size 32768]
+        [--profile 100000] [--chunk-size 32768] [--embeddings random-init] [--scale 10 --alpha 1.5 --margin 0.2]
 
 Step time is the median of ``--repeats`` steps after a warm-up; ``--profile C`` prints where one
 sparse step at C classes spends its time (torch.profiler, the 15 costliest operations).
@@ -39,27 +40,38 @@ def main():
     parser.add_argument("--profile", type=int, default=None, metavar="C")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="the sparse head's chunk_size (default: its own)")
+    parser.add_argument("--embeddings", default="trained-like", choices=["trained-like", "random-init"],
+                        help="near their class prototypes, or random (the start of training)")
+    parser.add_argument("--scale", type=float, default=10.0)
+    parser.add_argument("--alpha", type=float, default=1.5)
+    parser.add_argument("--margin", type=float, default=0.2)
     args = parser.parse_args()
     device = device_name(args.device)
     chunk = "" if args.chunk_size is None else f", chunk_size={args.chunk_size}"
-    print(f"# exact sparse head vs dense head, B={args.batch}, D={args.dim}, QMargin(30, 0.2, 1.5){chunk}, {device}")
+    setting = f"QMargin({args.scale:g}, {args.margin:g}, {args.alpha:g})"
+    print(f"# exact sparse head vs dense head, B={args.batch}, D={args.dim}, {setting}, {args.embeddings} "
+          f"embeddings{chunk}, {device}")
     print("| classes | head | step (ms) | peak extra memory (MiB) | x prototype matrix | time vs dense |")
     print("|---:|---|---:|---:|---:|---:|")
     for classes in args.classes:
         torch.manual_seed(0)
         options = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
-        head = StreamingSparseHead(classes, args.dim, QMargin(30.0, 0.2, 1.5), **options).to(args.device)
+        head = StreamingSparseHead(classes, args.dim, QMargin(args.scale, args.margin, args.alpha),
+                                   **options).to(args.device)
         targets = torch.randint(0, classes, (args.batch,), device=args.device)
         with torch.no_grad():
-            embeddings = head.weight[targets] + 0.3 * torch.randn(args.batch, args.dim, device=args.device) * \
-                head.weight[targets].norm(dim=1, keepdim=True) / args.dim ** 0.5
+            if args.embeddings == "random-init":
+                embeddings = torch.randn(args.batch, args.dim, device=args.device)
+            else:
+                embeddings = head.weight[targets] + 0.3 * torch.randn(args.batch, args.dim, device=args.device) * \
+                    head.weight[targets].norm(dim=1, keepdim=True) / args.dim ** 0.5
         matrix = head.weight.numel() * 4
 
         def sparse_step():
             head.weight.grad = None
             head(embeddings.clone().requires_grad_(True), targets).backward()
 
-        dense_objective = QMargin(30.0, 0.2, 1.5)
+        dense_objective = QMargin(args.scale, args.margin, args.alpha)
 
         def dense_step():
             head.weight.grad = None
