@@ -65,8 +65,8 @@ def main():
     runs = [run(*cells[0], threads * args.jobs)]
     with ThreadPoolExecutor(args.jobs) as pool:
         runs += list(pool.map(lambda cell: run(*cell, threads), cells[1:]))
-    print(f"| objective | EER % | minDCF(0.01) | TAR@FAR=1e-3 % | miss % at FAR 0.1 % | untrained EER % | "
-          f"A3M-I firings |")
+    print("| objective | EER % | minDCF(0.01) | TAR@FAR=1e-3 % | miss % at FAR 0.1 % | untrained EER % | "
+          "A3M-I firings |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for objective in args.objectives:
         rows = [r for r in runs if r["objective"] == objective]
