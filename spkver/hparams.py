@@ -108,8 +108,6 @@ def load(path, overrides=None) -> Tuple[dict, str]:
             raise HparamsError(f"--{key}: {path} has no such key{_suggestion(key, sorted(known))}")
     try:
         return load_hyperpyyaml(text, overrides), text
-    except HparamsError:
-        raise
     except ValueError as error:
         raise HparamsError(f"{path}: {error}") from None
 

@@ -148,7 +148,12 @@ def qmargin_zero_loss_gap(scale: float, margin: float, alpha: float, form: str =
     if alpha == 1.0:
         return math.inf
     log_q = qmargin_log_q_target(scale, margin, alpha, form)
-    return (math.expm1(-(alpha - 1.0) * log_q) / (alpha - 1.0) + 1.0 / (alpha - 1.0)) / scale
+    return (_log_alpha_of_inverse(log_q, alpha) + 1.0 / (alpha - 1.0)) / scale
+
+
+def _log_alpha_of_inverse(log_q: float, alpha: float) -> float:
+    r""":math:`\log_\alpha(1/q_y)` of a scalar mass (the operator's tensor form, for one target)."""
+    return math.expm1((1.0 - alpha) * log_q) / (alpha - 1.0)
 
 
 class CosineMarginObjective(nn.Module):
@@ -218,11 +223,15 @@ class CosineMarginObjective(nn.Module):
         if self.alpha == 1.0:
             return torch.zeros(cosine.shape[0], dtype=torch.bool, device=cosine.device)
         column = targets.reshape(-1, 1)
-        theta_y = self.scale * self.target_cosine(cosine.gather(1, column).squeeze(1))
-        log_q = self.target_log_q() or 0.0
-        bound = theta_y - math.expm1(-(self.alpha - 1.0) * log_q) / (self.alpha - 1.0)
+        bound = self.target_bound(self.scale * self.target_cosine(cosine.gather(1, column).squeeze(1)))
         others = self.scale * cosine.scatter(1, column, -math.inf).amax(1)
         return others <= bound - 1.0 / (self.alpha - 1.0)
+
+    def target_bound(self, target_logit: torch.Tensor) -> torch.Tensor:
+        r""":math:`b_y = \theta_y - \log_\alpha(1/q_y)`: the root :math:`\tau` when the target is alone
+        (:math:`\alpha > 1`), and the lower bound of :math:`\tau` it contributes."""
+        log_q = self.target_log_q()
+        return target_logit if log_q is None else target_logit - _log_alpha_of_inverse(log_q, self.alpha)
 
     def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not isinstance(cosine, torch.Tensor) or cosine.dim() != 2:

@@ -313,10 +313,7 @@ class StreamingSparseHead(nn.Module):
             with torch.no_grad():
                 top = self._all_reduce(best[:, 0].clone(), dist.ReduceOp.MAX) if sharded else best[:, 0]
                 target_logit = scale * objective.target_cosine(target_cosine.detach())
-                bound_y = target_logit
-                if log_q_y is not None:
-                    bound_y = bound_y - math.expm1((1.0 - objective.alpha) * log_q_y) / (objective.alpha - 1.0)
-                tau_lo = torch.maximum(scale * top, bound_y)
+                tau_lo = torch.maximum(scale * top, objective.target_bound(target_logit))
                 # A row is certified when its smallest kept logit is out of reach (a padding slot is -inf).
                 failed = scale * best[:, -1] >= tau_lo - reach
                 if sharded:  # a row that fails on any rank is redone on every rank
