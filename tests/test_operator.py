@@ -365,3 +365,41 @@ def test_target_logit_override_equals_loss_of_logits_with_that_entry(alpha, dens
     column_y = theta_b.grad.gather(1, targets[:, None]).squeeze(1)
     torch.testing.assert_close(override_a.grad, column_y, atol=1e-5, rtol=0)
     torch.testing.assert_close(theta_a.grad, theta_b.grad.scatter(1, targets[:, None], 0.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 4.0 / 3.0, 1.25, 1.2])
+@pytest.mark.parametrize("spread", ["clear winners", "random init", "uniform"])
+def test_integer_degree_alphas_are_solved_exactly_without_newton(alpha, spread, monkeypatch):
+    """alpha = 1 + 1/k (the papers' 2, 1.5, 1.25): the root comes from sorted prefix sums, one
+    pass; Newton is never called, and p, the loss and the target's margin measure match float64."""
+    monkeypatch.setattr(operator, "_newton_tau", lambda *args: pytest.fail("Newton was called"))
+    generator = torch.Generator().manual_seed(11)
+    theta = {"clear winners": torch.randn(32, 500, generator=generator) * 0.3,
+             "random init": torch.randn(32, 500, generator=generator) * 0.07 * 5 / (alpha - 1),
+             "uniform": (2 * torch.rand(32, 500, generator=generator) - 1) * 5 / (alpha - 1)}[spread]
+    targets = torch.randint(0, 500, (32,), generator=generator)
+    if spread == "clear winners":
+        theta[torch.arange(32), targets] += 4.0
+    log_q_target = -10.0 * 0.2  # Q-Margin at s = 10, m = 0.2
+    loss = alpha_divergence_loss(theta, targets, alpha, reduction="none", log_q_target=log_q_target)
+    log_q = np.zeros(theta.shape)
+    log_q[np.arange(32), targets.numpy()] = log_q_target
+    expected = reference.loss(theta.double().numpy(), targets.numpy(), alpha, log_q=log_q)
+    torch.testing.assert_close(loss.double(), torch.from_numpy(expected), atol=5e-5, rtol=1e-5)
+    p = alpha_softargmax(theta, alpha)
+    torch.testing.assert_close(p.double(), torch.from_numpy(reference.softargmax(theta.double().numpy(), alpha)),
+                               atol=1e-6, rtol=0)
+
+
+def test_exact_root_leaves_a_measure_too_uneven_for_its_prefix_sums_to_newton(monkeypatch):
+    """q spanning e^(+-20) at alpha = 1.5: the prefix sums' terms would span e^80; Newton solves it."""
+    calls = []
+    original = operator._newton_tau
+    monkeypatch.setattr(operator, "_newton_tau", lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(12)
+    theta = torch.randn(4, 30)
+    log_q = torch.linspace(-20.0, 20.0, 30)
+    p = alpha_softargmax(theta, 1.5, log_q)
+    assert calls
+    expected = reference.softargmax(theta.double().numpy(), 1.5, log_q.double().numpy())
+    torch.testing.assert_close(p.double(), torch.from_numpy(expected), atol=1e-5, rtol=0)

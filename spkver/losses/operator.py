@@ -27,8 +27,11 @@ reference measure :math:`q \in (0, \infty)^C` given as ``log_q``, and
 Root finding.  Every :math:`p_j \le 1` gives the lower bound
 :math:`\tau \ge \tau_{lo} = \max_j[\theta_j - \log_\alpha(1/q_j)]`, so only the
 classes with :math:`\theta_j > \tau_{lo} - 1/(\alpha-1)` can be in the support.
-The solver keeps the top candidates (one ``topk``), runs a safeguarded
-Newton iteration on :math:`\varphi(\tau) = (\sum_j q_j z_j^k)^{1/k} - 1`,
+The solver keeps the top candidates (one ``topk``).  For
+:math:`\alpha = 1 + 1/k` with an integer :math:`k \le 8` (the papers' 2, 1.5,
+1.25) the root is exact from the candidates' sorted thresholds and prefix sums
+of their powers (:func:`_exact_root`: one sort, no iteration over the columns).
+Otherwise it runs a safeguarded Newton iteration on :math:`\varphi(\tau) = (\sum_j q_j z_j^k)^{1/k} - 1`,
 :math:`z_j = [1 + (\alpha-1)(\theta_j - \tau)]_+`, from :math:`\tau_{lo}`.  For
 :math:`1 < \alpha \le 2` :math:`\varphi` is convex and decreasing, so the
 iterates rise monotonically to the root (3--6 passes to float32 accuracy); a
@@ -259,18 +262,31 @@ def _check_log_q_target(log_q_target, logits: torch.Tensor) -> Optional[torch.Te
     return log_q_target.detach()
 
 
+#: alpha = 1 + 1/k with an integer k up to this (2, 1.5, 1.333.., 1.25, ...): powers are products,
+#: and the root is found exactly from sorted prefix sums (:func:`_exact_root`).
+_MAX_INTEGER_DEGREE = 8
+#: Up to this many candidate columns the exact root is used; wider (dense) solves use Newton.
+_MAX_EXACT_COLUMNS = 1024
+
+
+def _integer_degree(alpha: float) -> Optional[int]:
+    r""":math:`k = 1/(\alpha-1)` when it is an integer up to :data:`_MAX_INTEGER_DEGREE`, else ``None``."""
+    k = 1.0 / (alpha - 1.0)
+    degree = round(k)
+    return degree if 1 <= degree <= _MAX_INTEGER_DEGREE and abs(k - degree) <= 1e-9 * degree else None
+
+
 def _powers(z: torch.Tensor, alpha: float):
     r"""Return :math:`(z^k, z^{k-1})` for :math:`z \ge 0`, zero where :math:`z = 0`."""
-    if alpha == 1.5:  # k = 2: the paper's default, no transcendental functions
-        return z * z, z
-    if alpha == 2.0:  # k = 1: sparsemax
+    degree = _integer_degree(alpha)
+    if degree == 1:  # sparsemax
         return z, (z > 0).to(z.dtype)
-    k = 1.0 / (alpha - 1.0)
-    if k == round(k) and k <= 8:  # alpha = 1 + 1/n (1.25, 1.333..): products, not exp and log
+    if degree is not None:  # alpha = 1 + 1/n (1.5, 1.25, 1.333..): products, not exp and log
         lower = z
-        for _ in range(int(k) - 2):
+        for _ in range(degree - 2):
             lower = lower * z
         return lower * z, lower
+    k = 1.0 / (alpha - 1.0)
     positive = z > 0
     log_z = torch.log(torch.where(positive, z, torch.ones_like(z)))
     zero = torch.zeros_like(z)
@@ -328,6 +344,85 @@ def _newton_tau(bound, steepness, alpha, tau_lo, tau_hi):
                 break
         tau = new_tau
     return tau, w, w_prime
+
+
+#: The exact root's Newton (k > 2) stops when sigma moves by less than this (float64, relative to 1 + sigma).
+_EXACT_STEP = 1e-12
+
+
+def _exact_root(bound, steepness, alpha, degree):
+    r"""The root of :math:`\sum_j [1 + (\alpha-1) a_j (b_j - \tau)]_+^k = 1` for an integer :math:`k`, without iterating over the columns.
+
+    Column :math:`j` enters the support below its threshold :math:`t_j = b_j + 1/((\alpha-1)a_j)`,
+    and there :math:`p_j = w_j (t_j - \tau)^k` with :math:`w_j = ((\alpha-1)a_j)^k`. With the
+    thresholds sorted, :math:`t_{(1)} \ge t_{(2)} \ge \dots`, and :math:`\sigma = t_{(1)} - \tau`,
+    :math:`u_j = t_{(1)} - t_{(j)}`, the mass of the first :math:`n` columns is a polynomial in
+    :math:`\sigma` whose coefficients are prefix sums:
+
+    .. math::
+        M_n(\sigma) = \sum_{j \le n} w_j (\sigma - u_j)^k
+        = \sum_{i=0}^{k} \binom{k}{i} (-1)^i \sigma^{k-i} \sum_{j \le n} w_j u_j^i .
+
+    The mass at the next threshold, :math:`M_n(u_{n+1})`, rises with :math:`n`; the support is
+    the first :math:`n` for which it reaches 1, and :math:`\sigma` the root of :math:`M_n = 1` on
+    :math:`[u_n, u_{n+1}]`: in closed form for :math:`k \le 2` (sparsemax, 1.5-entmax), else by
+    Newton from Jensen's upper bound :math:`\bar u + W^{-1/k}` (:math:`W = \sum w_j`,
+    :math:`\bar u` the :math:`w`-mean of :math:`u`), from which it falls monotonically. One sort
+    and a fixed number of passes over the (B, K) columns, in float64: every term
+    :math:`w_j^{1/k}\sigma, w_j^{1/k}u_j` is at most :math:`\max_j a_y/a_j`, so little cancels.
+    Returns :math:`\tau` (B,), float32.
+    """
+    b = bound.double()
+    d = (alpha - 1.0) * (1.0 if steepness is None else steepness.double())
+    thresholds, order = (b + 1.0 / d).sort(dim=1, descending=True)
+    valid = torch.isfinite(thresholds)  # excluded columns (-inf) sort last
+    u = torch.where(valid, thresholds[:, :1] - thresholds, torch.zeros_like(thresholds))
+    weight = d ** degree if steepness is None else d.gather(1, order) ** degree
+    exponents = torch.arange(degree + 1, dtype=torch.float64, device=b.device)
+    # sums[:, n, i] = sum over the first n + 1 columns of w_j u_j^i
+    sums = (torch.where(valid, weight, torch.zeros_like(u))[..., None] * u[..., None] ** exponents).cumsum(1)
+    coefficients = torch.tensor([(-1.0) ** i * math.comb(degree, i) for i in range(degree + 1)],
+                                dtype=torch.float64, device=b.device)
+    following = F.pad(u[:, 1:], (0, 1))
+    mass_at_next = (coefficients * following[..., None] ** (degree - exponents) * sums).sum(2)
+    mass_at_next = torch.where(F.pad(valid[:, 1:], (0, 1)), mass_at_next, torch.full_like(mass_at_next, math.inf))
+    last = (mass_at_next < 1.0).sum(1, keepdim=True)  # the support's last column
+    prefix = sums.gather(1, last[..., None].expand(-1, 1, degree + 1)).squeeze(1)  # (B, k + 1)
+    total, first_moment = prefix[:, 0], prefix[:, 1]
+    if degree == 1:
+        sigma = (1.0 + first_moment) / total
+    elif degree == 2:  # the larger root of W s^2 - 2 P1 s + P2 - 1 = 0; both terms of the sum are >= 0
+        sigma = (first_moment + (first_moment ** 2 - total * (prefix[:, 2] - 1.0)).clamp_min(0.0).sqrt()) / total
+    else:
+        polynomial = coefficients * prefix  # M(s) - 1 = sum_i polynomial_i s^(k-i) - 1
+        slope = polynomial[:, :-1] * (degree - exponents[:-1])
+        # Both Jensen's bound and the next threshold (mass >= 1 there) lie at or above the root.
+        upper = following.gather(1, last).squeeze(1)
+        jensen = first_moment / total + total ** (-1.0 / degree)
+        sigma = torch.where(upper > 0, torch.minimum(jensen, upper), jensen)
+        for _ in range(_MAX_ITERATIONS):
+            powers = sigma[:, None] ** (degree - exponents)
+            excess = (polynomial * powers).sum(1) - 1.0
+            step = excess / (slope * powers[:, 1:]).sum(1)
+            sigma = sigma - step
+            if bool((step.abs() <= _EXACT_STEP * (1.0 + sigma.abs())).all()):
+                break
+    return (thresholds[:, 0] - sigma).float()
+
+
+#: The exact root's float64 prefix sums carry terms up to (max_j a_j / min_j a_j)^k: it is used
+#: while that is below e^16 (rounding ~1e-8 of the unit mass); Q-Margin's measure has a ratio of
+#: e^((alpha-1) s m), k log of it (alpha-1) s m k = s m, 2 for the papers' settings.
+_MAX_EXACT_LOG_SPREAD = 16.0
+
+
+def _log_steepness_spread(bound, steepness) -> float:
+    """The largest :math:`\log(\max_j a_j / \min_j a_j)` of a row, over its allowed columns."""
+    log_steepness = steepness.log()
+    allowed = torch.isfinite(bound)
+    spread = (log_steepness.masked_fill(~allowed, -math.inf).amax(1)
+              - log_steepness.masked_fill(~allowed, math.inf).amin(1))
+    return float(spread.nan_to_num(0.0, posinf=0.0, neginf=0.0).max()) if spread.numel() else 0.0
 
 
 #: Largest steepness a_j = q_j^(alpha-1) used: the window of tau over which such a
@@ -480,8 +575,6 @@ def _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo, row_max, a
         # The target's column is appended (its own logit and mass); in the topk part it has p = 0.
         sub_theta = torch.cat([others_theta, theta_y[:, None]], dim=1)
         index = torch.cat([index, targets[:, None]], dim=1)
-        if log_q_target is not None:
-            sub_log_q = torch.cat([torch.zeros_like(others_theta), log_q_target[:, None]], dim=1)
     else:
         smallest = sub_theta.amin(1)
         if log_q is not None:
@@ -489,14 +582,15 @@ def _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo, row_max, a
     # The root on any subset of the classes is a lower bound of the full root (a subset has less
     # mass at every tau), and a far tighter one than tau_lo when many classes are near the top,
     # as with random embeddings at a small scale.
-    tau, w, w_prime, shifted = _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha)
+    tau, w, w_prime, shifted = _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha,
+                                                 log_q_last=log_q_target if theta_y is not None else None)
     threshold = tau + row_max - (reach + _CERTIFICATE_SLACK)
     # Certified: every class left out of the topk has theta_j < tau - 1/(alpha-1), so p_j = 0
     # exactly, and tau is the root of the whole row.
     certified = smallest < threshold
     counts = (sub_theta >= threshold[:, None]).sum(1)
     # What most rows needed, plus one column to certify them: the few wider rows are redone alone.
-    needed = int(counts.float().quantile(_HINT_QUANTILE)) + 1 if batch > 1 else int(counts.max()) + 1
+    needed = int(counts.kthvalue(max(1, math.ceil(_HINT_QUANTILE * batch))).values) + 1
     return (tau, w, w_prime, shifted, index, needed), certified, threshold
 
 
@@ -526,24 +620,45 @@ def _merge_rows(solution, redo, rows, classes):
     return tau, w, w_prime, shifted, index, solution[5]
 
 
-def _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha):
-    r"""Newton on the candidate columns, in logits shifted by ``row_max``.
+def _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha, log_q_last=None):
+    r"""The root on the candidate columns, in logits shifted by ``row_max``.
 
-    Returns :math:`\tau` (shifted), the unnormalised :math:`p`, :math:`\partial p/\partial b`
-    and the shifted logits minus :math:`\tau`.
+    ``sub_log_q`` (B, K) is the measure on the columns (``None``: unit); ``log_q_last`` (B,)
+    instead makes it unit except on the last column (the appended target), without (B, K) work.
+
+    Exact from sorted prefix sums for :math:`\alpha = 1 + 1/k` with a small integer :math:`k`
+    (:func:`_exact_root`), else safeguarded Newton (:func:`_newton_tau`). Returns :math:`\tau`
+    (shifted), the unnormalised :math:`p`, :math:`\partial p/\partial b` and the shifted logits
+    minus :math:`\tau`.
     """
     sub_theta = sub_theta - row_max[:, None]  # exact for the top classes; p is shift invariant
     tau_lo = tau_lo - row_max
-    if sub_log_q is None:
-        bound, steepness = sub_theta, None
+    if log_q_last is not None:
+        bound_last, steepness_last = _bound_and_steepness(sub_theta[:, -1], log_q_last, alpha)
+        bound = torch.cat([sub_theta[:, :-1], bound_last[:, None]], dim=1)
+        steepness = F.pad(steepness_last[:, None], (sub_theta.shape[1] - 1, 0), value=1.0)
+        log_spread = (alpha - 1.0) * float(log_q_last.abs().max()) if log_q_last.numel() else 0.0
+    elif sub_log_q is None:
+        bound, steepness, log_spread = sub_theta, None, 0.0
     else:
         bound, steepness = _bound_and_steepness(sub_theta, sub_log_q, alpha)
-    # Upper bound: every p_j <= 1/n once a_j (b_j - tau) <= log_alpha(1/n) <= 0 for all j.
+        log_spread = _log_steepness_spread(bound, steepness)
     n = sub_theta.shape[1]
-    margin = -math.expm1(-(alpha - 1.0) * math.log(n)) / (alpha - 1.0)
-    tau_hi = (bound + margin if steepness is None else bound + margin / steepness).amax(1)
-    tau_hi = torch.maximum(tau_hi, tau_lo).nan_to_num(posinf=torch.finfo(torch.float32).max / 4)
-    tau, w, w_prime = _newton_tau(bound, steepness, alpha, tau_lo, tau_hi)
+    degree = _integer_degree(alpha)
+    if degree is None or n > _MAX_EXACT_COLUMNS or degree * log_spread > _MAX_EXACT_LOG_SPREAD:
+        # Upper bound: every p_j <= 1/n once a_j (b_j - tau) <= log_alpha(1/n) <= 0 for all j.
+        margin = -math.expm1(-(alpha - 1.0) * math.log(n)) / (alpha - 1.0)
+        tau_hi = (bound + margin if steepness is None else bound + margin / steepness).amax(1)
+        tau_hi = torch.maximum(tau_hi, tau_lo).nan_to_num(posinf=torch.finfo(torch.float32).max / 4)
+        tau, w, w_prime = _newton_tau(bound, steepness, alpha, tau_lo, tau_hi)
+        return tau, w, w_prime, sub_theta - tau[:, None]
+    tau = torch.maximum(_exact_root(bound, steepness, alpha, degree), tau_lo)
+    u = bound - tau[:, None]
+    if steepness is not None:
+        u = u * steepness
+    w, w_prime = _powers((1.0 + (alpha - 1.0) * u).clamp_min_(0.0), alpha)
+    if steepness is not None:
+        w_prime = w_prime * steepness
     return tau, w, w_prime, sub_theta - tau[:, None]
 
 
