@@ -274,3 +274,32 @@ def test_one_hot_rows_are_exactly_the_rows_the_loss_gives_no_gradient(make):
 def test_no_row_is_one_hot_at_alpha_one():
     cosine, targets = _batch(8)
     assert not CosFace(32.0, 0.2).one_hot_rows(10 * cosine, targets).any()
+
+
+@pytest.mark.parametrize("make, scale, alpha", [
+    (lambda: QMargin(10.0, 0.2, 1.5), 10.0, 1.5), (lambda: QMargin(20.0, 0.2, 1.25), 20.0, 1.25),
+    (lambda: A3M(5.0, 0.2, 2.0), 5.0, 2.0), (lambda: AlphaDiv(10.0, 1.5), 10.0, 1.5),
+])
+def test_alpha_objectives_loss_and_cosine_gradient_equal_the_float64_fenchel_young_loss(make, scale, alpha):
+    """The objectives scale only the candidate columns; the loss and d loss / d cos = s (p - e_y)
+    (through the margin for A3M) must equal a float64 evaluation on the full scaled logits."""
+    torch.manual_seed(13)
+    embeddings = F.normalize(torch.randn(48, 32), dim=1)
+    prototypes = F.normalize(torch.randn(600, 32), dim=1)
+    targets = torch.randint(0, 600, (48,))
+    prototypes[targets[:24]] = F.normalize(embeddings[:24] + 0.3 * torch.randn(24, 32), dim=1)  # some trained rows
+    cosine = (embeddings @ prototypes.T).requires_grad_(True)
+    objective = make()
+    objective(cosine, targets).backward()
+    double = cosine.detach().double().requires_grad_(True)
+    rows = torch.arange(48)
+    target_cosine = objective.target_cosine(double[rows, targets])
+    logits = (scale * double).index_put((rows, targets), scale * target_cosine)
+    log_q = np.zeros((48, 600))
+    log_q[rows.numpy(), targets.numpy()] = objective.target_log_q() or 0.0
+    p = torch.from_numpy(reference.softargmax(logits.detach().numpy(), alpha, log_q))
+    expected_loss = torch.from_numpy(reference.loss(logits.detach().numpy(), targets.numpy(), alpha, log_q)).mean()
+    # Fenchel-Young: d L / d logits = p - e_y; chain through the scale and the margin.
+    (logits * (p - F.one_hot(targets, 600).double())).sum().div(48).backward()
+    torch.testing.assert_close(objective(cosine.detach(), targets).double(), expected_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cosine.grad.double(), double.grad, atol=1e-6, rtol=1e-4)

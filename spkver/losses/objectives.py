@@ -254,8 +254,8 @@ class CosineMarginObjective(nn.Module):
         # Consecutive batches need about as many candidates; a little slack avoids a redo.
         hint = None if self.last_statistics is None else self.last_statistics.candidates * 5 // 4 + 8
         loss, self.last_statistics = loss_rows_and_statistics(
-            cosine * self.scale, targets, self.alpha, log_q_target=self.target_log_q(),
-            candidates_hint=hint, target_logits=target_logits,
+            cosine, targets, self.alpha, log_q_target=self.target_log_q(),
+            candidates_hint=hint, target_logits=target_logits, logit_scale=self.scale,
         )
         return reduce_loss(loss, self.reduction)
 

@@ -378,13 +378,16 @@ def _exact_root(bound, steepness, alpha, degree):
     valid = torch.isfinite(thresholds)  # excluded columns (-inf) sort last
     u = torch.where(valid, thresholds[:, :1] - thresholds, torch.zeros_like(thresholds))
     weight = d ** degree if steepness is None else d.gather(1, order) ** degree
-    exponents = torch.arange(degree + 1, dtype=torch.float64, device=b.device)
-    # sums[:, n, i] = sum over the first n + 1 columns of w_j u_j^i
-    sums = (torch.where(valid, weight, torch.zeros_like(u))[..., None] * u[..., None] ** exponents).cumsum(1)
-    coefficients = torch.tensor([(-1.0) ** i * math.comb(degree, i) for i in range(degree + 1)],
-                                dtype=torch.float64, device=b.device)
+    # sums[:, n, i] = sum over the first n + 1 columns of w_j u_j^i (powers by products, not pow)
+    terms = [torch.where(valid, weight, torch.zeros_like(u))]
+    for _ in range(degree):
+        terms.append(terms[-1] * u)
+    sums = torch.stack(terms, dim=2).cumsum(1)
+    signed_binomials = [(-1.0) ** i * math.comb(degree, i) for i in range(degree + 1)]
     following = F.pad(u[:, 1:], (0, 1))
-    mass_at_next = (coefficients * following[..., None] ** (degree - exponents) * sums).sum(2)
+    mass_at_next = signed_binomials[0] * sums[..., 0]  # Horner in the next threshold
+    for i in range(1, degree + 1):
+        mass_at_next = mass_at_next * following + signed_binomials[i] * sums[..., i]
     mass_at_next = torch.where(F.pad(valid[:, 1:], (0, 1)), mass_at_next, torch.full_like(mass_at_next, math.inf))
     last = (mass_at_next < 1.0).sum(1, keepdim=True)  # the support's last column
     prefix = sums.gather(1, last[..., None].expand(-1, 1, degree + 1)).squeeze(1)  # (B, k + 1)
@@ -394,7 +397,9 @@ def _exact_root(bound, steepness, alpha, degree):
     elif degree == 2:  # the larger root of W s^2 - 2 P1 s + P2 - 1 = 0; both terms of the sum are >= 0
         sigma = (first_moment + (first_moment ** 2 - total * (prefix[:, 2] - 1.0)).clamp_min(0.0).sqrt()) / total
     else:
-        polynomial = coefficients * prefix  # M(s) - 1 = sum_i polynomial_i s^(k-i) - 1
+        exponents = torch.arange(degree + 1, dtype=torch.float64, device=b.device)
+        polynomial = prefix * torch.tensor(signed_binomials, dtype=torch.float64, device=b.device)
+        # M(s) - 1 = sum_i polynomial_i s^(k-i) - 1
         slope = polynomial[:, :-1] * (degree - exponents[:-1])
         # Both Jensen's bound and the next threshold (mass >= 1 there) lie at or above the root.
         upper = following.gather(1, last).squeeze(1)
@@ -462,6 +467,7 @@ def solve_alpha_softargmax(
     row_max: Optional[torch.Tensor] = None,
     candidates_hint: Optional[int] = None,
     target_logits: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
 ) -> SparseRows:
     r"""Solve the f-softargmax for :math:`\alpha > 1` on the provable support candidates.
 
@@ -491,6 +497,9 @@ def solve_alpha_softargmax(
     batch, classes = theta.shape
     if row_max is None:
         row_max = theta.amax(1)
+    if log_q is not None and logit_scale != 1.0:  # the general path is dense: scale once
+        theta, row_max, logit_scale = theta * logit_scale, row_max * logit_scale, 1.0
+    row_max = row_max * logit_scale if logit_scale != 1.0 else row_max
     if log_q is not None and log_q.dim() == 1:
         log_q = log_q[None, :].expand(batch, classes)
     if log_q is not None and log_q_target is not None:
@@ -501,7 +510,8 @@ def solve_alpha_softargmax(
     special_target = log_q is None and (log_q_target is not None or target_logits is not None)
     reach = 1.0 / (alpha - 1.0)  # p_j > 0 requires theta_j > tau - reach
     if special_target:
-        theta_y = target_logits if target_logits is not None else theta.gather(1, targets[:, None]).squeeze(1)
+        theta_y = target_logits if target_logits is not None else \
+            theta.gather(1, targets[:, None]).squeeze(1) * logit_scale
 
     tau_lo = row_max  # unit measure: tau >= max_j theta_j
     if log_q is not None:  # a general measure needs every class's bound b_j (one pass)
@@ -519,12 +529,12 @@ def solve_alpha_softargmax(
     k = min(classes, max(2, candidates_hint or _INITIAL_CANDIDATES))
     while True:
         solution, certified, threshold = _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo,
-                                                  row_max, alpha, reach)
+                                                  row_max, alpha, reach, logit_scale)
         if bool(certified.all()):
             break
         # Every class in the support of a failed row is at or above its threshold: take them all.
         failed = (~certified).nonzero().squeeze(1)
-        wider = int((theta[failed] >= threshold[failed, None]).sum(1).max()) + 2
+        wider = int((theta[failed] * logit_scale >= threshold[failed, None]).sum(1).max()) + 2
         if 4 * failed.numel() > batch:  # many rows: the whole batch again, wider
             k = wider
             continue
@@ -533,7 +543,7 @@ def solve_alpha_softargmax(
         pick = (lambda x: None if x is None else x[failed])
         redo, redo_certified, _ = _attempt(theta[failed], wider, pick(targets), pick(theta_y),
                                            None if log_q is None else log_q[failed], pick(log_q_target),
-                                           tau_lo[failed], row_max[failed], alpha, reach)
+                                           tau_lo[failed], row_max[failed], alpha, reach, logit_scale)
         if bool(redo_certified.all()):
             solution = _merge_rows(solution, redo, failed, classes)
             break
@@ -545,8 +555,10 @@ def solve_alpha_softargmax(
                       num_classes=classes, jacobian_diagonal=w_prime / total, candidates_needed=min(needed, classes))
 
 
-def _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo, row_max, alpha, reach):
+def _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo, row_max, alpha, reach, logit_scale=1.0):
     """One solve on the top ``k`` logits of every row (dense past a quarter of the classes).
+
+    ``theta`` are the logits divided by ``logit_scale`` (cosines): only the kept columns are scaled.
 
     ``theta_y`` (B,) is given when the target is special (its own logit or mass, unit measure
     elsewhere). Returns ``((tau, w, w_prime, shifted, index, needed), certified, threshold)``:
@@ -555,6 +567,7 @@ def _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo, row_max, a
     """
     batch, classes = theta.shape
     if k > _DENSE_FRACTION * classes:
+        theta = theta * logit_scale if logit_scale != 1.0 else theta
         sub_theta, sub_log_q = theta, log_q
         if theta_y is not None:
             others = theta.scatter(1, targets[:, None], -math.inf).amax(1)
@@ -566,6 +579,8 @@ def _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo, row_max, a
         certified = torch.ones(batch, dtype=torch.bool, device=theta.device)
         return (tau, w, w_prime, shifted, None, classes), certified, None
     sub_theta, index = theta.topk(k, dim=1, sorted=False)
+    if logit_scale != 1.0:
+        sub_theta = sub_theta * logit_scale
     sub_log_q = None
     if theta_y is not None:
         is_target = index == targets[:, None]
@@ -745,11 +760,12 @@ class _AlphaDivergenceLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits):
+    def forward(ctx, logits, targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits,
+                logit_scale):
         detached_target = None if target_logits is None else target_logits.detach().float()
         rows = solve_alpha_softargmax(
             logits, alpha, log_q=log_q, targets=targets, log_q_target=log_q_target, row_max=row_max,
-            candidates_hint=candidates_hint, target_logits=detached_target,
+            candidates_hint=candidates_hint, target_logits=detached_target, logit_scale=logit_scale,
         )
         if log_q_target is not None:
             log_q_y = log_q_target
@@ -758,8 +774,8 @@ class _AlphaDivergenceLoss(torch.autograd.Function):
         else:
             log_q_y = None
         theta_y = detached_target if detached_target is not None else \
-            logits.detach().float().gather(1, targets[:, None]).squeeze(1)
-        v_y = theta_y - row_max - rows.tau
+            logits.detach().float().gather(1, targets[:, None]).squeeze(1) * logit_scale
+        v_y = theta_y - row_max * logit_scale - rows.tau
         inner = torch.where(rows.probs > 0, rows.probs * rows.shifted, torch.zeros_like(rows.probs))  # -inf masked
         loss = (alpha - 1.0) / alpha * inner.sum(1) - v_y
         if log_q_y is not None:
@@ -773,6 +789,7 @@ class _AlphaDivergenceLoss(torch.autograd.Function):
         ctx.num_classes = logits.shape[1]
         ctx.input_dtype = logits.dtype
         ctx.separate_target = target_logits is not None
+        ctx.logit_scale = logit_scale
         ctx.target_dtype = None if target_logits is None else target_logits.dtype
         ctx.mark_non_differentiable(p_y, support, columns)
         return loss, p_y, support, columns
@@ -781,6 +798,9 @@ class _AlphaDivergenceLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_p_y, _grad_support, _grad_columns):
         probs, index, targets, p_y = ctx.saved_tensors
         scale = grad_loss.float()[:, None]
+        target_scale = scale  # the target logit's own gradient is in logit units
+        if ctx.logit_scale != 1.0:  # d theta / d logits = logit_scale, folded into the kept columns
+            scale = scale * ctx.logit_scale
         if ctx.dense:
             grad = probs * scale
         else:
@@ -788,10 +808,10 @@ class _AlphaDivergenceLoss(torch.autograd.Function):
         grad_target = None
         if ctx.separate_target:
             grad.scatter_(1, targets[:, None], 0.0)
-            grad_target = ((p_y - 1.0) * scale.squeeze(1)).to(ctx.target_dtype)
+            grad_target = ((p_y - 1.0) * target_scale.squeeze(1)).to(ctx.target_dtype)
         else:
             grad.scatter_add_(1, targets[:, None], -scale)
-        return grad.to(ctx.input_dtype), None, None, None, None, None, None, grad_target
+        return grad.to(ctx.input_dtype), None, None, None, None, None, None, grad_target, None
 
 
 @dataclass
@@ -826,6 +846,7 @@ def loss_rows_and_statistics(
     log_q_target: Optional[torch.Tensor] = None,
     candidates_hint: Optional[int] = None,
     target_logits: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
 ):
     """Validated per-row loss (B,) with its :class:`SparsityStatistics`.
 
@@ -833,7 +854,10 @@ def loss_rows_and_statistics(
     objectives; see there for the arguments.  ``candidates_hint`` is the
     number of top logits to try first (see :func:`solve_alpha_softargmax`);
     ``target_logits`` (B,) replaces each row's target logit (a margin) without
-    a modified copy of ``logits`` and receives its gradient.  For
+    a modified copy of ``logits`` and receives its gradient.  ``logit_scale``
+    multiplies ``logits`` (not ``target_logits``, already in logit units)
+    inside the solve: the margin objectives pass cosines and :math:`s`, so
+    that only the kept columns are scaled and no (B, C) product is made.  For
     :math:`\alpha = 1` the support is reported as all C classes.
     """
     alpha = check_alpha(alpha)
@@ -851,6 +875,11 @@ def loss_rows_and_statistics(
 
     from spkver.losses.fused import FusedAlphaDivergenceLoss, fused_available
 
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    logit_scale = float(logit_scale)
+    if logit_scale != 1.0 and (alpha == 1.0 or fused_available(logits, alpha, log_q)):
+        logits, logit_scale = logits * logit_scale, 1.0  # these paths read every logit anyway
     if fused_available(logits, alpha, log_q):
         # One launch: the kernel checks the inputs itself and sums the statistics; one read-back.
         loss, totals = FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
@@ -873,7 +902,8 @@ def loss_rows_and_statistics(
         p_y, support, columns = torch.exp(-loss.detach()), torch.full_like(loss, classes), classes
     else:
         loss, p_y, support, columns = _AlphaDivergenceLoss.apply(
-            logits, safe_targets, alpha, log_q, log_q_target, checks[0], candidates_hint, target_logits
+            logits, safe_targets, alpha, log_q, log_q_target, checks[0], candidates_hint, target_logits,
+            logit_scale,
         )
         columns = int(columns)
     return loss, _statistics(support, p_y, columns, checks if deferred else None, problem if deferred else None)
