@@ -403,3 +403,10 @@ def test_exact_root_leaves_a_measure_too_uneven_for_its_prefix_sums_to_newton(mo
     assert calls
     expected = reference.softargmax(theta.double().numpy(), 1.5, log_q.double().numpy())
     torch.testing.assert_close(p.double(), torch.from_numpy(expected), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("logit_scale", [0.0, -10.0, float("nan"), float("inf"), "10"])
+def test_a_logit_scale_that_is_not_a_positive_number_is_named(logit_scale):
+    with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
+        operator.loss_rows_and_statistics(torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), 1.5,
+                                          logit_scale=logit_scale)

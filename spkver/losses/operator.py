@@ -422,7 +422,7 @@ _MAX_EXACT_LOG_SPREAD = 16.0
 
 
 def _log_steepness_spread(bound, steepness) -> float:
-    """The largest :math:`\log(\max_j a_j / \min_j a_j)` of a row, over its allowed columns."""
+    r"""The largest :math:`\log(\max_j a_j / \min_j a_j)` of a row, over its allowed columns."""
     log_steepness = steepness.log()
     allowed = torch.isfinite(bound)
     spread = (log_steepness.masked_fill(~allowed, -math.inf).amax(1)
@@ -497,9 +497,10 @@ def solve_alpha_softargmax(
     batch, classes = theta.shape
     if row_max is None:
         row_max = theta.amax(1)
-    if log_q is not None and logit_scale != 1.0:  # the general path is dense: scale once
-        theta, row_max, logit_scale = theta * logit_scale, row_max * logit_scale, 1.0
-    row_max = row_max * logit_scale if logit_scale != 1.0 else row_max
+    if logit_scale != 1.0:
+        row_max = row_max * logit_scale
+        if log_q is not None:  # the general path is dense: scale once
+            theta, logit_scale = theta * logit_scale, 1.0
     if log_q is not None and log_q.dim() == 1:
         log_q = log_q[None, :].expand(batch, classes)
     if log_q is not None and log_q_target is not None:
@@ -652,15 +653,20 @@ def _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha, log_q_last=N
         bound_last, steepness_last = _bound_and_steepness(sub_theta[:, -1], log_q_last, alpha)
         bound = torch.cat([sub_theta[:, :-1], bound_last[:, None]], dim=1)
         steepness = F.pad(steepness_last[:, None], (sub_theta.shape[1] - 1, 0), value=1.0)
-        log_spread = (alpha - 1.0) * float(log_q_last.abs().max()) if log_q_last.numel() else 0.0
     elif sub_log_q is None:
-        bound, steepness, log_spread = sub_theta, None, 0.0
+        bound, steepness = sub_theta, None
     else:
         bound, steepness = _bound_and_steepness(sub_theta, sub_log_q, alpha)
-        log_spread = _log_steepness_spread(bound, steepness)
     n = sub_theta.shape[1]
     degree = _integer_degree(alpha)
-    if degree is None or n > _MAX_EXACT_COLUMNS or degree * log_spread > _MAX_EXACT_LOG_SPREAD:
+    exact = degree is not None and n <= _MAX_EXACT_COLUMNS
+    if exact and steepness is not None:  # the spread is read (a sync) only where the exact root may run
+        if log_q_last is not None:
+            log_spread = (alpha - 1.0) * float(log_q_last.abs().max()) if log_q_last.numel() else 0.0
+        else:
+            log_spread = _log_steepness_spread(bound, steepness)
+        exact = degree * log_spread <= _MAX_EXACT_LOG_SPREAD
+    if not exact:
         # Upper bound: every p_j <= 1/n once a_j (b_j - tau) <= log_alpha(1/n) <= 0 for all j.
         margin = -math.expm1(-(alpha - 1.0) * math.log(n)) / (alpha - 1.0)
         tau_hi = (bound + margin if steepness is None else bound + margin / steepness).amax(1)
@@ -868,6 +874,9 @@ def loss_rows_and_statistics(
     if target_logits is not None and (
             not isinstance(target_logits, torch.Tensor) or tuple(target_logits.shape) != (logits.shape[0],)):
         raise ValueError(f"target_logits must be a tensor of shape ({logits.shape[0]},)")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    logit_scale = float(logit_scale)
     batch, classes = logits.shape
     if batch == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
@@ -875,12 +884,10 @@ def loss_rows_and_statistics(
 
     from spkver.losses.fused import FusedAlphaDivergenceLoss, fused_available
 
-    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
-    logit_scale = float(logit_scale)
-    if logit_scale != 1.0 and (alpha == 1.0 or fused_available(logits, alpha, log_q)):
+    fused = fused_available(logits, alpha, log_q)
+    if logit_scale != 1.0 and (alpha == 1.0 or fused):
         logits, logit_scale = logits * logit_scale, 1.0  # these paths read every logit anyway
-    if fused_available(logits, alpha, log_q):
+    if fused:
         # One launch: the kernel checks the inputs itself and sums the statistics; one read-back.
         loss, totals = FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
         statistics = statistics_from_totals(totals, batch, classes)
