@@ -6,7 +6,9 @@ Peers: (a) plain ``cross_entropy(32*cos)``, (b) SpeechBrain's
 repeats, printed as ratios to (a). A second table per size times Q-Margin and
 A3M at each of the papers' (s, alpha) pairs (and the mismatched (30, 1.5)) on
 cosines from four stages: random initialisation, mid-training, trained-like,
-and uniform in [-1, 1].  Peak memory is the extra memory of one
+and uniform in [-1, 1]; on the CPU, Q-Margin also on the pure-torch solver
+(``SPKVER_CPU_KERNEL=0``), the peer of the compiled kernel that the
+objectives use there.  Peak memory is the extra memory of one
 forward+backward over the inputs: CUDA's allocator peak on a GPU, the peak
 resident-set growth on the CPU (Linux; measured in a child process where
 every large allocation is an mmap, so that it is seen).
@@ -66,7 +68,29 @@ def cross_entropy(cosine, targets):
     return F.cross_entropy(BASELINE_SCALE * cosine, targets)
 
 
-def make_pair_methods():
+class OnTheTorchSolver:
+    """An objective run with the CPU kernel switched off: the pure-torch solver, as a peer of the kernel."""
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    @property
+    def last_statistics(self):
+        return self.objective.last_statistics
+
+    def __call__(self, cosine, targets):
+        previous = os.environ.get("SPKVER_CPU_KERNEL")
+        os.environ["SPKVER_CPU_KERNEL"] = "0"
+        try:
+            return self.objective(cosine, targets)
+        finally:
+            if previous is None:
+                del os.environ["SPKVER_CPU_KERNEL"]
+            else:
+                os.environ["SPKVER_CPU_KERNEL"] = previous
+
+
+def make_pair_methods(device="cpu"):
     import warnings
 
     from spkver.losses import A3M, QMargin
@@ -77,6 +101,9 @@ def make_pair_methods():
         for scale, alpha in PAIRS:
             methods[f"QMargin({scale:g}, {alpha:g})"] = QMargin(scale, MARGIN, alpha)
             methods[f"A3M({scale:g}, {alpha:g})"] = A3M(scale, MARGIN, alpha)
+            if device == "cpu":  # what the compiled kernel replaces, measured in the same run
+                methods[f"QMargin({scale:g}, {alpha:g}), torch solver"] = OnTheTorchSolver(
+                    QMargin(scale, MARGIN, alpha))
     return methods
 
 
@@ -175,7 +202,7 @@ def main():
             peak = peak_memory(fn, cosine, targets, args.device) if on_gpu else cpu_peaks[f"{batch}x{classes}"][name]
             print(f"| {name} | {1e3 * times[name]:.2f} | {times[name] / times['(a) cross_entropy']:.2f}x | "
                   f"{times[name] / times['(c) entmax bisect 1.5']:.3f}x | {peak / 2 ** 20:.1f} |", flush=True)
-    pair_methods = make_pair_methods()
+    pair_methods = make_pair_methods(args.device)
     for batch, classes in CONFIGS:
         print(f"\n## B={batch}, C={classes}: the papers' pairs and every stage of training, as a ratio to (a)")
         print("| method | " + " | ".join(FAMILIES) + " |")

@@ -39,9 +39,10 @@ bracket :math:`[\tau_{lo}, \tau_{hi}]` with bisection guards :math:`\alpha > 2`.
 The root on the kept candidates is itself a lower bound of the full root, and
 certifies them when their smallest logit is out of its reach (see
 :func:`solve_alpha_softargmax`).  Everything runs in float32 whatever the input dtype; the result is renormalised.
-On CUDA, for :math:`1 \le \alpha \le 2` without a general ``log_q``, the loss
-runs through the fused Triton kernel of :mod:`spkver.losses.fused` instead, with
-this solver (and cross-entropy at :math:`\alpha = 1`) as its oracle.
+For :math:`1 < \alpha \le 2` without a general ``log_q`` the loss runs through
+a kernel instead, with this solver (and cross-entropy at :math:`\alpha = 1`) as its
+oracle: on CUDA the fused Triton kernel of :mod:`spkver.losses.fused` (from
+:math:`\alpha = 1`), on the CPU the compiled one of :mod:`spkver.losses.cpu_kernel`.
 """
 from __future__ import annotations
 
@@ -882,6 +883,7 @@ def loss_rows_and_statistics(
         empty = logits.new_zeros(0, dtype=torch.float32)
         return empty.requires_grad_(logits.requires_grad), SparsityStatistics(math.nan, math.nan, math.nan)
 
+    from spkver.losses.cpu_kernel import CpuAlphaDivergenceLoss, cpu_kernel_available
     from spkver.losses.fused import FusedAlphaDivergenceLoss, fused_available
 
     fused = fused_available(logits, alpha, log_q)
@@ -896,6 +898,14 @@ def loss_rows_and_statistics(
             _raise_for_bad_rows(*checks, flag=True)
         return loss, statistics
     safe_targets = targets.clamp(0, classes - 1)  # never index out of range; the range is checked
+    if cpu_kernel_available(logits, alpha, log_q):
+        # The kernel reads every row once and returns its maximum: the input is checked on that, after it.
+        loss, p_y, support, row_max = CpuAlphaDivergenceLoss.apply(logits, safe_targets, alpha, log_q_target,
+                                                                   target_logits, logit_scale)
+        checks = _check_arguments(logits, targets, safe_targets, log_q_target, target_logits, row_max)
+        if bool(_problem_flag(*checks)):
+            _raise_for_bad_rows(*checks, flag=True)
+        return loss, _statistics(support, p_y, int(support.max()) + 1)
     checks = _check_arguments(logits, targets, safe_targets, log_q_target, target_logits)
     problem = _problem_flag(*checks)
     # On a GPU every read-back is a sync: for cross-entropy the checks travel back with the
@@ -916,13 +926,13 @@ def loss_rows_and_statistics(
     return loss, _statistics(support, p_y, columns, checks if deferred else None, problem if deferred else None)
 
 
-def _check_arguments(logits, targets, safe_targets, log_q_target, target_logits):
-    """The arguments of :func:`_problem_flag` / :func:`_raise_for_bad_rows` for one call."""
+def _check_arguments(logits, targets, safe_targets, log_q_target, target_logits, row_max=None):
+    """The arguments of :func:`_problem_flag` / :func:`_raise_for_bad_rows` for one call (``row_max`` if known)."""
     target_logit = logits.detach().gather(1, safe_targets[:, None]).squeeze(1) if target_logits is None \
         else target_logits.detach()
     overrides = [(name, value.detach()) for name, value in
                  (("log_q_target", log_q_target), ("target_logits", target_logits)) if value is not None]
-    return _row_max(logits), targets, logits.shape[1], target_logit, overrides
+    return _row_max(logits) if row_max is None else row_max, targets, logits.shape[1], target_logit, overrides
 
 
 def statistics_from_totals(totals: torch.Tensor, rows: int, classes: int) -> Optional[SparsityStatistics]:
