@@ -31,7 +31,9 @@ def build_job(folder: Path, seed: int = 0) -> None:
     ids = [f"id{10000 + s:05d}/{rng.bytes(6).hex()[:11]}/{u % 100000:05d}.wav" for u, s in enumerate(speakers)]
     centres = rng.normal(size=(SPEAKERS, DIM)).astype(np.float32)
     embeddings = centres[speakers] + 1.7 * rng.normal(size=(UTTERANCES, DIM)).astype(np.float32)
-    save_embeddings(folder / "emb.npz", ids, embeddings)
+    # Durations as VoxCeleb1's (4-20 s, most under 8 s): calibration's quality measure reads them.
+    save_embeddings(folder / "emb.npz", ids, embeddings, durations=4.0 + rng.gamma(2.0, 2.0, UTTERANCES).clip(0, 16),
+                    fingerprint="synthetic-job")
     cohort_speakers = rng.integers(0, 500, COHORT)
     cohort = rng.normal(size=(500, DIM)).astype(np.float32)[cohort_speakers] + rng.normal(size=(COHORT, DIM))
     save_embeddings(folder / "cohort.npz", [f"id9{s:04d}/c/{i:05d}.wav" for i, s in enumerate(cohort_speakers)],

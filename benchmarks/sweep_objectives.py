@@ -69,7 +69,7 @@ def run(scale, alpha, margin, seed, out: Path, device: str, threads: int) -> dic
             raise SystemExit(f"run s={scale:g} alpha={alpha:g} m={margin:g} seed={seed} failed:\n"
                              f"{completed.stderr[-2000:]}")
         print(f"s={scale:g} alpha={alpha:g} m={margin:g} seed={seed}: {time.time() - started:.0f} s", file=sys.stderr)
-    after = json.loads((folder / "results.json").read_text())["after training"][0]
+    after = json.loads((folder / "results.json").read_text())["after training: cosine"][0]
     tar = after["tar_at_far"].get(FAR)
     return {"scale": scale, "alpha": alpha, "margin": margin, "seed": seed, "eer": after["eer"],
             "min_dcf_0_01": after["min_dcf_0_01"], "miss_at_far_1e-3": None if tar is None else 1.0 - tar}

@@ -34,9 +34,9 @@ def run(objective: str, seed: int, threads: int) -> dict:
                        cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"{objective}, seed {seed}: {time.time() - started:.0f} s", file=sys.stderr)
     results = json.loads((output / "results.json").read_text())
-    after = results["after training"][0]
+    after = results["after training: cosine"][0]
     tar = after["tar_at_far"].get("0.001")
-    return {"objective": objective, "seed": seed, "untrained_eer": results["before training"][0]["eer"],
+    return {"objective": objective, "seed": seed, "untrained_eer": results["before training: cosine"][0]["eer"],
             "eer": after["eer"], "min_dcf_0_01": after["min_dcf_0_01"], "tar_1e-3": tar,
             "miss_at_far_1e-3": None if tar is None else 1.0 - tar,
             "a3m_i_firings": (output / "train_log.txt").read_text().count("a3m_i_fired")}

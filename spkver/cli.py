@@ -1,7 +1,8 @@
 """The ``spkver`` command line.
 
 * ``spkver score`` scores trial lists from an embedding store and prints EER,
-  minDCF and TAR@FAR;
+  minDCF and TAR@FAR (and, with a calibration, Cllr, minCllr and actual DCF);
+* ``spkver calibrate`` trains a score-to-LLR map on a development list (:mod:`spkver.calibration`);
 * ``spkver prepare voxceleb`` writes training manifests (:mod:`spkver.data.voxceleb`);
 * ``spkver convert-m4a`` decodes VoxCeleb2's m4a files (:mod:`spkver.data.convert`);
 * ``spkver synth`` generates the synthetic speaker corpus (:mod:`spkver.data.synth`);
@@ -25,7 +26,7 @@ from typing import List, Optional
 import numpy as np
 
 from spkver import metrics
-from spkver.report import DEFAULT_FARS, text_table, verification_report
+from spkver.report import DEFAULT_FARS, calibration_report, text_table, verification_report
 from spkver.scoring import as_norm, cosine_scores, load_embeddings, read_trials, speaker_mean_cohort
 
 class CommandError(Exception):
@@ -47,25 +48,64 @@ def _scores_path(out: str, trials_path: str, several: bool) -> Path:
     return Path(out) / (Path(trials_path).stem + ".scores.txt")
 
 
+def _load_cohort(args):
+    if not args.cohort:
+        return None
+    cohort = load_embeddings(args.cohort)
+    return speaker_mean_cohort(cohort) if args.cohort_speaker_means else cohort
+
+
+def _score(store, trials, cohort, args, mean):
+    """Cosine scores, or AS-norm scores with a cohort."""
+    if cohort is not None:
+        return as_norm(store, trials, cohort, top_k=args.asnorm_topk, mean=mean, allow_missing=args.allow_missing,
+                       progress=sys.stderr.isatty())
+    return cosine_scores(store, trials, mean=mean, allow_missing=args.allow_missing)
+
+
+def _score_kind(cohort) -> str:
+    return "cosine" if cohort is None else "as-norm"
+
+
+def _llrs(calibration, store, scored, cohort, args, mean):
+    from spkver.calibration import quality_features
+
+    quality = quality_features(store, scored.enroll_rows, scored.test_rows, calibration.measures, cohort=cohort,
+                               top_k=args.asnorm_topk, mean=mean, progress=sys.stderr.isatty())
+    return calibration.llr(scored.scores, quality)
+
+
 def command_score(args) -> int:
     store = load_embeddings(args.embeddings)
     mean = _load_mean(args.mean)
-    cohort = None
-    if args.cohort:
-        cohort = load_embeddings(args.cohort)
-        if args.cohort_speaker_means:
-            cohort = speaker_mean_cohort(cohort)
+    cohort = _load_cohort(args)
+    calibration = None
+    if args.calibration:
+        from spkver.calibration import load_calibration
+
+        calibration = load_calibration(args.calibration)
+        calibration.check_fingerprint(store.fingerprint, args.embeddings)
+        trained_kind = calibration.trained_on.get("scores", "cosine")
+        if trained_kind != _score_kind(cohort):
+            raise CommandError(f"{args.calibration} maps {trained_kind} scores, and these are {_score_kind(cohort)} "
+                               f"scores: {'add' if trained_kind == 'as-norm' else 'drop'} --cohort, or calibrate "
+                               "on the same kind")
+    elif args.plot_calibration:
+        raise CommandError("--plot-calibration needs --calibration")
     several = len(args.trials) > 1
-    rows, curves = [], {}
+    rows, curves, bayes_curves = [], {}, {}
     for trials_path in args.trials:
         trials = read_trials(trials_path)
-        if cohort is not None:
-            scored = as_norm(store, trials, cohort, top_k=args.asnorm_topk, mean=mean,
-                             allow_missing=args.allow_missing, progress=sys.stderr.isatty())
-        else:
-            scored = cosine_scores(store, trials, mean=mean, allow_missing=args.allow_missing)
+        scored = _score(store, trials, cohort, args, mean)
         name = Path(trials_path).name
-        row = {"name": name, **verification_report(scored.scores, scored.trials.labels, args.far)}
+        labels = scored.trials.labels
+        row = {"name": name, **verification_report(scored.scores, labels, args.far)}
+        llrs = None
+        if calibration is not None:
+            llrs = _llrs(calibration, store, scored, cohort, args, mean)
+            row.update(calibration_report(llrs, labels, calibration.prior))
+            if args.plot_calibration and row["cllr"] is not None:
+                bayes_curves[name] = metrics.bayes_error_curve(llrs, labels)
         if scored.num_skipped:
             row["skipped_missing"] = scored.num_skipped
             print(f"{name}: skipped {scored.num_skipped} trials with missing embeddings", file=sys.stderr)
@@ -73,9 +113,9 @@ def command_score(args) -> int:
         if args.scores_out:
             path = _scores_path(args.scores_out, trials_path, several)
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_scores(path, scored)
+            _write_scores(path, scored, llrs)
         if args.det and row["eer"] is not None:
-            p_fa, p_miss, _ = metrics.det_curve(scored.scores, scored.trials.labels)
+            p_fa, p_miss, _ = metrics.det_curve(scored.scores, labels)
             curves[f"{name} (EER {100 * row['eer']:.2f} %)"] = (p_fa, p_miss)
     print(text_table(rows, args.far))
     if args.json:
@@ -85,17 +125,60 @@ def command_score(args) -> int:
         if not curves:
             raise CommandError("--det: no trial list has both targets and non-targets to plot")
         metrics.plot_det(curves, args.det, title=f"DET: {Path(args.embeddings).name}")
+    if args.plot_calibration:
+        if not bayes_curves:
+            raise CommandError("--plot-calibration: no trial list has both targets and non-targets to plot")
+        prior = calibration.prior
+        metrics.plot_bayes_error(bayes_curves, args.plot_calibration, mark=float(np.log(prior / (1 - prior))),
+                                 title=f"Normalised Bayes error rate: {Path(args.embeddings).name}")
     return 0
 
 
-def _write_scores(path: Path, scored) -> None:
+def _write_scores(path: Path, scored, llrs=None) -> None:
+    """``enroll test score [llr] [label]`` per trial (the LLR column with a calibration)."""
     trials = scored.trials
+    columns = [trials.enroll, trials.test, [f"{s:.6f}" for s in scored.scores]]
+    if llrs is not None:
+        columns.append([f"{v:.6f}" for v in llrs])
+    if trials.labels is not None:
+        columns.append([str(int(label)) for label in trials.labels])
     with open(path, "w") as out:
-        if trials.labels is None:
-            out.writelines(f"{e} {t} {s:.6f}\n" for e, t, s in zip(trials.enroll, trials.test, scored.scores))
-        else:
-            out.writelines(f"{e} {t} {s:.6f} {int(l)}\n"
-                           for e, t, s, l in zip(trials.enroll, trials.test, scored.scores, trials.labels))
+        out.writelines(" ".join(fields) + "\n" for fields in zip(*columns))
+
+
+def command_calibrate(args) -> int:
+    from spkver.calibration import fit_calibration, quality_features
+
+    store = load_embeddings(args.embeddings)
+    mean = _load_mean(args.mean)
+    cohort = _load_cohort(args)
+    trials = read_trials(args.trials)
+    if trials.labels is None:
+        raise CommandError(f"{args.trials}: a calibration list needs labels ('label enroll test' lines)")
+    scored = _score(store, trials, cohort, args, mean)
+    quality = quality_features(store, scored.enroll_rows, scored.test_rows, args.quality, cohort=cohort,
+                               top_k=args.asnorm_topk, mean=mean, progress=sys.stderr.isatty())
+    summary = {"source": str(args.trials), "scores": _score_kind(cohort)}
+    if cohort is not None:
+        summary["asnorm_topk"] = args.asnorm_topk
+    try:
+        calibration = fit_calibration(scored.scores, scored.trials.labels, quality, prior=args.prior,
+                                      fingerprint=store.fingerprint, trained_on=summary)
+    except ValueError as error:
+        raise CommandError(f"{args.trials}: {error}") from None
+    calibration.save(args.out)
+    labels = scored.trials.labels
+    report = calibration_report(calibration.llr(scored.scores, quality), labels, args.prior)
+    terms = " ".join(f"{w:+.4g}*{name}" for w, name in zip(calibration.weights, calibration.features))
+    print(f"LLR = {terms} {calibration.bias:+.4g}  (prior {args.prior:g}, {labels.size} trials, "
+          f"{int(labels.sum())} targets)")
+    print(f"on this list: Cllr {report['cllr']:.4f}, minCllr {report['min_cllr']:.4f}, "
+          f"actDCF({args.prior:g}) {report['act_dcf']:.4f}, minDCF({args.prior:g}) {report['min_dcf_at_prior']:.4f}")
+    if store.fingerprint is None:
+        print(f"note: {args.embeddings} carries no extractor fingerprint, so the calibration cannot refuse "
+              "another extractor's scores", file=sys.stderr)
+    print(f"written to {args.out}")
+    return 0
 
 
 def command_prepare_voxceleb(args) -> int:
@@ -173,7 +256,10 @@ def command_embed(args) -> int:
     from spkver.inference import SpeakerEmbedder
     from spkver.scoring import save_embeddings
 
+    from spkver.inference import audio_seconds, extractor_fingerprint
+
     embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device)
+    fingerprint = extractor_fingerprint(embedder.extractor)
     ids, paths = _embedding_inputs(args)
     out = Path(args.out)
     parts = out.with_name(out.name + ".parts")  # finished parts survive an interruption
@@ -184,9 +270,14 @@ def command_embed(args) -> int:
         if not part.exists():
             vectors = embedder.embed_files(paths[start:start + EMBED_PART], batch_size=args.batch_size,
                                            progress=sys.stderr.isatty())
-            save_embeddings(part, ids[start:start + EMBED_PART], vectors)
+            save_embeddings(part, ids[start:start + EMBED_PART], vectors,
+                            durations=audio_seconds(paths[start:start + EMBED_PART]), fingerprint=fingerprint)
         stores.append(load_embeddings(part))
-    save_embeddings(out, [i for store in stores for i in store.ids], np.concatenate([s.embeddings for s in stores]))
+    if any(store.fingerprint != fingerprint for store in stores):
+        raise CommandError(f"{parts}: parts left by an interrupted run of another model (its fingerprint differs); "
+                           "delete the folder")
+    save_embeddings(out, [i for store in stores for i in store.ids], np.concatenate([s.embeddings for s in stores]),
+                    durations=np.concatenate([s.durations for s in stores]), fingerprint=fingerprint)
     for part in parts.glob("part-*.npz"):
         part.unlink()
     parts.rmdir()
@@ -198,10 +289,18 @@ def command_verify(args) -> int:
     from spkver.inference import SpeakerEmbedder
 
     embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device)
-    score, same = embedder.verify(args.first, args.second)
-    decision = "no threshold stored" if same is None else ("same speaker" if same else "different speakers")
-    threshold = "" if same is None else f" (threshold {embedder.threshold:.4f})"
-    print(f"score {score:.4f}: {decision}{threshold}")
+    if args.prior is not None and embedder.llr_calibration is None:
+        raise CommandError(f"{args.model}: --prior needs a calibration (calibration.json), and the folder has none")
+    result = embedder.verify(args.first, args.second, prior=args.prior)
+    decision = "no threshold stored" if result.same is None else \
+        ("same speaker" if result.same else "different speakers")
+    if result.llr is None:
+        threshold = "" if result.same is None else f" (threshold {result.threshold:.4f})"
+        print(f"score {result.score:.4f}: {decision}{threshold}")
+    else:
+        prior = embedder.llr_calibration.prior if args.prior is None else args.prior
+        print(f"score {result.score:.4f}, LLR {result.llr:+.3f}: {decision} "
+              f"(Bayes threshold {result.threshold:+.3f} at target prior {prior:g})")
     return 0
 
 
@@ -283,7 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--asnorm-topk", type=int, default=300, metavar="K", help="AS-norm top-K (default 300)")
     score.add_argument("--mean", metavar="NPY", help="mean embedding (.npy) subtracted before normalisation")
     score.add_argument("--scores-out", metavar="PATH",
-                       help="write 'enroll test score [label]' lines; a folder when several lists are given")
+                       help="write 'enroll test score [llr] [label]' lines; a folder when several lists are given")
+    score.add_argument("--calibration", metavar="JSON",
+                       help="calibration.json (spkver calibrate, or the recipe's): report Cllr, minCllr and "
+                            "actual DCF at its prior, and write LLRs with --scores-out")
+    score.add_argument("--plot-calibration", metavar="PNG",
+                       help="with --calibration: a normalised Bayes error-rate (APE) plot, actual and minimum DCF "
+                            "across prior log-odds")
     score.add_argument("--det", metavar="PNG", help="write a DET plot (needs matplotlib)")
     score.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     score.add_argument("--far", type=_rate, nargs="+", default=list(DEFAULT_FARS), metavar="FAR",
@@ -291,6 +396,26 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--allow-missing", action="store_true",
                        help="skip trials whose utterances have no embedding (and report how many)")
     score.set_defaults(handler=command_score)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="train a score-to-LLR calibration (logistic regression, optional quality measures)",
+        description="Fit LLR = a*score (+ quality measures) + b on a labelled development trial list, by the "
+                    "prior-weighted cross-entropy (Cllr) at --prior, and write calibration.json.")
+    calibrate.add_argument("--trials", required=True, metavar="FILE", help="labelled development trial list")
+    calibrate.add_argument("--embeddings", required=True, metavar="STORE", help=".npz store (spkver embed's)")
+    calibrate.add_argument("--cohort", metavar="STORE", help="calibrate AS-norm scores against this cohort")
+    calibrate.add_argument("--cohort-speaker-means", action="store_true",
+                           help="average the cohort per speaker (first path component of the ID) first")
+    calibrate.add_argument("--asnorm-topk", type=int, default=300, metavar="K", help="AS-norm top-K (default 300)")
+    calibrate.add_argument("--mean", metavar="NPY", help="mean embedding (.npy) subtracted before normalisation")
+    calibrate.add_argument("--quality", nargs="*", default=[], choices=["duration", "norm", "cohort_mean"],
+                           help="quality measures (WeSpeaker's QMF): each adds the smaller and larger of the "
+                                "two sides' values")
+    calibrate.add_argument("--prior", type=_rate, default=0.01, help="target prior of the objective (default 0.01)")
+    calibrate.add_argument("--out", required=True, metavar="JSON")
+    calibrate.add_argument("--allow-missing", action="store_true",
+                           help="skip trials whose utterances have no embedding")
+    calibrate.set_defaults(handler=command_calibrate)
 
     prepare = commands.add_parser("prepare", help="prepare a corpus for training")
     corpora = prepare.add_subparsers(dest="corpus", required=True)
@@ -354,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("first", metavar="A.wav")
     verify.add_argument("second", metavar="B.wav")
     verify.add_argument("--device", default="cpu")
+    verify.add_argument("--prior", type=_rate, default=None,
+                        help="target prior of the decision (default: the calibration's)")
     verify.set_defaults(handler=command_verify)
 
     export = commands.add_parser("export", help="write a SpeechBrain-compatible pretrained folder")

@@ -1,26 +1,33 @@
-"""Evaluating an embedding extractor on trial lists: embed, centre, score, report.
+"""Evaluating an embedding extractor on trial lists: embed, centre, score, normalise, calibrate, report.
 
 Trial utterances are embedded whole (batched by length, see
 :mod:`spkver.inference`), the mean embedding of a sample of training
-utterances is subtracted, and each list is cosine-scored with the library code
-of ``spkver score``.
+utterances is subtracted, and each list is scored with the library code of
+``spkver score`` in stages, as WeSpeaker's results are: cosine; AS-norm
+against the training speakers' mean embeddings (the same sample); AS-norm
+scores calibrated to log-likelihood ratios by a map trained on validation
+pairs (training speakers, files never trained on: whole files against whole
+files and against short crops, so that the duration quality measure has a
+spread to learn from).
 """
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 
 from spkver.data.datasets import manifest_roots
-from spkver.inference import embed_files
-from spkver.report import DEFAULT_FARS, markdown_table, verification_report
-from spkver.scoring import EmbeddingStore, cosine_scores, read_trials
+from spkver.inference import audio_seconds, embed_files, embed_waveform, extractor_fingerprint, read_audio
+from spkver.report import DEFAULT_FARS, calibration_report, markdown_table, verification_report
+from spkver.scoring import (EmbeddingStore, Trials, adaptive_normalisation_stats, cosine_scores, read_trials,
+                            speaker_mean_cohort)
 
-__all__ = ["resolve_wav", "training_mean_embedding", "evaluate_trial_lists", "write_results", "calibrate_threshold",
-           "write_model_card"]
+__all__ = ["resolve_wav", "training_sample", "training_mean_embedding", "evaluate_trial_lists", "write_results",
+           "calibrate_threshold", "calibrate_on_validation", "write_model_card"]
 
 
 def resolve_wav(wav: str, roots: dict) -> str:
@@ -30,35 +37,89 @@ def resolve_wav(wav: str, roots: dict) -> str:
     return wav
 
 
+def training_sample(extractor, manifest_folder, utterances: int = 2000, seed: int = 0, device="cpu",
+                    progress: bool = True) -> EmbeddingStore:
+    """Embeddings of up to ``utterances`` whole training files (a fixed random sample), IDs ``speaker/file``.
+
+    Its mean is the embedding subtracted before scoring; its speaker means are the AS-norm cohort.
+    """
+    roots = manifest_roots(manifest_folder)
+    with open(Path(manifest_folder) / "train.csv") as rows:
+        speaker_of = {resolve_wav(row["wav"], roots): row["spk_id"] for row in csv.DictReader(rows)}
+    files = sorted(speaker_of)
+    rng = np.random.default_rng(seed)
+    chosen = [files[i] for i in sorted(rng.choice(len(files), min(utterances, len(files)), replace=False))]
+    embeddings = embed_files(extractor, chosen, device=device, progress=progress)
+    return EmbeddingStore([f"{speaker_of[f]}/{Path(f).as_posix()}" for f in chosen], embeddings,
+                          source="training sample")
+
+
 def training_mean_embedding(extractor, manifest_folder, utterances: int = 2000, seed: int = 0, device="cpu",
                             progress: bool = True) -> np.ndarray:
     """Mean embedding of up to ``utterances`` whole training files (a fixed random sample)."""
-    roots = manifest_roots(manifest_folder)
-    with open(Path(manifest_folder) / "train.csv") as rows:
-        files = sorted({resolve_wav(row["wav"], roots) for row in csv.DictReader(rows)})
-    rng = np.random.default_rng(seed)
-    chosen = [files[i] for i in sorted(rng.choice(len(files), min(utterances, len(files)), replace=False))]
-    return embed_files(extractor, chosen, device=device, progress=progress).mean(axis=0)
+    return training_sample(extractor, manifest_folder, utterances, seed, device, progress).embeddings.mean(axis=0)
+
+
+def _as_norm_scores(store: EmbeddingStore, trials: Trials, cohort: EmbeddingStore, top_k: int, mean):
+    """Cosine and AS-norm scores of one list, and the per-utterance cohort means (calibration's quality)."""
+    cosine = cosine_scores(store, trials, mean=mean, allow_missing=True)
+    used = np.unique(np.concatenate([cosine.enroll_rows, cosine.test_rows]))
+    stats = adaptive_normalisation_stats(store, cohort, top_k, rows=used, mean=mean)
+    normalised = cosine_scores(store, trials, mean=mean, allow_missing=True, normalisation=stats)
+    return cosine, normalised
 
 
 def evaluate_trial_lists(extractor, manifest_folder, trial_lists: Sequence, mean=None, batch_size: int = 16,
-                         device="cpu", fars=DEFAULT_FARS, progress: bool = True) -> List[dict]:
-    """One report row per trial list (see :func:`spkver.report.verification_report`)."""
+                         device="cpu", fars=DEFAULT_FARS, progress: bool = True,
+                         cohort: Optional[EmbeddingStore] = None, top_k: int = 300,
+                         calibration=None) -> Dict[str, List[dict]]:
+    """Report rows per stage and trial list (see :func:`spkver.report.verification_report`).
+
+    Stages: ``"cosine"``; with a ``cohort``, ``"AS-norm"``; with a ``calibration``
+    (trained on the kind of scores it maps), ``"<kind> + calibration"``: the same
+    rows with Cllr, minCllr and actual DCF at the calibration's prior.
+    """
+    from spkver.calibration import quality_features
+
     roots = manifest_roots(manifest_folder)
     with open(Path(manifest_folder) / "trial_utterances.csv") as rows:
         records = list(csv.DictReader(rows))
     ids = [row["ID"] for row in records]
     paths = [resolve_wav(row["wav"], roots) for row in records]
     embeddings = embed_files(extractor, paths, batch_size=batch_size, device=device, progress=progress)
-    store = EmbeddingStore(ids, embeddings, source="trial utterances")
-    report = []
+    store = EmbeddingStore(ids, embeddings, source="trial utterances", durations=audio_seconds(paths))
+    stages: Dict[str, List[dict]] = {"cosine": []}
+    if cohort is not None:
+        stages["AS-norm"] = []
+    calibrated = None
+    if calibration is not None:
+        kind = calibration.trained_on.get("scores", "cosine")
+        if kind == "as-norm" and cohort is None:
+            raise ValueError("the calibration maps AS-norm scores: evaluate_trial_lists needs the cohort")
+        calibrated = f"{'AS-norm' if kind == 'as-norm' else 'cosine'} + calibration"
+        stages[calibrated] = []
     for trials_path in trial_lists:
-        scored = cosine_scores(store, read_trials(trials_path), mean=mean, allow_missing=True)
-        row = {"name": Path(trials_path).name, **verification_report(scored.scores, scored.trials.labels, fars)}
-        if scored.num_skipped:
-            row["skipped_missing"] = scored.num_skipped
-        report.append(row)
-    return report
+        trials = read_trials(trials_path)
+        name = Path(trials_path).name
+        if cohort is None:
+            scored = {"cosine": cosine_scores(store, trials, mean=mean, allow_missing=True)}
+        else:
+            cosine, normalised = _as_norm_scores(store, trials, cohort, top_k, mean)
+            scored = {"cosine": cosine, "AS-norm": normalised}
+        for stage, result in scored.items():
+            row = {"name": name, **verification_report(result.scores, result.trials.labels, fars)}
+            if result.num_skipped:
+                row["skipped_missing"] = result.num_skipped
+            stages[stage].append(row)
+        if calibrated is not None:
+            result = scored["AS-norm" if calibrated.startswith("AS-norm") else "cosine"]
+            quality = quality_features(store, result.enroll_rows, result.test_rows, calibration.measures,
+                                       cohort=cohort, top_k=top_k, mean=mean)
+            llrs = calibration.llr(result.scores, quality)
+            row = dict(stages[calibrated.split(" + ")[0]][-1])
+            row.update(calibration_report(llrs, result.trials.labels, calibration.prior))
+            stages[calibrated].append(row)
+    return stages
 
 
 def write_results(folder, results: dict, fars=DEFAULT_FARS) -> str:
@@ -71,27 +132,92 @@ def write_results(folder, results: dict, fars=DEFAULT_FARS) -> str:
     return markdown
 
 
-def calibrate_threshold(extractor, manifest_folder, mean=None, far=None, max_utterances: int = 400, seed: int = 0,
-                        device="cpu", progress: bool = True):
-    """Verification threshold from all pairs of validation utterances (training speakers, unseen files).
-
-    At the EER by default, or at the lowest threshold whose FAR is at most ``far``.
-    Returns ``(threshold or None, description)``.
-    """
-    from spkver import metrics
-
+def _validation_files(manifest_folder, max_utterances: int, seed: int):
+    """Up to 4 validation files per speaker (so a capped sample still holds target pairs), and their speakers."""
     roots = manifest_roots(manifest_folder)
     with open(Path(manifest_folder) / "valid.csv") as rows:
         speaker_of = {resolve_wav(row["wav"], roots): row["spk_id"] for row in csv.DictReader(rows)}
     by_speaker: dict = {}
     for file in sorted(speaker_of):
         by_speaker.setdefault(speaker_of[file], []).append(file)
-    # Up to 4 files from each speaker, so that a capped sample still holds target pairs.
     rng = np.random.default_rng(seed)
     files = [f for group in by_speaker.values() for f in
              (group if len(group) <= 4 else [group[i] for i in sorted(rng.choice(len(group), 4, replace=False))])]
     if len(files) > max_utterances:
         files = [files[i] for i in sorted(rng.choice(len(files), max_utterances, replace=False))]
+    return files, speaker_of
+
+
+#: Target pairs below which the validation calibration maps the score alone (no quality measure).
+_MIN_TARGETS_FOR_QUALITY = 100
+
+
+def calibrate_on_validation(extractor, manifest_folder, mean=None, cohort: Optional[EmbeddingStore] = None,
+                            top_k: int = 300, prior: float = 0.01, short_seconds: float = 2.0,
+                            max_utterances: int = 400, seed: int = 0, device="cpu", progress: bool = True):
+    """A score-to-LLR map (:mod:`spkver.calibration`) trained on validation pairs; ``(calibration or None, text)``.
+
+    The pairs: every two whole validation files, and every short crop (the first
+    ``short_seconds``) against every other whole file, as WeSpeaker pairs short
+    and long segments; scores are AS-norm against ``cohort`` when it is given,
+    else cosine; the quality measure is the duration, when there are crops and
+    at least 100 target pairs (with fewer its weights would fit the noise).
+    """
+    from spkver.calibration import fit_calibration, quality_features
+
+    files, speaker_of = _validation_files(manifest_folder, max_utterances, seed)
+    if len({speaker_of[f] for f in files}) < 2:
+        return None, "not calibrated: the validation set has fewer than two speakers"
+    long = embed_files(extractor, files, device=device, progress=progress)
+    durations = audio_seconds(files)
+    cropped = [i for i, seconds in enumerate(durations) if seconds >= short_seconds + 0.5]
+    with torch.no_grad():
+        short = [embed_waveform(extractor, read_audio(files[i])[:int(short_seconds * 16000)], device=device)
+                 for i in cropped]
+    ids = [f"{speaker_of[f]}/{i}" for i, f in enumerate(files)] + [f"{speaker_of[files[i]]}/{i}-short" for i in cropped]
+    store = EmbeddingStore(ids, np.concatenate([long] + ([np.stack(short)] if short else [])),
+                           source="validation utterances",
+                           durations=np.r_[durations, np.full(len(cropped), short_seconds)],
+                           fingerprint=extractor_fingerprint(extractor))
+    first, second = np.triu_indices(len(files), k=1)
+    crop_rows = len(files) + np.repeat(np.arange(len(cropped)), len(files))
+    whole_rows = np.tile(np.arange(len(files)), len(cropped))
+    keep = np.repeat(np.asarray(cropped, dtype=np.int64), len(files)) != whole_rows  # not a crop of itself
+    enroll = np.r_[first, crop_rows[keep]]
+    test = np.r_[second, whole_rows[keep]]
+    speakers = np.array([utterance_id.split("/")[0] for utterance_id in ids])
+    labels = speakers[enroll] == speakers[test]
+    if labels.all() or not labels.any():
+        return None, "not calibrated: the validation pairs need both same- and different-speaker pairs"
+    trials = Trials([ids[i] for i in enroll], [ids[i] for i in test], labels.astype(np.int8),
+                    source="validation pairs")
+    if cohort is None:
+        scored = cosine_scores(store, trials, mean=mean)
+    else:
+        scored = _as_norm_scores(store, trials, cohort, top_k, mean)[1]
+    # The duration term needs crops to learn from and pairs enough to be estimated; else the score alone.
+    measures = ["duration"] if cropped and int(labels.sum()) >= _MIN_TARGETS_FOR_QUALITY else []
+    quality = quality_features(store, scored.enroll_rows, scored.test_rows, measures)
+    kind = "cosine" if cohort is None else "as-norm"
+    description = (f"{labels.size} validation pairs of {len(files)} files and {len(cropped)} "
+                   f"{short_seconds:g} s crops of the training speakers")
+    summary = {"source": description, "scores": kind, **({"asnorm_topk": top_k} if cohort is not None else {})}
+    calibration = fit_calibration(scored.scores, labels, quality, prior=prior, fingerprint=store.fingerprint,
+                                  trained_on=summary)
+    return calibration, f"{kind} scores to LLRs at prior {prior:g}, trained on {description}"
+
+
+def calibrate_threshold(extractor, manifest_folder, mean=None, far=None, max_utterances: int = 400, seed: int = 0,
+                        device="cpu", progress: bool = True):
+    """Verification threshold from all pairs of validation utterances (training speakers, unseen files).
+
+    At the EER by default, or at the lowest threshold whose FAR is at most ``far``.
+    Returns ``(threshold or None, description)``.  A folder with a calibration
+    decides on the LLR instead (:func:`calibrate_on_validation`).
+    """
+    from spkver import metrics
+
+    files, speaker_of = _validation_files(manifest_folder, max_utterances, seed)
     if len({speaker_of[f] for f in files}) < 2:
         return None, "not calibrated: the validation set has fewer than two speakers"
     embeddings = embed_files(extractor, files, device=device, progress=progress)

@@ -9,8 +9,9 @@ SpeechBrain's pretrained-model layout, loadable with SpeechBrain alone:
   ``EncoderClassifier.from_hparams(source=folder)`` and
   ``SpeakerRecognition.verify_files`` work on it;
 * ``embedding_model.ckpt`` (the backbone's weights), ``label_encoder.txt``
-  (the training speakers), ``spkver.json`` and ``mean_embedding.npy`` (the
-  threshold and mean :class:`~spkver.inference.SpeakerEmbedder` uses);
+  (the training speakers), ``spkver.json``, ``mean_embedding.npy``, and when the
+  experiment has them ``calibration.json`` and ``cohort.npz`` (the threshold,
+  mean, LLR map and AS-norm cohort :class:`~spkver.inference.SpeakerEmbedder` uses);
 * with ``--onnx``, ``embedding_model.onnx``: the backbone with a dynamic time
   axis.  The filterbank frontend is **not** in the ONNX graph: its input is
   mean-normalised 80-dim log-Mel features ``(batch, frames, 80)``, as
@@ -102,8 +103,9 @@ def export_pretrained(experiment, out, onnx: bool = False) -> Path:
     (out / "hyperparams.yaml").write_text(
         _HYPERPARAMS.format(folder=out, n_mels=spec["n_mels"], backbone=_backbone_yaml(spec)))
     shutil.copy(experiment / "spkver.json", out / "spkver.json")
-    if (experiment / "mean_embedding.npy").exists():
-        shutil.copy(experiment / "mean_embedding.npy", out / "mean_embedding.npy")
+    for name in ("mean_embedding.npy", "calibration.json", "cohort.npz"):  # what verify and score reuse
+        if (experiment / name).exists():
+            shutil.copy(experiment / name, out / name)
     if onnx:
         export_onnx(embedder.extractor, out / "embedding_model.onnx")
     return out

@@ -19,13 +19,13 @@ import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["AudioError", "SpeakerEmbedder", "read_audio", "trimmed_length", "length_batches", "embed_files",
-           "embed_waveform", "MIN_SECONDS"]
+__all__ = ["AudioError", "SpeakerEmbedder", "Verification", "read_audio", "trimmed_length", "length_batches", "embed_files",
+           "embed_waveform", "audio_seconds", "extractor_fingerprint", "MIN_SECONDS"]
 
 SAMPLE_RATE = 16000
 
@@ -74,6 +74,27 @@ def _resampled_frames(path) -> int:
     if info.samplerate == SAMPLE_RATE:
         return info.frames
     return math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
+
+
+def audio_seconds(paths: Sequence) -> np.ndarray:
+    """Duration in seconds of each file, from its header (no decoding)."""
+    return np.array([_resampled_frames(path) / SAMPLE_RATE for path in paths], dtype=np.float32)
+
+
+def extractor_fingerprint(extractor: torch.nn.Module) -> str:
+    """SHA-256 of an extractor's state (every parameter and buffer, BatchNorm statistics included).
+
+    Two extractors share a fingerprint exactly when they compute the same embeddings from the same
+    weights; a calibration stores it and refuses scores from any other extractor.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(extractor.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def trimmed_length(samples: int, quantum: int) -> int:
@@ -125,6 +146,22 @@ def embed_files(extractor, paths: Sequence, batch_size: int = 16, quantum_second
     return output
 
 
+class Verification(NamedTuple):
+    """The outcome of :meth:`SpeakerEmbedder.verify`.
+
+    ``score`` is the cosine (AS-norm when the folder's calibration maps AS-norm
+    scores); ``llr`` the calibrated natural-log likelihood ratio, or ``None``
+    without a calibration; ``same`` the decision (``None`` with neither a
+    calibration nor a threshold); ``threshold`` what was compared: the Bayes
+    LLR threshold at the prior, or the stored score threshold.
+    """
+
+    score: float
+    same: Optional[bool]
+    llr: Optional[float] = None
+    threshold: Optional[float] = None
+
+
 class SpeakerEmbedder:
     """A trained extractor with its training-mean embedding and verification threshold.
 
@@ -136,11 +173,13 @@ class SpeakerEmbedder:
     Examples
     --------
     >>> embedder = SpeakerEmbedder.from_pretrained("results/demo/ecapa_small_qmargin/1986")  # doctest: +SKIP
-    >>> score, same = embedder.verify("a.wav", "b.wav")  # doctest: +SKIP
+    >>> result = embedder.verify("a.wav", "b.wav")  # doctest: +SKIP
+    >>> result.score, result.llr, result.same  # doctest: +SKIP
     """
 
     def __init__(self, extractor, mean=None, threshold: Optional[float] = None, calibration: str = "",
-                 device="cpu", min_seconds: float = MIN_SECONDS, quantum_seconds: float = 0.1):
+                 device="cpu", min_seconds: float = MIN_SECONDS, quantum_seconds: float = 0.1,
+                 llr_calibration=None, cohort=None):
         self.device = torch.device(device)
         self.extractor = extractor.to(self.device).eval()
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
@@ -148,6 +187,14 @@ class SpeakerEmbedder:
         self.calibration = calibration
         self.min_seconds = min_seconds
         self.quantum_seconds = quantum_seconds
+        #: A :class:`spkver.calibration.Calibration` (the folder's ``calibration.json``), checked against
+        #: this extractor's fingerprint; and the AS-norm cohort (``cohort.npz``) its scores may need.
+        self.llr_calibration = llr_calibration
+        self.cohort = cohort
+        if llr_calibration is not None:
+            llr_calibration.check_fingerprint(extractor_fingerprint(extractor), "this extractor")
+            if llr_calibration.trained_on.get("scores") == "as-norm" and cohort is None:
+                raise ValueError("the calibration maps AS-norm scores, and no cohort was given (cohort.npz)")
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu") -> "SpeakerEmbedder":
@@ -174,8 +221,17 @@ class SpeakerEmbedder:
         else:  # exported: SpeechBrain's layout holds the backbone's weights
             extractor.backbone.load_state_dict(torch.load(weights, map_location="cpu"))
         mean = np.load(folder / "mean_embedding.npy") if (folder / "mean_embedding.npy").exists() else None
+        llr_calibration = cohort = None
+        if (folder / "calibration.json").exists():
+            from spkver.calibration import load_calibration
+
+            llr_calibration = load_calibration(folder / "calibration.json")
+        if (folder / "cohort.npz").exists():
+            from spkver.scoring import load_embeddings
+
+            cohort = load_embeddings(folder / "cohort.npz")
         return cls(extractor, mean=mean, threshold=card.get("threshold"), calibration=card.get("calibration", ""),
-                   device=device)
+                   device=device, llr_calibration=llr_calibration, cohort=cohort)
 
     @torch.no_grad()
     def embed_batch(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -202,7 +258,33 @@ class SpeakerEmbedder:
             a, b = a - self.mean, b - self.mean
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
-    def verify(self, path_a, path_b) -> Tuple[float, Optional[bool]]:
-        """``(score, same_speaker)``; the decision is ``None`` when no threshold is stored."""
-        score = self.score_embeddings(self.embed_file(path_a), self.embed_file(path_b))
-        return score, None if self.threshold is None else score >= self.threshold
+    def verify(self, path_a, path_b, prior: Optional[float] = None) -> Verification:
+        """Score a pair of files and decide (see :class:`Verification`).
+
+        With a calibration the decision is Bayes's: accept when the LLR is at
+        least :math:`\log((1-p)/p)` for the target prior ``p`` (by default the
+        calibration's); without one, when the score reaches the stored threshold.
+        """
+        a, b = self.embed_file(path_a), self.embed_file(path_b)
+        if self.llr_calibration is None:
+            score = self.score_embeddings(a, b)
+            return Verification(score, None if self.threshold is None else score >= self.threshold, None,
+                                self.threshold)
+        from spkver import metrics
+        from spkver.calibration import quality_features
+        from spkver.scoring import EmbeddingStore, Trials, adaptive_normalisation_stats, cosine_scores
+
+        calibration = self.llr_calibration
+        store = EmbeddingStore(["a", "b"], np.stack([a, b]), durations=audio_seconds([path_a, path_b]))
+        pair = Trials(["a"], ["b"], None)
+        normalisation = None
+        top_k = calibration.trained_on.get("asnorm_topk", 300)
+        if calibration.trained_on.get("scores") == "as-norm":
+            normalisation = adaptive_normalisation_stats(store, self.cohort, top_k, mean=self.mean)
+        score = float(cosine_scores(store, pair, mean=self.mean, normalisation=normalisation).scores[0])
+        rows = np.array([0]), np.array([1])
+        quality = quality_features(store, *rows, calibration.measures, cohort=self.cohort, top_k=top_k,
+                                   mean=self.mean)
+        llr = float(calibration.llr(np.array([score]), quality)[0])
+        threshold = metrics.bayes_threshold(calibration.prior if prior is None else prior)
+        return Verification(score, llr >= threshold, llr, threshold)

@@ -1,6 +1,6 @@
-r"""Verification metrics on the exact ROC: EER, minDCF, TAR at FAR, DET curves.
+r"""Verification metrics on the exact ROC: EER, minDCF, TAR at FAR, DET curves; and of calibration.
 
-Pure numpy; every metric sorts the scores once (:math:`O(n \log n)`) and reads
+Numpy (minCllr's pool-adjacent-violators is scikit-learn's isotonic regression); every ROC metric sorts the scores once (:math:`O(n \log n)`) and reads
 the error rates at every distinct threshold — no sampling of thresholds, ties
 handled as groups.  A trial is accepted when its score is ``>= threshold``:
 
@@ -10,6 +10,19 @@ handled as groups.  A trial is accepted when its score is ``>= threshold``:
 
 for ``t`` over the distinct scores plus :math:`+\infty` (reject everything).
 Metrics know nothing of embeddings; :mod:`spkver.scoring` produces the scores.
+
+Calibration metrics read scores as log-likelihood ratios (natural log):
+:func:`cllr` is the prior-averaged cross-entropy of Brümmer and du Preez,
+
+.. math::
+    C_{llr} = \frac{1}{2}\Big[\frac{1}{N_{tar}}\sum_{tar}\log_2(1 + e^{-\ell})
+              + \frac{1}{N_{non}}\sum_{non}\log_2(1 + e^{\ell})\Big],
+
+1 for an uninformative system that always says :math:`\ell = 0`;
+:func:`min_cllr` is its value after the best monotone recalibration (PAV);
+:func:`actual_dcf` the normalised cost of the Bayes decisions :math:`\ell \ge
+\log\frac{c_{fa}(1-p)}{c_{miss}\,p}` (against :func:`min_dcf`, the cost at the
+best threshold in hindsight).
 """
 from __future__ import annotations
 
@@ -27,6 +40,12 @@ __all__ = [
     "tar_at_far",
     "det_curve",
     "plot_det",
+    "cllr",
+    "min_cllr",
+    "bayes_threshold",
+    "actual_dcf",
+    "bayes_error_curve",
+    "plot_bayes_error",
 ]
 
 
@@ -247,6 +266,153 @@ def plot_det(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], path,
     axes.set_title(title)
     axes.grid(True, linewidth=0.4, alpha=0.6)
     axes.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _check_both_classes(labels: np.ndarray, metric: str) -> None:
+    targets = int(labels.sum())
+    if targets == 0 or targets == labels.size:
+        raise ValueError(f"{metric} is undefined: the trials have {targets} targets and "
+                         f"{labels.size - targets} non-targets (both are needed)")
+
+
+def cllr(llrs, labels) -> float:
+    r"""The log-likelihood-ratio cost :math:`C_{llr}` in bits (see the module docstring).
+
+    Examples
+    --------
+    >>> cllr([0.0, 0.0], [1, 0])  # an uninformative system
+    1.0
+    >>> round(cllr([10.0, -10.0], [1, 0]), 6)
+    6.5e-05
+    """
+    llrs, labels = _check_scores_labels(llrs, labels)
+    _check_both_classes(labels, "Cllr")
+    miss_cost = np.logaddexp(0.0, -llrs[labels]).mean()
+    false_alarm_cost = np.logaddexp(0.0, llrs[~labels]).mean()
+    return float(0.5 * (miss_cost + false_alarm_cost) / np.log(2.0))
+
+
+def min_cllr(scores, labels) -> float:
+    r""":math:`C_{llr}` after the best monotone map of the scores to LLRs: the discrimination part.
+
+    The pool-adjacent-violators algorithm (scikit-learn's isotonic
+    regression, ties pooled) gives the posterior of each score at the list's
+    own proportion of targets :math:`\pi`; the LLR is its log-odds minus
+    :math:`\mathrm{logit}\,\pi`.  ``cllr - min_cllr`` is the calibration loss.
+
+    Examples
+    --------
+    >>> min_cllr([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])  # separable: no cost once calibrated
+    0.0
+    """
+    from sklearn.isotonic import IsotonicRegression
+
+    scores, labels = _check_scores_labels(scores, labels)
+    _check_both_classes(labels, "minCllr")
+    posterior = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True).fit_transform(scores, labels)
+    prior = labels.mean()
+    with np.errstate(divide="ignore"):
+        # A block of targets only has posterior 1 (LLR +inf) and costs a target nothing, and so on.
+        log_odds = np.log(posterior) - np.log1p(-posterior)
+    llrs = log_odds - np.log(prior / (1.0 - prior))
+    miss_cost = np.logaddexp(0.0, -llrs[labels]).mean()
+    false_alarm_cost = np.logaddexp(0.0, llrs[~labels]).mean()
+    return float(0.5 * (miss_cost + false_alarm_cost) / np.log(2.0))
+
+
+def _check_costs(p_target: float, c_miss: float, c_fa: float) -> None:
+    if not 0.0 < p_target < 1.0:
+        raise ValueError(f"p_target must lie in (0, 1), got {p_target!r}")
+    if c_miss <= 0 or c_fa <= 0:
+        raise ValueError(f"c_miss and c_fa must be > 0, got {c_miss!r} and {c_fa!r}")
+
+
+def bayes_threshold(p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+    r"""The LLR above which accepting costs less: :math:`\log\frac{c_{fa}(1-p)}{c_{miss}\,p}`.
+
+    >>> round(bayes_threshold(0.01), 4)
+    4.5951
+    """
+    _check_costs(p_target, c_miss, c_fa)
+    return float(np.log(c_fa * (1.0 - p_target)) - np.log(c_miss * p_target))
+
+
+def actual_dcf(llrs, labels, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+    r"""Normalised detection cost of accepting every trial with ``llr >= bayes_threshold(...)``.
+
+    Normalised as :func:`min_dcf` is, so ``actual_dcf >= min_dcf`` and the gap is
+    what miscalibration costs at that operating point.
+
+    >>> actual_dcf([5.0, 3.0, -6.0, -5.0], [1, 1, 0, 0], p_target=0.01)  # the target at 3 is missed
+    0.5
+    """
+    _check_costs(p_target, c_miss, c_fa)
+    llrs, labels = _check_scores_labels(llrs, labels)
+    _check_both_classes(labels, "actDCF")
+    accept = llrs >= bayes_threshold(p_target, c_miss, c_fa)
+    p_miss = float(np.mean(~accept[labels]))
+    p_fa = float(np.mean(accept[~labels]))
+    cost = c_miss * p_target * p_miss + c_fa * (1.0 - p_target) * p_fa
+    return cost / min(c_miss * p_target, c_fa * (1.0 - p_target))
+
+
+def bayes_error_curve(llrs, labels, prior_log_odds=None) -> Dict[str, np.ndarray]:
+    r"""Actual and minimum normalised DCF (unit costs) over effective priors: the APE curve's data.
+
+    ``prior_log_odds`` defaults to 61 points in [-7, 7] (priors 0.001 to 0.999).
+    Returns ``{"prior_log_odds", "actual", "minimum"}``; the minimum is that
+    of the scores' ranking, whatever their calibration.
+    """
+    llrs, labels = _check_scores_labels(llrs, labels)
+    _check_both_classes(labels, "the Bayes error-rate curve")
+    grid = np.linspace(-7.0, 7.0, 61) if prior_log_odds is None else np.asarray(prior_log_odds, dtype=np.float64)
+    priors = 1.0 / (1.0 + np.exp(-grid))
+    roc = roc_curve(llrs, labels)
+    order = np.argsort(llrs)
+    sorted_llrs, sorted_labels = llrs[order], labels[order]
+    targets_below = np.r_[0, np.cumsum(sorted_labels)]
+    actual, minimum = np.empty(grid.size), np.empty(grid.size)
+    for i, (log_odds, prior) in enumerate(zip(grid, priors)):
+        # accept llr >= -log_odds: the miss and false-alarm rates at that threshold, in one search
+        below = int(np.searchsorted(sorted_llrs, -log_odds, side="left"))
+        p_miss = targets_below[below] / roc.num_targets
+        p_fa = ((llrs.size - below) - (roc.num_targets - targets_below[below])) / roc.num_nontargets
+        norm = min(prior, 1.0 - prior)
+        actual[i] = (prior * p_miss + (1.0 - prior) * p_fa) / norm
+        minimum[i] = np.min(prior * roc.p_miss + (1.0 - prior) * roc.p_fa) / norm
+    return {"prior_log_odds": grid, "actual": actual, "minimum": minimum}
+
+
+def plot_bayes_error(curves: Dict[str, Dict[str, np.ndarray]], path, title: str = "Normalised Bayes error rate",
+                     mark: Optional[float] = None) -> None:
+    """Draw :func:`bayes_error_curve` results (actual solid, minimum dashed) into ``path`` (needs matplotlib).
+
+    ``mark`` draws a vertical line at a prior log-odds (the calibration's operating point).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("calibration plots need matplotlib: pip install 'spkver[plot]'") from None
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    for index, (name, curve) in enumerate(curves.items()):
+        colour = f"C{index}"
+        axes.plot(curve["prior_log_odds"], curve["actual"], color=colour, label=f"{name}: actual DCF")
+        axes.plot(curve["prior_log_odds"], curve["minimum"], color=colour, linestyle="--", label=f"{name}: minimum DCF")
+    if mark is not None:
+        axes.axvline(mark, color="grey", linewidth=0.8, linestyle=":")
+    axes.axhline(1.0, color="black", linewidth=0.6)
+    axes.set_xlabel("prior log-odds  logit(P_target)")
+    axes.set_ylabel("normalised DCF")
+    axes.set_ylim(0.0, 1.2)
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

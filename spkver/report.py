@@ -7,7 +7,7 @@ import numpy as np
 
 from spkver import metrics
 
-__all__ = ["DEFAULT_FARS", "verification_report", "text_table", "markdown_table"]
+__all__ = ["DEFAULT_FARS", "verification_report", "calibration_report", "text_table", "markdown_table"]
 
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4, 1e-5)
 
@@ -33,6 +33,29 @@ def verification_report(scores: np.ndarray, labels: Optional[np.ndarray], fars=D
     return result
 
 
+def calibration_report(llrs: np.ndarray, labels: Optional[np.ndarray], prior: float) -> dict:
+    """Cllr, minCllr, and actual against minimum DCF at ``prior``, of LLRs; None where undefined."""
+    result = {"calibration_prior": prior, "cllr": None, "min_cllr": None, "act_dcf": None, "min_dcf_at_prior": None}
+    if labels is None or labels.all() or not labels.any():
+        return result
+    result.update(cllr=metrics.cllr(llrs, labels), min_cllr=metrics.min_cllr(llrs, labels),
+                  act_dcf=metrics.actual_dcf(llrs, labels, p_target=prior),
+                  min_dcf_at_prior=metrics.min_dcf(llrs, labels, p_target=prior)[0])
+    return result
+
+
+def _calibration_cells(rows: List[dict], cell) -> tuple:
+    """Header and per-row cells of the calibration columns, when some row carries them."""
+    if not any("cllr" in row for row in rows):
+        return [], [[] for _ in rows]
+    priors = sorted({row["calibration_prior"] for row in rows if "calibration_prior" in row})
+    label = f"{priors[0]:g}" if len(priors) == 1 else "p"
+    header = ["Cllr", "minCllr", f"actDCF({label})", f"minDCF({label})"]
+    cells = [[cell(row.get("cllr")), cell(row.get("min_cllr")), cell(row.get("act_dcf")),
+              cell(row.get("min_dcf_at_prior"))] for row in rows]
+    return header, cells
+
+
 def text_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
     """The aligned plain-text table ``spkver score`` prints, with notes on undefined figures."""
     header = ["trial list", "trials", "targets", "EER %", "minDCF(0.01)", "minDCF(0.05)"] + \
@@ -41,11 +64,13 @@ def text_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
     def cell(value, scale=1.0, digits=4):
         return "n/a" if value is None else f"{scale * value:.{digits}f}"
 
+    extra_header, extra = _calibration_cells(rows, cell)
+    header += extra_header
     lines = [header]
-    for row in rows:
+    for row, extra_cells in zip(rows, extra):
         lines.append([row["name"], str(row["trials"]), "-" if row["targets"] is None else str(row["targets"]),
                       cell(row["eer"], 100, 3), cell(row["min_dcf_0_01"]), cell(row["min_dcf_0_05"])]
-                     + [cell(row["tar_at_far"].get(f"{far:g}"), 100, 2) for far in fars])
+                     + [cell(row["tar_at_far"].get(f"{far:g}"), 100, 2) for far in fars] + extra_cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(value.rjust(width) if i else value.ljust(width) for i, (value, width) in
                       enumerate(zip(line, widths))) for line in lines]
@@ -67,9 +92,12 @@ def markdown_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
     def cell(value, scale=1.0, digits=4):
         return "n/a" if value is None else f"{scale * value:.{digits}f}"
 
+    extra_header, extra = _calibration_cells(rows, cell)
+    header += extra_header
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
+    for row, extra_cells in zip(rows, extra):
         lines.append("| " + " | ".join([row["name"], str(row["trials"]), cell(row["eer"], 100, 3),
                                         cell(row["min_dcf_0_01"]), cell(row["min_dcf_0_05"])]
-                                       + [cell(row["tar_at_far"].get(f"{f:g}"), 100, 2) for f in fars]) + " |")
+                                       + [cell(row["tar_at_far"].get(f"{f:g}"), 100, 2) for f in fars]
+                                       + extra_cells) + " |")
     return "\n".join(lines)

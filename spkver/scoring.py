@@ -1,7 +1,8 @@
 r"""Embedding stores, trial lists, cosine scoring and AS-norm.
 
 Embedding store format: a ``.npz`` file with two arrays, ``ids`` (N,) of
-strings and ``embeddings`` (N, D) float32; numpy, SciPy, WeSpeaker-style
+strings and ``embeddings`` (N, D) float32 (and optionally ``durations`` (N,)
+in seconds and the extractor's ``fingerprint``, which calibration uses); numpy, SciPy, WeSpeaker-style
 scripts and anything that reads NumPy archives can open it.  A folder of
 ``.npy`` files (one vector each, the ID being the path relative to the folder)
 is read too.  IDs are utterance paths as in VoxCeleb trial lists
@@ -78,11 +79,17 @@ class EmbeddingStore:
     embeddings : ndarray (N, D) float32
     source : str
         Where the store came from, for error messages.
+    durations : ndarray (N,) float32, optional
+        Seconds of audio behind each embedding (a calibration quality measure).
+    fingerprint : str, optional
+        The extractor that made the embeddings (``spkver.inference.extractor_fingerprint``).
     """
 
     ids: List[str]
     embeddings: np.ndarray
     source: str = "<memory>"
+    durations: Optional[np.ndarray] = None
+    fingerprint: Optional[str] = None
 
     def __post_init__(self):
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -91,6 +98,11 @@ class EmbeddingStore:
                 f"{self.source}: embeddings must be (N, D) with one row per ID; "
                 f"got {self.embeddings.shape} for {len(self.ids)} IDs"
             )
+        if self.durations is not None:
+            self.durations = np.asarray(self.durations, dtype=np.float32)
+            if self.durations.shape != (len(self.ids),):
+                raise ScoringError(f"{self.source}: durations must be one per ID; got {self.durations.shape} "
+                                   f"for {len(self.ids)} IDs")
         self._index: Optional[Dict[str, int]] = None
 
     @property
@@ -137,15 +149,16 @@ class EmbeddingStore:
                                f"(first: {', '.join(bad)}); cosine scoring needs a direction")
 
 
-def save_embeddings(path, ids: Sequence[str], embeddings) -> None:
-    """Write an embedding store (``.npz`` with ``ids`` and ``embeddings``)."""
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
-        raise ScoringError(f"embeddings must be (N, D) with one row per ID; got {embeddings.shape} for {len(ids)} IDs")
+def save_embeddings(path, ids: Sequence[str], embeddings, durations=None, fingerprint: Optional[str] = None) -> None:
+    """Write an embedding store (``.npz`` with ``ids`` and ``embeddings``; ``durations``, ``fingerprint`` if given)."""
+    store = EmbeddingStore(list(ids), embeddings, str(path), durations, fingerprint)  # checks the shapes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, ids=np.asarray(list(ids), dtype=str), embeddings=embeddings)
+    extra = {} if durations is None else {"durations": store.durations}
+    if fingerprint is not None:
+        extra["fingerprint"] = np.asarray(fingerprint)
+    np.savez(tmp, ids=np.asarray(store.ids, dtype=str), embeddings=store.embeddings, **extra)
     os.replace(tmp, path)
 
 
@@ -178,11 +191,13 @@ def load_embeddings(path) -> EmbeddingStore:
                                    f"found {sorted(archive.files)}")
             ids = archive["ids"].astype(str).tolist()
             embeddings = archive["embeddings"]
+            durations = archive["durations"] if "durations" in archive else None
+            fingerprint = str(archive["fingerprint"]) if "fingerprint" in archive else None
     except (OSError, ValueError) as error:
         if isinstance(error, ScoringError):
             raise
         raise ScoringError(f"{path}: not a readable .npz embedding store ({error})") from None
-    return EmbeddingStore(ids, embeddings, source=str(path))
+    return EmbeddingStore(ids, embeddings, source=str(path), durations=durations, fingerprint=fingerprint)
 
 
 @dataclass
@@ -282,6 +297,9 @@ class ScoredTrials:
     trials: Trials
     scores: np.ndarray
     num_skipped: int
+    #: Each scored trial's rows in the store (for per-utterance measures such as calibration's quality).
+    enroll_rows: Optional[np.ndarray] = None
+    test_rows: Optional[np.ndarray] = None
 
 
 def _trial_rows(store: EmbeddingStore, trials: Trials, allow_missing: bool):
@@ -340,7 +358,7 @@ def cosine_scores(store: EmbeddingStore, trials: Trials, mean=None, allow_missin
         scores = 0.5 * ((scores - cohort_mean[enroll_rows]) / cohort_std[enroll_rows]
                         + (scores - cohort_mean[test_rows]) / cohort_std[test_rows])
         scores = scores.astype(np.float32)
-    return ScoredTrials(trials, scores, skipped)
+    return ScoredTrials(trials, scores, skipped, enroll_rows, test_rows)
 
 
 def speaker_mean_cohort(cohort: EmbeddingStore) -> EmbeddingStore:

@@ -182,3 +182,19 @@ def test_the_library_is_built_once_into_the_cache_named_by_its_source(monkeypatc
     stamp = built[0].stat().st_mtime_ns
     cpu_kernel._library.cache_clear()  # a new process: the cached file is loaded, not rebuilt
     assert cpu_kernel._loaded() is not None and built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("objective", [A3M(10.0, 0.2, 1.5), A3M(20.0, 0.1, 1.25)])
+def test_a_geometric_margin_takes_its_gradient_through_the_kernel_as_through_the_torch_solver(objective,
+                                                                                              monkeypatch):
+    """A3M's s cos(phi_y + m): the kernel writes (p_y - 1) s psi'(cos_y) into the target column itself."""
+    cosine, targets = _cosines("random init", 32, 1500, torch.Generator().manual_seed(6))
+    cosine[torch.arange(0, 32, 2), targets[::2]] = 0.7  # half the rows with a clear target
+
+    def gradient(engine):
+        monkeypatch.setenv("SPKVER_CPU_KERNEL", engine)
+        x = cosine.clone().requires_grad_(True)
+        objective(x, targets).backward()
+        return x.grad
+
+    torch.testing.assert_close(gradient("1"), gradient("0"), atol=2e-6, rtol=1e-4)

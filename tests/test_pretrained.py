@@ -1,5 +1,6 @@
 """Reusing trained extractors: SpeakerEmbedder, spkver embed/verify/export, SpeechBrain and ONNX."""
 import json
+import math
 import runpy
 import shutil
 import sys
@@ -56,8 +57,13 @@ def test_embedder_embeds_files_batches_and_verifies(experiment):
     batch = embedder.embed_batch(torch.from_numpy(read_audio(files[0]))[None])
     np.testing.assert_allclose(batch[0].numpy(), embedder.extractor(torch.from_numpy(read_audio(files[0]))[None],
                                                                     torch.ones(1)).detach()[0].numpy(), atol=1e-5)
-    score, same = embedder.verify(files[0], files[0])
-    assert score == pytest.approx(1.0, abs=1e-5) and same is True
+    result = embedder.verify(files[0], files[0])
+    assert result.llr is not None and result.same == (result.llr >= result.threshold)
+    assert result.threshold == pytest.approx(math.log(99.0))  # Bayes at the calibration's prior, 0.01
+    assert embedder.verify(files[0], files[0], prior=0.5).threshold == 0.0
+    uncalibrated = SpeakerEmbedder(embedder.extractor, mean=embedder.mean, threshold=embedder.threshold)
+    score, same, llr, _ = uncalibrated.verify(files[0], files[0])
+    assert score == pytest.approx(1.0, abs=1e-5) and same is True and llr is None
 
 
 def test_an_unfinished_checkpoint_save_is_not_loaded(experiment, tmp_path):
@@ -94,12 +100,21 @@ def test_embed_cli_writes_a_store_that_score_reads_and_resumes_from_finished_par
     parts = tmp_path / "emb.npz.parts"
     parts.mkdir()
     ids = [p.relative_to(corpus / "wav").as_posix() for p in _wavs(corpus)]
+    from spkver.inference import audio_seconds, extractor_fingerprint
     from spkver.scoring import save_embeddings
 
-    save_embeddings(parts / "part-00000.npz", ids[:10], np.full((10, 16), 7.0))
+    fingerprint = extractor_fingerprint(SpeakerEmbedder.from_pretrained(output).extractor)
+    durations = audio_seconds(_wavs(corpus)[:10])
+    save_embeddings(parts / "part-00000.npz", ids[:10], np.full((10, 16), 7.0), durations, "another model")
+    assert cli.main(["embed", "--model", str(output), "--dir", str(corpus / "wav"), "--out", str(out)]) == 2
+    assert "another model" in capsys.readouterr().err  # a part of another extractor is never mixed in
+    for part in parts.iterdir():
+        part.unlink()
+    save_embeddings(parts / "part-00000.npz", ids[:10], np.full((10, 16), 7.0), durations, fingerprint)
     assert cli.main(["embed", "--model", str(output), "--dir", str(corpus / "wav"), "--out", str(out)]) == 0
     store = load_embeddings(out)
     assert store.ids == ids and np.all(store.embeddings[:10] == 7.0) and not np.all(store.embeddings[10:] == 7.0)
+    assert store.fingerprint == fingerprint and np.allclose(store.durations, audio_seconds(_wavs(corpus)))
     assert not parts.exists()
     (tmp_path / "list.txt").write_text("\n".join(str(p) for p in _wavs(corpus)[:3]) + "\n")
     assert cli.main(["embed", "--model", str(output), "--list", str(tmp_path / "list.txt"),
@@ -111,7 +126,8 @@ def test_verify_cli_prints_score_and_decision(experiment, capsys):
     output, corpus = experiment
     files = _wavs(corpus)
     assert cli.main(["verify", "--model", str(output), str(files[0]), str(files[1])]) == 0
-    assert "score" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "score" in printed and "LLR" in printed and "Bayes threshold" in printed
     assert cli.main(["verify", "--model", str(output), str(files[0]), "missing.wav"]) == 2
     assert "missing.wav" in capsys.readouterr().err
 

@@ -40,16 +40,26 @@ def _run_in_process(arguments, monkeypatch):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_recipe_trains_checkpoints_and_scores_with_every_objective(objective, tiny_corpus, tmp_path, monkeypatch):
     output = tmp_path / objective
-    _run_in_process(_arguments(tiny_corpus, output, objective), monkeypatch)
+    # A quarter of the files held for validation: pairs of several speakers for the calibration.
+    _run_in_process(_arguments(tiny_corpus, output, objective, extra=["--valid_fraction=0.25"]), monkeypatch)
     losses = _train_losses(output)
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert list((output / "save").glob("CKPT+*"))
     results = json.loads((output / "results.json").read_text())
-    row = results["after training"][0]
+    row = results["after training: cosine"][0]
     assert row["name"] == "trials.txt" and 0.0 <= row["eer"] <= 1.0
     assert "| trials.txt |" in (output / "results.md").read_text()
+    # The staged table, as WeSpeaker's: cosine, AS-norm, AS-norm calibrated to LLRs on validation pairs.
+    assert list(results) == ["after training: cosine", "after training: AS-norm",
+                             "after training: AS-norm + calibration"]
+    calibrated = results["after training: AS-norm + calibration"][0]
+    assert calibrated["eer"] == results["after training: AS-norm"][0]["eer"] and calibrated["cllr"] > 0
+    assert calibrated["min_cllr"] <= calibrated["cllr"] + 1e-9
+    assert (output / "cohort.npz").exists() and (output / "calibration.json").exists()
+    assert "Cllr" in (output / "results.md").read_text()
     # Resuming with a longer schedule continues from the checkpoint instead of starting over.
-    _run_in_process(_arguments(tiny_corpus, output, objective, epochs=4), monkeypatch)
+    _run_in_process(_arguments(tiny_corpus, output, objective, epochs=4, extra=["--valid_fraction=0.25"]),
+                    monkeypatch)
     assert len(_train_losses(output)) == 4
 
 
@@ -67,7 +77,7 @@ def test_recipe_trains_with_the_streaming_head(objective, tiny_corpus, tmp_path,
     assert "train accuracy:" in log and "valid accuracy:" in log
     assert ("a3m_i_fired" in log) == (objective == "a3m_i")
     results = json.loads((output / "results.json").read_text())
-    assert 0.0 <= results["after training"][0]["eer"] <= 1.0
+    assert 0.0 <= results["after training: cosine"][0]["eer"] <= 1.0
     _run_in_process(_arguments(tiny_corpus, output, objective, epochs=4, extra=streaming), monkeypatch)
     assert len(_train_losses(output)) == 4
 
@@ -75,7 +85,7 @@ def test_recipe_trains_with_the_streaming_head(objective, tiny_corpus, tmp_path,
 def test_a_single_trial_list_may_be_given_as_a_plain_path(tiny_corpus, tmp_path, monkeypatch):
     arguments = [a for a in _arguments(tiny_corpus, tmp_path, epochs=1) if not a.startswith("--trial_lists")]
     _run_in_process([*arguments, "--trial_lists", f"{tiny_corpus}/trials.txt"], monkeypatch)
-    assert [row["name"] for row in json.loads((tmp_path / "results.json").read_text())["after training"]] == \
+    assert [row["name"] for row in json.loads((tmp_path / "results.json").read_text())["after training: cosine"]] == \
         ["trials.txt"]
 
 
@@ -194,7 +204,7 @@ def test_finetuning_on_other_speakers_takes_the_extractor_and_fresh_prototypes(t
                     monkeypatch)
     assert (f"fine-tuning from {source}: extractor only; prototypes freshly initialised (its speakers differ "
             "from this experiment's)") in (tmp_path / "finetuned" / "log.txt").read_text()
-    assert json.loads((tmp_path / "finetuned" / "results.json").read_text())["after training"]
+    assert json.loads((tmp_path / "finetuned" / "results.json").read_text())["after training: cosine"]
 
 
 def test_finetuning_from_another_architecture_or_a_missing_folder_is_one_line(tiny_corpus, tmp_path, monkeypatch):

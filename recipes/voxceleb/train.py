@@ -6,7 +6,9 @@
 
 Stages, each restartable: (1) synthesise the corpus if the hparams ask for it and it is missing,
 (2) prepare manifests unless present, (3) train (resuming from the last checkpoint), (4) embed the
-trial utterances, subtract the training mean, score every trial list and write results.md/json.
+trial utterances, subtract the training mean, and score every trial list in stages (cosine, AS-norm
+against the training speakers' means, AS-norm calibrated to LLRs on validation pairs), writing
+results.md/json, cohort.npz and calibration.json.
 Multi-GPU: torchrun --nproc_per_node=N recipes/voxceleb/train.py ... (SpeechBrain's DDP).
 Fine-tuning: --init_from=FOLDER (an experiment or exported folder) starts from its extractor, and
 from its prototypes when it trained on the same speakers (hparams/finetune_qmargin.yaml).
@@ -25,9 +27,10 @@ from spkver.data.datasets import speaker_datasets
 from spkver.data.synth import synthesize_corpus
 from spkver.data.voxceleb import PreparationError, prepare_voxceleb
 from spkver.evaluation import (
+    calibrate_on_validation,
     calibrate_threshold,
     evaluate_trial_lists,
-    training_mean_embedding,
+    training_sample,
     write_model_card,
     write_results,
 )
@@ -36,7 +39,8 @@ from spkver.hparams import HparamsError, load, path_list
 from spkver.losses import StreamingSparseHead
 from spkver.models import CosineClassifier
 from spkver.report import text_table
-from spkver.scoring import ScoringError, read_trials
+from spkver.calibration import CalibrationError
+from spkver.scoring import ScoringError, read_trials, save_embeddings, speaker_mean_cohort
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +101,35 @@ def report_one_hot_fraction(brain, hparams, train_set):
         logger.info(message)
 
 
-def evaluate(brain, hparams, stage):
-    """Score the trial lists; return the report rows and the training-mean embedding."""
+def evaluate(brain, hparams, stage, full=False):
+    """Score the trial lists; return ``({stage: rows}, mean)``.
+
+    ``full``: also AS-norm against the training sample's speaker means and calibrated LLRs,
+    the cohort and the calibration being written to the output folder for reuse.
+    """
     extractor = brain.modules.embedding_model
     extractor.eval()
-    mean = training_mean_embedding(extractor, hparams["manifest_folder"], hparams["mean_utterances"],
-                                   device=brain.device)
-    rows = evaluate_trial_lists(extractor, hparams["manifest_folder"], hparams["trial_lists"], mean=mean,
-                                batch_size=hparams["embedding_batch_size"], device=brain.device)
-    print(f"\n{stage}\n{text_table(rows)}")
-    return rows, mean
+    sample = training_sample(extractor, hparams["manifest_folder"], hparams["mean_utterances"], device=brain.device)
+    mean = sample.embeddings.mean(axis=0)
+    cohort = calibration = None
+    if full:
+        output = Path(hparams["output_folder"])
+        cohort = speaker_mean_cohort(sample)
+        save_embeddings(output / "cohort.npz", cohort.ids, cohort.embeddings)
+        calibration, description = calibrate_on_validation(
+            extractor, hparams["manifest_folder"], mean, cohort, hparams["asnorm_topk"],
+            prior=hparams["calibration_prior"], short_seconds=hparams["calibration_short_seconds"],
+            device=brain.device)
+        logger.info(f"calibration: {description}")
+        if calibration is not None:
+            calibration.save(output / "calibration.json")
+    stages = evaluate_trial_lists(extractor, hparams["manifest_folder"], hparams["trial_lists"], mean=mean,
+                                  batch_size=hparams["embedding_batch_size"], device=brain.device, cohort=cohort,
+                                  top_k=hparams["asnorm_topk"], calibration=calibration)
+    named = {f"{stage}: {scores}": rows for scores, rows in stages.items()}
+    for name, rows in named.items():
+        print(f"\n{name}\n{text_table(rows)}")
+    return named, mean
 
 
 def main():
@@ -139,11 +162,12 @@ def main():
         report_one_hot_fraction(brain, hparams, train_set)
     results = {}
     if hparams["evaluate_before_training"] and not hparams["checkpointer"].list_checkpoints():
-        results["before training"], _ = evaluate(brain, hparams, "before training")
+        results.update(evaluate(brain, hparams, "before training")[0])
     brain.fit(hparams["epoch_counter"], train_set, valid_set,
               train_loader_kwargs=hparams["train_dataloader_options"],
               valid_loader_kwargs=hparams["valid_dataloader_options"])
-    results["after training"], mean = evaluate(brain, hparams, "after training")
+    after, mean = evaluate(brain, hparams, "after training", full=True)
+    results.update(after)
     write_results(hparams["output_folder"], results)
     # What `spkver embed/verify/export` and SpeakerEmbedder.from_pretrained need to reuse the extractor.
     threshold, calibration = calibrate_threshold(brain.modules.embedding_model, hparams["manifest_folder"], mean,
@@ -154,5 +178,6 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (HparamsError, PreparationError, ScoringError, FineTuningError) as error:  # the user's input, named
+    # The user's input, named.
+    except (HparamsError, PreparationError, ScoringError, FineTuningError, CalibrationError) as error:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")

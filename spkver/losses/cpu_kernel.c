@@ -15,8 +15,9 @@
  *      support size, tau, the normaliser of p and the row's maximum (NaN if it has one) are written.
  * Bad input (NaN, +inf) gives garbage rows, never a hang or an access out of the row: the caller raises on
  * the row maxima.
- * The backward kernel writes g s (p - e_y) for an upstream gradient g from (values, tau, normaliser, p_y) in
- * one pass per row: the forward keeps no (B, C) buffer.
+ * The backward kernel writes g s p_j off the target and g a_y (p_y - 1) at it, for an upstream gradient g and
+ * the target logit's slope a_y (s; 0 when the target logit takes its own gradient; s psi'(cos_y) for a margin
+ * psi), from (values, tau, normaliser, p_y) in one pass per row: the forward keeps no (B, C) buffer.
  */
 #include <math.h>
 #include <pthread.h>
@@ -41,7 +42,7 @@ typedef struct {
     double *tau, *total;        /* the root (in logit units) and the normaliser of p, per row */
     const float *upstream;      /* backward: the gradient of each row's loss */
     float *grad;                /* backward: (B, C), row stride classes */
-    int separate_target;        /* backward: the target's gradient goes to its own logit, not the column */
+    const float *target_slope;  /* backward: d(target logit)/d(target column) per row: s, 0, or a margin's */
     int64_t first_row, last_row;
     int status;
 } Job;
@@ -187,7 +188,7 @@ static void solve_row(const Job *job, int64_t row, float *picked, double *work) 
     job->total[row] = total;
 }
 
-/* g s (p - e_y) for one row: p_j = [1 + (alpha-1)(s x_j - tau)]_+^k / total off the target. */
+/* One row's gradient: g s p_j, p_j = [1 + (alpha-1)(s x_j - tau)]_+^k / total, off the target. */
 static void gradient_row(const Job *job, int64_t row) {
     const float *x = job->values + row * job->stride;
     const int64_t classes = job->classes, y = job->targets[row];
@@ -211,8 +212,8 @@ static void gradient_row(const Job *job, int64_t row) {
             g[j] = (float)(factor * w);
         }
     }
-    /* the target column: its p_y is the forward's (its own logit and measure), minus 1 */
-    g[y] = job->separate_target ? 0.0f : (float)((double)job->upstream[row] * s * ((double)job->p_y[row] - 1.0));
+    /* the target column: (p_y - 1) through the target logit's slope (its p_y is the forward's) */
+    g[y] = (float)((double)job->upstream[row] * (double)job->target_slope[row] * ((double)job->p_y[row] - 1.0));
 }
 
 static void *forward_rows(void *argument) {
@@ -283,14 +284,15 @@ int spkver_alpha_loss_rows(const float *values, int64_t batch, int64_t classes, 
     return parallel_rows(&job, batch, threads, forward_rows);
 }
 
-/* The gradient upstream * scale * (p - e_y) of the rows solved by spkver_alpha_loss_rows, into grad (B, C). */
+/* The gradient upstream * (scale p_j, target_slope (p_y - 1) at the target) of the rows solved by
+ * spkver_alpha_loss_rows, into grad (B, C). */
 int spkver_alpha_loss_gradient(const float *values, int64_t batch, int64_t classes, int64_t stride,
-                               const int64_t *targets, int separate_target, const float *p_y, const double *tau,
+                               const int64_t *targets, const float *target_slope, const float *p_y, const double *tau,
                                const double *total, double alpha, double scale, const float *upstream, float *grad,
                                int threads) {
     Job job = {0};
     job.values = values, job.classes = classes, job.stride = stride, job.targets = targets;
-    job.separate_target = separate_target, job.p_y = (float *)p_y, job.tau = (double *)tau;
+    job.target_slope = target_slope, job.p_y = (float *)p_y, job.tau = (double *)tau;
     job.total = (double *)total, job.alpha = alpha, job.scale = scale, job.degree = integer_degree(alpha);
     job.upstream = upstream, job.grad = grad;
     return parallel_rows(&job, batch, threads, backward_rows);

@@ -95,7 +95,7 @@ def _library(compiler: str, cache_dir: str) -> Optional[ctypes.CDLL]:
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     library.spkver_alpha_loss_rows.argtypes = [pointer, size, size, size, pointer, pointer, pointer, real, real,
                                                pointer, pointer, pointer, pointer, pointer, pointer, ctypes.c_int]
-    library.spkver_alpha_loss_gradient.argtypes = [pointer, size, size, size, pointer, ctypes.c_int, pointer,
+    library.spkver_alpha_loss_gradient.argtypes = [pointer, size, size, size, pointer, pointer, pointer,
                                                    pointer, pointer, real, real, pointer, pointer, ctypes.c_int]
     library.spkver_alpha_loss_rows.restype = library.spkver_alpha_loss_gradient.restype = ctypes.c_int
     return library
@@ -140,17 +140,25 @@ def _solve(values, targets, alpha, scale, log_q_target, target_logits):
     return loss, p_y, support, tau, total, row_max
 
 
-def _gradient(values, targets, alpha, scale, separate_target, p_y, tau, total, upstream):
-    """The backward kernel: ``upstream * scale * (p - e_y)`` (B, C) float32."""
+def _gradient(values, targets, alpha, scale, target_slope, p_y, tau, total, upstream):
+    """The backward kernel: ``upstream * scale * p`` off the target, ``upstream * target_slope * (p_y - 1)`` at it."""
     batch, classes = values.shape
     upstream = upstream.detach().float().contiguous()
+    slope = target_slope.detach().float().contiguous()
     grad = torch.empty(batch, classes, dtype=torch.float32)
     _loaded().spkver_alpha_loss_gradient(
-        values.data_ptr(), batch, classes, values.stride(0), targets.data_ptr(), int(separate_target),
+        values.data_ptr(), batch, classes, values.stride(0), targets.data_ptr(), slope.data_ptr(),
         p_y.data_ptr(), tau.data_ptr(), total.data_ptr(), float(alpha), float(scale), upstream.data_ptr(),
         grad.data_ptr(), torch.get_num_threads(),
     )
     return grad
+
+
+def _target_slope(batch, scale, target_logits, target_logit_slope):
+    """d(target logit)/d(target column): ``scale``; 0 when the target logit takes its own gradient; or given."""
+    if target_logit_slope is not None:
+        return target_logit_slope
+    return torch.full((batch,), 0.0 if target_logits is not None else float(scale))
 
 
 def cpu_kernel_loss_rows(values: torch.Tensor, targets: torch.Tensor, alpha: float, scale: float = 1.0,
@@ -170,29 +178,34 @@ def cpu_kernel_loss_rows(values: torch.Tensor, targets: torch.Tensor, alpha: flo
         raise RuntimeError("spkver's CPU loss kernel could not be built (see the warning above)")
     values, targets = _kernel_inputs(values, targets)
     loss, p_y, support, tau, total, _ = _solve(values, targets, alpha, scale, log_q_target, target_logits)
-    grad = _gradient(values, targets, alpha, scale, target_logits is not None, p_y, tau, total, torch.ones_like(loss))
+    slope = _target_slope(len(loss), scale, target_logits, None)
+    grad = _gradient(values, targets, alpha, scale, slope, p_y, tau, total, torch.ones_like(loss))
     return loss, grad, p_y, support
 
 
 class CpuAlphaDivergenceLoss(torch.autograd.Function):
     """The loss rows of ``logit_scale * logits`` through the kernel.
 
-    ``apply(logits, targets, alpha, log_q_target, target_logits, logit_scale)``
+    ``apply(logits, targets, alpha, log_q_target, target_logits, logit_scale, target_logit_slope)``
     returns ``(loss, p_y, support, row_max)`` (``row_max`` of ``logits``, NaN
     where a row has one: the caller's input check).  Forward saves only per-row numbers (and
     the logits, by reference); backward writes :math:`g\,s(p - e_y)` in one
-    pass, and ``target_logits`` receives :math:`g(p_y - 1)`.
+    pass, and ``target_logits`` receives :math:`g(p_y - 1)`; with
+    ``target_logit_slope`` (B,), :math:`\partial\theta_y/\partial x_y` of a margin,
+    the target logit is a function of its column and :math:`g(p_y - 1)` times the
+    slope goes to the column instead (no (B, C) gradient is made for the margin).
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, alpha, log_q_target, target_logits, logit_scale):
+    def forward(ctx, logits, targets, alpha, log_q_target, target_logits, logit_scale, target_logit_slope=None):
         values, safe_targets = _kernel_inputs(logits, targets)
         loss, p_y, support, tau, total, row_max = _solve(values, safe_targets, alpha, logit_scale, log_q_target,
                                                          target_logits)
-        ctx.save_for_backward(values, safe_targets, p_y, tau, total)
+        slope = _target_slope(len(loss), logit_scale, target_logits, target_logit_slope)
+        ctx.save_for_backward(values, safe_targets, p_y, tau, total, slope)
         ctx.alpha, ctx.logit_scale = alpha, logit_scale
         ctx.input_dtype = logits.dtype
-        ctx.target_dtype = None if target_logits is None else target_logits.dtype
+        ctx.target_dtype = None if target_logits is None or target_logit_slope is not None else target_logits.dtype
         ctx.mark_non_differentiable(p_y, support, row_max)
         ctx.set_materialize_grads(False)
         return loss, p_y, support, row_max
@@ -200,9 +213,9 @@ class CpuAlphaDivergenceLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_p_y, _grad_support, _grad_row_max):
         if grad_loss is None:
-            return (None,) * 6
-        values, targets, p_y, tau, total = ctx.saved_tensors
+            return (None,) * 7
+        values, targets, p_y, tau, total, slope = ctx.saved_tensors
+        grad = _gradient(values, targets, ctx.alpha, ctx.logit_scale, slope, p_y, tau, total, grad_loss)
         separate = ctx.target_dtype is not None
-        grad = _gradient(values, targets, ctx.alpha, ctx.logit_scale, separate, p_y, tau, total, grad_loss)
         grad_target = ((p_y - 1.0) * grad_loss.float()).to(ctx.target_dtype) if separate else None
-        return grad.to(ctx.input_dtype), None, None, None, grad_target, None
+        return grad.to(ctx.input_dtype), None, None, None, grad_target, None, None

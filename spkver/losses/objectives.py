@@ -248,14 +248,27 @@ class CosineMarginObjective(nn.Module):
     def _torch_forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The objective in torch operations: the fallback, and the source of precise input errors."""
         # Clamped for a safe gather: the engine checks the range with its other checks.
-        cosine_y = cosine.gather(1, targets.clamp(0, cosine.shape[1] - 1)[:, None]).squeeze(1)
-        margined = self.target_cosine(cosine_y)
-        target_logits = None if margined is cosine_y else margined * self.scale
+        column = targets.clamp(0, cosine.shape[1] - 1)[:, None]
+        target_logits = slope = None
+        if self.alpha == 1.0:  # the cross-entropy path differentiates the target logit through its graph
+            cosine_y = cosine.gather(1, column).squeeze(1)
+            margined = self.target_cosine(cosine_y)
+            target_logits = None if margined is cosine_y else margined * self.scale
+        else:
+            # The margin's value and derivative on (B,) numbers: the engine sends the target's gradient
+            # to its column itself, with no (B, C) scatter behind a gather.
+            with torch.enable_grad():
+                cosine_y = cosine.detach().gather(1, column).squeeze(1).requires_grad_(True)
+                margined = self.target_cosine(cosine_y)
+                if margined is not cosine_y:
+                    (slope,) = torch.autograd.grad(margined.sum(), cosine_y, allow_unused=True)
+                    slope = torch.zeros_like(cosine_y) if slope is None else slope
+                    target_logits, slope = margined.detach() * self.scale, slope * self.scale
         # Consecutive batches need about as many candidates; a little slack avoids a redo.
         hint = None if self.last_statistics is None else self.last_statistics.candidates * 5 // 4 + 8
         loss, self.last_statistics = loss_rows_and_statistics(
             cosine, targets, self.alpha, log_q_target=self.target_log_q(),
-            candidates_hint=hint, target_logits=target_logits, logit_scale=self.scale,
+            candidates_hint=hint, target_logits=target_logits, logit_scale=self.scale, target_logit_slope=slope,
         )
         return reduce_loss(loss, self.reduction)
 

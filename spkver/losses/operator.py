@@ -854,6 +854,7 @@ def loss_rows_and_statistics(
     candidates_hint: Optional[int] = None,
     target_logits: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
+    target_logit_slope: Optional[torch.Tensor] = None,
 ):
     """Validated per-row loss (B,) with its :class:`SparsityStatistics`.
 
@@ -864,7 +865,12 @@ def loss_rows_and_statistics(
     a modified copy of ``logits`` and receives its gradient.  ``logit_scale``
     multiplies ``logits`` (not ``target_logits``, already in logit units)
     inside the solve: the margin objectives pass cosines and :math:`s`, so
-    that only the kept columns are scaled and no (B, C) product is made.  For
+    that only the kept columns are scaled and no (B, C) product is made.
+    ``target_logit_slope`` (B,) says that ``target_logits`` is a function of
+    the target's column (a geometric margin :math:`s\psi(x_y)`) with this
+    derivative :math:`s\psi'(x_y)`: its gradient then goes to that column
+    (``target_logits`` may be detached), which the CPU kernel writes in its one
+    gradient pass instead of a (B, C) scatter through a ``gather``.  For
     :math:`\alpha = 1` the support is reported as all C classes.
     """
     alpha = check_alpha(alpha)
@@ -878,6 +884,11 @@ def loss_rows_and_statistics(
     if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
         raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
     logit_scale = float(logit_scale)
+    if target_logit_slope is not None and (
+            target_logits is None or not isinstance(target_logit_slope, torch.Tensor)
+            or tuple(target_logit_slope.shape) != (logits.shape[0],)):
+        raise ValueError(f"target_logit_slope must be a tensor of shape ({logits.shape[0]},), "
+                         "given with target_logits")
     batch, classes = logits.shape
     if batch == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
@@ -885,6 +896,13 @@ def loss_rows_and_statistics(
 
     from spkver.losses.cpu_kernel import CpuAlphaDivergenceLoss, cpu_kernel_available
     from spkver.losses.fused import FusedAlphaDivergenceLoss, fused_available
+
+    on_cpu_kernel = cpu_kernel_available(logits, alpha, log_q)
+    if target_logit_slope is not None and not on_cpu_kernel:
+        # Elsewhere the target logit carries the slope in its graph: its value, and d/d column = slope.
+        column = logits.gather(1, targets.clamp(0, classes - 1)[:, None]).squeeze(1)
+        target_logits = target_logits.detach() + target_logit_slope.detach() * (column - column.detach())
+        target_logit_slope = None
 
     fused = fused_available(logits, alpha, log_q)
     if logit_scale != 1.0 and (alpha == 1.0 or fused):
@@ -898,10 +916,10 @@ def loss_rows_and_statistics(
             _raise_for_bad_rows(*checks, flag=True)
         return loss, statistics
     safe_targets = targets.clamp(0, classes - 1)  # never index out of range; the range is checked
-    if cpu_kernel_available(logits, alpha, log_q):
+    if on_cpu_kernel:
         # The kernel reads every row once and returns its maximum: the input is checked on that, after it.
         loss, p_y, support, row_max = CpuAlphaDivergenceLoss.apply(logits, safe_targets, alpha, log_q_target,
-                                                                   target_logits, logit_scale)
+                                                                   target_logits, logit_scale, target_logit_slope)
         checks = _check_arguments(logits, targets, safe_targets, log_q_target, target_logits, row_max)
         if bool(_problem_flag(*checks)):
             _raise_for_bad_rows(*checks, flag=True)
