@@ -17,24 +17,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-from bench_scoring import TRIALS, UTTERANCES, build_job, run_measured
+from bench_scoring import TRIALS, UTTERANCES, prepared_job, run_measured
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="where to build the job (default: a temporary folder)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.workdir or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "veri_test_H.txt").exists():
-            start = time.perf_counter()
-            build_job(folder)
-            print(f"(built the job in {time.perf_counter() - start:.0f} s)")
+    with prepared_job(args.workdir) as folder:
         trials, store = str(folder / "veri_test_H.txt"), str(folder / "emb.npz")
         calibration = str(folder / "calibration.json")
         cli = [sys.executable, "-m", "spkver.cli"]

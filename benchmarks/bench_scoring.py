@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -99,17 +100,24 @@ def compare_with_speechbrain(n: int = 8000, seed: int = 1) -> None:
           f"{our_dcf:.5f} |")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", help="where to build the job (default: a temporary folder)")
-    args = parser.parse_args()
+@contextlib.contextmanager
+def prepared_job(workdir=None):
+    """The job's folder: ``workdir`` (built there once, then reused) or a temporary one."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.workdir or tmp)
+        folder = Path(workdir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "veri_test_H.txt").exists():
             start = time.perf_counter()
             build_job(folder)
             print(f"(built the job in {time.perf_counter() - start:.0f} s)")
+        yield folder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", help="where to build the job (default: a temporary folder)")
+    args = parser.parse_args()
+    with prepared_job(args.workdir) as folder:
         cli = [sys.executable, "-m", "spkver.cli", "score", "--trials", str(folder / "veri_test_H.txt"),
                "--embeddings", str(folder / "emb.npz")]
         print(f"# spkver score on a VoxCeleb1-H-sized job: {TRIALS:,} trials, {UTTERANCES:,} utterances, {DIM}-d")

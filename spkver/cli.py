@@ -367,6 +367,16 @@ def _rate(text: str) -> float:
     return value
 
 
+def _add_scoring_inputs(parser: argparse.ArgumentParser, cohort_help: str) -> None:
+    """The store, cohort and mean options that `score` and `calibrate` share."""
+    parser.add_argument("--embeddings", required=True, metavar="STORE", help=".npz store or folder of .npy files")
+    parser.add_argument("--cohort", metavar="STORE", help=cohort_help)
+    parser.add_argument("--cohort-speaker-means", action="store_true",
+                        help="average the cohort per speaker (first path component of the ID) first")
+    parser.add_argument("--asnorm-topk", type=int, default=300, metavar="K", help="AS-norm top-K (default 300)")
+    parser.add_argument("--mean", metavar="NPY", help="mean embedding (.npy) subtracted before normalisation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spkver", description="Speaker verification with alpha-divergence losses.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -375,12 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score VoxCeleb-format trial lists ('label enroll test', or 'enroll test' to score without "
                     "metrics) from an embedding store (.npz with 'ids' and 'embeddings', or a folder of .npy).")
     score.add_argument("--trials", nargs="+", required=True, metavar="FILE", help="one or more trial lists")
-    score.add_argument("--embeddings", required=True, metavar="STORE", help=".npz store or folder of .npy files")
-    score.add_argument("--cohort", metavar="STORE", help="cohort embeddings: enables AS-norm")
-    score.add_argument("--cohort-speaker-means", action="store_true",
-                       help="average the cohort per speaker (first path component of the ID) first")
-    score.add_argument("--asnorm-topk", type=int, default=300, metavar="K", help="AS-norm top-K (default 300)")
-    score.add_argument("--mean", metavar="NPY", help="mean embedding (.npy) subtracted before normalisation")
+    _add_scoring_inputs(score, "cohort embeddings: enables AS-norm")
     score.add_argument("--scores-out", metavar="PATH",
                        help="write 'enroll test score [llr] [label]' lines; a folder when several lists are given")
     score.add_argument("--calibration", metavar="JSON",
@@ -402,12 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit LLR = a*score (+ quality measures) + b on a labelled development trial list, by the "
                     "prior-weighted cross-entropy (Cllr) at --prior, and write calibration.json.")
     calibrate.add_argument("--trials", required=True, metavar="FILE", help="labelled development trial list")
-    calibrate.add_argument("--embeddings", required=True, metavar="STORE", help=".npz store (spkver embed's)")
-    calibrate.add_argument("--cohort", metavar="STORE", help="calibrate AS-norm scores against this cohort")
-    calibrate.add_argument("--cohort-speaker-means", action="store_true",
-                           help="average the cohort per speaker (first path component of the ID) first")
-    calibrate.add_argument("--asnorm-topk", type=int, default=300, metavar="K", help="AS-norm top-K (default 300)")
-    calibrate.add_argument("--mean", metavar="NPY", help="mean embedding (.npy) subtracted before normalisation")
+    _add_scoring_inputs(calibrate, "calibrate AS-norm scores against this cohort")
     calibrate.add_argument("--quality", nargs="*", default=[], choices=["duration", "norm", "cohort_mean"],
                            help="quality measures (WeSpeaker's QMF): each adds the smaller and larger of the "
                                 "two sides' values")
