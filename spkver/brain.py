@@ -223,7 +223,9 @@ class SpeakerBrain(sb.Brain):
             self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=getattr(self, "train_summary", None),
                                                 valid_stats=summary)
             if self.checkpointer is not None:
-                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "epoch": epoch}, num_to_keep=1)
+                # The last `average_last` epochs are kept: the evaluated model is their average.
+                keep = max(1, int(getattr(self.hparams, "average_last", 1) or 1))
+                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "epoch": epoch}, num_to_keep=keep)
 
     @torch.no_grad()
     def reinitialise_prototypes(self) -> int:

@@ -29,15 +29,22 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
 
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
 from speechbrain.utils.distributed import if_main_process
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AtomicCheckpointer", "STAGED_METAFNAME"]
+__all__ = ["AtomicCheckpointer", "STAGED_METAFNAME", "AVERAGED_MODEL", "average_state_dicts",
+           "average_last_checkpoints"]
 
 STAGED_METAFNAME = METAFNAME + ".partial"
+#: The averaged extractor in an experiment folder: what is evaluated, exported and reused when present.
+AVERAGED_MODEL = "embedding_model.averaged.ckpt"
 
 
 class AtomicCheckpointer(Checkpointer):
@@ -90,3 +97,56 @@ class AtomicCheckpointer(Checkpointer):
             return []
         return [name for name in self.recoverables
                 if name not in checkpoint.paramfiles and not self.optional_recoverables.get(name, False)]
+
+
+def average_state_dicts(states: Sequence[Dict[str, torch.Tensor]], names: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    """The element-wise mean of floating-point entries (weights and BatchNorm statistics, in float64).
+
+    Integer entries (BatchNorm's ``num_batches_tracked``) are the last state's. Every state must have
+    the same keys and shapes; a mismatch names the entry and the state (``names``, else its index).
+
+    >>> average_state_dicts([{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}])["w"]
+    tensor([2., 4.])
+    """
+    if not states:
+        raise ValueError("no checkpoints to average")
+    names = list(names) or [f"state {i}" for i in range(len(states))]
+    reference = states[-1]
+    averaged = {}
+    for key, last in reference.items():
+        for name, state in zip(names, states):
+            if key not in state or state[key].shape != last.shape:
+                found = "no such entry" if key not in state else f"shape {tuple(state[key].shape)}"
+                raise ValueError(f"{name}: cannot average {key!r} ({found}; the last has {tuple(last.shape)}): "
+                                 "the checkpoints are of different models")
+        if last.is_floating_point():
+            total = sum(state[key].double() for state in states)
+            averaged[key] = (total / len(states)).to(last.dtype)
+        else:
+            averaged[key] = last.clone()
+    for name, state in zip(names, states):
+        extra = sorted(set(state) - set(reference))
+        if extra:
+            raise ValueError(f"{name}: entries {extra[:3]} are not in the last checkpoint: different models")
+    return averaged
+
+
+def average_last_checkpoints(save_folder, last: int, recoverable: str = "embedding_model"
+                             ) -> Tuple[Dict[str, torch.Tensor], List[Path]]:
+    """Average ``recoverable`` over the ``last`` most recent complete checkpoints under ``save_folder``.
+
+    Returns the averaged state and the checkpoint folders used, oldest first (fewer than ``last``
+    when fewer exist).
+    """
+    if not isinstance(last, int) or last < 1:
+        raise ValueError(f"the number of checkpoints to average must be an integer >= 1, got {last!r}")
+    folder = Path(save_folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no checkpoint folder")
+    checkpointer = AtomicCheckpointer(folder)
+    checkpoints = [c for c in checkpointer.list_checkpoints() if recoverable in c.paramfiles]
+    if not checkpoints:
+        raise ValueError(f"{folder}: no complete checkpoint holds {recoverable!r}")
+    chosen = sorted(checkpoints, key=lambda c: c.meta["unixtime"])[-last:]
+    states = [torch.load(c.paramfiles[recoverable], map_location="cpu") for c in chosen]
+    return average_state_dicts(states, [str(c.path) for c in chosen]), [c.path for c in chosen]

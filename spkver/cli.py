@@ -7,7 +7,7 @@
 * ``spkver convert-m4a`` decodes VoxCeleb2's m4a files (:mod:`spkver.data.convert`);
 * ``spkver synth`` generates the synthetic speaker corpus (:mod:`spkver.data.synth`);
 * ``spkver embed`` / ``verify`` / ``export`` reuse a trained extractor (:mod:`spkver.inference`,
-  :mod:`spkver.export`);
+  :mod:`spkver.export`); ``spkver average`` averages its last checkpoints (:mod:`spkver.checkpoints`);
 * ``spkver sparsity`` measures how many training examples of an experiment are already one-hot
   under an alpha objective, before fine-tuning with it (:mod:`spkver.finetune`);
 * ``spkver environment`` checks that torch, torchaudio and SpeechBrain load together
@@ -304,6 +304,25 @@ def command_verify(args) -> int:
     return 0
 
 
+def command_average(args) -> int:
+    import torch
+
+    from spkver.checkpoints import AVERAGED_MODEL, average_last_checkpoints
+
+    folder = Path(args.model)
+    state, used = average_last_checkpoints(folder / "save", args.last)
+    torch.save(state, folder / AVERAGED_MODEL)
+    print(f"averaged the extractor of {len(used)} checkpoints ({', '.join(p.name for p in used)}) into "
+          f"{folder / AVERAGED_MODEL}")
+    if len(used) < args.last:
+        print(f"note: only {len(used)} checkpoints are kept in {folder / 'save'} (the recipe keeps average_last)",
+              file=sys.stderr)
+    if (folder / "calibration.json").exists():
+        print(f"note: {folder / 'calibration.json'} belongs to the previous extractor and is now refused; "
+              "calibrate again (spkver calibrate) on this one's scores", file=sys.stderr)
+    return 0
+
+
 def command_export(args) -> int:
     from spkver.export import export_pretrained
 
@@ -482,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--prior", type=_rate, default=None,
                         help="target prior of the decision (default: the calibration's)")
     verify.set_defaults(handler=command_verify)
+
+    average = commands.add_parser(
+        "average", help="average the extractor over an experiment's last checkpoints (weights and BatchNorm "
+                        "statistics), into the model that embed/verify/export use")
+    average.add_argument("--model", required=True, metavar="EXP_FOLDER")
+    average.add_argument("--last", type=int, default=10, metavar="N", help="checkpoints to average (default 10)")
+    average.set_defaults(handler=command_average)
 
     export = commands.add_parser("export", help="write a SpeechBrain-compatible pretrained folder")
     export.add_argument("--model", required=True, metavar="EXP_FOLDER")

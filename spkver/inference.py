@@ -198,7 +198,11 @@ class SpeakerEmbedder:
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu") -> "SpeakerEmbedder":
-        """Load from an experiment folder or an exported pretrained folder (both hold ``spkver.json``)."""
+        """Load from an experiment folder or an exported pretrained folder (both hold ``spkver.json``).
+
+        In an experiment folder: the averaged extractor (``embedding_model.averaged.ckpt``, written by
+        the recipe's ``average_last`` or ``spkver average``) when there is one, else the latest checkpoint.
+        """
         from spkver.models import build_extractor
 
         folder = Path(folder)
@@ -207,8 +211,12 @@ class SpeakerEmbedder:
             raise FileNotFoundError(f"{folder}: no spkver.json: not a trained experiment or exported model folder")
         card = json.loads(card_path.read_text())
         extractor = build_extractor(**card["extractor"])
+        from spkver.checkpoints import AVERAGED_MODEL
+
         weights = folder / "embedding_model.ckpt"
-        if not weights.exists():  # an experiment folder: the latest complete checkpoint
+        if (folder / AVERAGED_MODEL).exists():  # an experiment folder whose last checkpoints were averaged
+            extractor.load_state_dict(torch.load(folder / AVERAGED_MODEL, map_location="cpu"))
+        elif not weights.exists():  # an experiment folder: the latest complete checkpoint
             checkpoint = None
             if (folder / "save").is_dir():
                 from spkver.checkpoints import AtomicCheckpointer

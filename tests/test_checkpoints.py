@@ -99,3 +99,52 @@ def test_checkpoints_written_by_the_stock_checkpointer_load_unchanged(tmp_path):
     fresh = _models()
     assert AtomicCheckpointer(tmp_path, recoverables=fresh).recover_if_possible().meta["value"] == 3.0
     assert all(torch.all(m.weight == 3.0) for m in fresh.values())
+
+
+def _batchnorm_model(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model.train()
+    for _ in range(seed + 1):  # different running statistics and batch counts per checkpoint
+        model(torch.randn(8, 4) * (seed + 1))
+    return model
+
+
+def test_checkpoint_averaging_is_the_mean_of_weights_and_batchnorm_statistics(tmp_path):
+    """The average of the last N checkpoints against one computed by hand; counts come from the last."""
+    from spkver.checkpoints import AVERAGED_MODEL, average_last_checkpoints
+    from spkver.cli import main
+
+    states = []
+    for seed in range(4):
+        model = _batchnorm_model(seed)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        AtomicCheckpointer(tmp_path / "save", recoverables={"embedding_model": model}).save_checkpoint(
+            end_of_epoch=True)
+        time.sleep(0.02)
+    averaged, used = average_last_checkpoints(tmp_path / "save", 3)
+    assert len(used) == 3
+    for key in ("0.weight", "0.bias", "1.running_mean", "1.running_var", "1.weight"):
+        expected = (states[1][key] + states[2][key] + states[3][key]) / 3
+        torch.testing.assert_close(averaged[key], expected)
+    assert averaged["1.num_batches_tracked"] == states[3]["1.num_batches_tracked"] == 4
+    assert len(average_last_checkpoints(tmp_path / "save", 10)[1]) == 4  # all there are
+    assert main(["average", "--model", str(tmp_path), "--last", "2"]) == 0
+    written = torch.load(tmp_path / AVERAGED_MODEL)
+    torch.testing.assert_close(written["0.weight"], (states[2]["0.weight"] + states[3]["0.weight"]) / 2)
+
+
+def test_checkpoints_of_different_models_are_not_averaged(tmp_path):
+    from spkver.checkpoints import average_last_checkpoints, average_state_dicts
+
+    AtomicCheckpointer(tmp_path, recoverables={"embedding_model": torch.nn.Linear(4, 3)}).save_checkpoint()
+    time.sleep(0.02)
+    AtomicCheckpointer(tmp_path, recoverables={"embedding_model": torch.nn.Linear(4, 5)}).save_checkpoint()
+    with pytest.raises(ValueError, match="CKPT.*different models"):
+        average_last_checkpoints(tmp_path, 2)
+    with pytest.raises(ValueError, match="no checkpoints"):
+        average_state_dicts([])
+    with pytest.raises(ValueError, match="integer >= 1"):
+        average_last_checkpoints(tmp_path, 0)
+    with pytest.raises(ValueError, match="no checkpoint folder"):
+        average_last_checkpoints(tmp_path / "missing", 2)

@@ -193,3 +193,42 @@ def test_espeak_ng_can_voice_some_speakers_deterministically(tmp_path):
 def test_espeak_fraction_is_validated(tmp_path):
     with pytest.raises(ValueError, match="espeak_fraction"):
         synthesize_corpus(tmp_path, speakers=2, utterances=2, espeak_fraction=1.5, progress=False)
+
+
+def test_speed_perturbation_plays_crops_at_each_speed_as_new_classes(tiny_corpus, tmp_path):
+    """Every crop has the crop's length whatever its speed; speaker i at the k-th speed is class i + k S."""
+    import random as random_module
+
+    import torch
+
+    from spkver.data.datasets import SpeedPerturbation, speaker_datasets
+
+    prepare_voxceleb(tmp_path, vox1=tiny_corpus, trials=[tiny_corpus / "trials.txt"], chunk_seconds=1.2,
+                     min_seconds=1.0, valid_fraction=0.2, progress=False)
+    speakers = json.loads((tmp_path / "speakers.json").read_text())
+    perturbation = SpeedPerturbation([0.9, 1.0, 1.1])
+    assert perturbation.factors == [1.0, 0.9, 1.1]
+    train, valid, classes = speaker_datasets(tmp_path, crop_seconds=0.5, speed_perturb=perturbation)
+    assert classes == 3 * len(speakers) and speaker_datasets(tmp_path, crop_seconds=0.5)[2] == len(speakers)
+    rows = {row["ID"]: row for row in csv.DictReader(open(tmp_path / "train.csv"))}
+    random_module.seed(3)
+    seen = set()
+    for _ in range(60):
+        item = train[random_module.randrange(len(train))]
+        speaker = speakers[rows[item["id"]]["spk_id"]]
+        speed = (int(item["speaker_index"]) - speaker) // len(speakers)
+        assert int(item["speaker_index"]) % len(speakers) == speaker and speed in (0, 1, 2)
+        assert abs(item["sig"].shape[0] - 8000) <= 2  # 0.5 s at 16 kHz at every speed
+        seen.add(speed)
+    assert seen == {0, 1, 2}
+    assert all(int(valid[i]["speaker_index"]) < len(speakers) for i in range(len(valid)))  # never perturbed
+    # Played 1.1x faster, a tone's frequency rises 1.1x.
+    tone = torch.sin(2 * torch.pi * 500 * torch.arange(16000) / 16000)
+    faster = SpeedPerturbation.play(tone, 1.1)
+    assert faster.shape[0] == pytest.approx(16000 / 1.1, abs=2)
+    spectrum = torch.fft.rfft(faster).abs()
+    assert float(spectrum.argmax()) / faster.shape[0] * 16000 == pytest.approx(550, abs=5)
+    with pytest.raises(ValueError, match="must include 1.0"):
+        SpeedPerturbation([0.9, 1.1])
+    with pytest.raises(ValueError, match="summing to 1"):
+        SpeedPerturbation([1.0, 0.9], [0.5, 0.6])

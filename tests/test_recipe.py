@@ -1,5 +1,6 @@
 """Smoke tests of the training recipe: every objective trains, checkpoints and resumes."""
 import json
+import math
 import os
 import re
 import runpy
@@ -22,7 +23,7 @@ def _arguments(corpus, output, objective="qmargin", epochs=3, batch_size=8, extr
     defaults = [f"--data_folder={corpus}", f"--trial_lists=[{corpus}/trials.txt]", f"--output_folder={output}",
                 f"--number_of_epochs={epochs}", "--channels=16", "--embedding_dim=16", f"--batch_size={batch_size}",
                 "--num_workers=0", "--lr_warmup_epochs=1", "--margin_warmup_epochs=1", "--margin_warmup_start=0",
-                "--crop_seconds=1.0", "--mean_utterances=10", "--peak_lr=0.05"]
+                "--crop_seconds=1.0", "--mean_utterances=10", "--peak_lr=0.05", "--speed_perturb=null"]
     replaced = {argument.split("=")[0] for argument in extra}
     return [str(ROOT / "hparams" / f"ecapa512_{objective}.yaml"),
             *(argument for argument in defaults if argument.split("=")[0] not in replaced), *extra]
@@ -56,11 +57,26 @@ def test_recipe_trains_checkpoints_and_scores_with_every_objective(objective, ti
     assert calibrated["eer"] == results["after training: AS-norm"][0]["eer"] and calibrated["cllr"] > 0
     assert calibrated["min_cllr"] <= calibrated["cllr"] + 1e-9
     assert (output / "cohort.npz").exists() and (output / "calibration.json").exists()
+    # The evaluated extractor is the mean of the last average_last (10: here all 3) epochs' checkpoints.
+    assert (output / "embedding_model.averaged.ckpt").exists() and len(list((output / "save").glob("CKPT+*"))) == 3
     assert "Cllr" in (output / "results.md").read_text()
     # Resuming with a longer schedule continues from the checkpoint instead of starting over.
     _run_in_process(_arguments(tiny_corpus, output, objective, epochs=4, extra=["--valid_fraction=0.25"]),
                     monkeypatch)
     assert len(_train_losses(output)) == 4
+
+
+def test_recipe_trains_with_speed_perturbation_on_three_times_the_classes(tiny_corpus, tmp_path, monkeypatch):
+    """The VoxCeleb hparams' speed perturbation: the head holds speakers x 3 prototypes and trains."""
+    output = tmp_path / "speed"
+    arguments = [a for a in _arguments(tiny_corpus, output, "qmargin", epochs=2) if a != "--speed_perturb=null"]
+    _run_in_process(arguments, monkeypatch)
+    speakers = json.loads((output / "manifests" / "speakers.json").read_text())
+    checkpoint = sorted((output / "save").glob("CKPT+*/classifier.ckpt"))[-1]
+    prototypes = torch.load(checkpoint, map_location="cpu")["weight"]
+    assert prototypes.shape[0] == 3 * len(speakers)
+    losses = _train_losses(output)
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
 
 
 @pytest.mark.parametrize("objective", ["qmargin", "a3m_i"])

@@ -6,7 +6,8 @@
 
 Stages, each restartable: (1) synthesise the corpus if the hparams ask for it and it is missing,
 (2) prepare manifests unless present, (3) train (resuming from the last checkpoint), (4) embed the
-trial utterances, subtract the training mean, and score every trial list in stages (cosine, AS-norm
+trial utterances with the average of the last `average_last` epochs' extractors, subtract the
+training mean, and score every trial list in stages (cosine, AS-norm
 against the training speakers' means, AS-norm calibrated to LLRs on validation pairs), writing
 results.md/json, cohort.npz and calibration.json.
 Multi-GPU: torchrun --nproc_per_node=N recipes/voxceleb/train.py ... (SpeechBrain's DDP).
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import spkver  # noqa: F401  (first: checks that torch, torchaudio and SpeechBrain match before they load)
 import speechbrain as sb
+import torch
 
 from spkver.brain import SpeakerBrain
+from spkver.checkpoints import AVERAGED_MODEL, average_last_checkpoints
 from spkver.data.datasets import speaker_datasets
 from spkver.data.synth import synthesize_corpus
 from spkver.data.voxceleb import PreparationError, prepare_voxceleb
@@ -47,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 def check_settings(hparams, hparams_file):
     """The user errors that can be caught before anything is written: one line naming the value."""
+    if not isinstance(hparams["average_last"], int) or hparams["average_last"] < 1:
+        raise HparamsError(f"{hparams_file}: average_last must be an integer >= 1 (1: no averaging), "
+                           f"got {hparams['average_last']!r}")
     if hparams["head"] not in ("dense", "streaming"):
         raise HparamsError(f"{hparams_file}: head must be 'dense' or 'streaming', got {hparams['head']!r}")
     if hparams["head"] == "streaming":
@@ -101,6 +107,19 @@ def report_one_hot_fraction(brain, hparams, train_set):
         logger.info(message)
 
 
+def average_extractor(brain, hparams):
+    """Evaluate, export and reuse the mean of the last ``average_last`` epochs' extractors (WeSpeaker's 10)."""
+    averaged = Path(hparams["output_folder"]) / AVERAGED_MODEL
+    if hparams["average_last"] <= 1:
+        averaged.unlink(missing_ok=True)  # not a stale average of an earlier run
+        return
+    state, used = average_last_checkpoints(hparams["save_folder"], hparams["average_last"])
+    brain.modules.embedding_model.load_state_dict(state)
+    torch.save(state, averaged)
+    logger.info(f"averaged the extractor over the last {len(used)} checkpoints ({used[0].name} to "
+                f"{used[-1].name}) into {averaged}")
+
+
 def evaluate(brain, hparams, stage, full=False):
     """Score the trial lists; return ``({stage: rows}, mean)``.
 
@@ -142,7 +161,9 @@ def main():
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=resolved.name, overrides=overrides)
     prepare(hparams)
-    train_set, valid_set, num_speakers = speaker_datasets(hparams["manifest_folder"], hparams["crop_seconds"])
+    # With speed perturbation every non-unit speed is a class of its own: the head has speakers x speeds.
+    train_set, valid_set, num_speakers = speaker_datasets(hparams["manifest_folder"], hparams["crop_seconds"],
+                                                          speed_perturb=hparams["speed_perturb"])
     embedding_dim = hparams["embedding_model"].embedding_dim
     if hparams["head"] == "streaming":  # the exact sparse head: no (batch, speakers) cosines
         classifier = StreamingSparseHead(num_speakers, embedding_dim, hparams["objective"],
@@ -166,6 +187,7 @@ def main():
     brain.fit(hparams["epoch_counter"], train_set, valid_set,
               train_loader_kwargs=hparams["train_dataloader_options"],
               valid_loader_kwargs=hparams["valid_dataloader_options"])
+    average_extractor(brain, hparams)
     after, mean = evaluate(brain, hparams, "after training", full=True)
     results.update(after)
     write_results(hparams["output_folder"], results)

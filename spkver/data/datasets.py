@@ -4,17 +4,63 @@ Training items are random crops of ``crop_seconds`` from the prepared chunks
 (the whole chunk when shorter), with the speaker's class index from
 ``speakers.json``; validation items are the chunks themselves, cropped at
 their start for a stable measure.
+
+Speed perturbation (WeSpeaker's): each training item is played at one of
+``factors`` (0.9, 1.0, 1.1 by default) drawn with ``probabilities``, by
+resampling a crop of ``factor * crop_seconds`` to ``crop_seconds`` (tempo and
+pitch change together, as sox's ``speed``), and each non-unit speed is a class
+of its own: speaker ``i`` at the ``k``-th factor is class ``i + k * S`` for
+``S`` speakers, so there are ``S * len(factors)`` classes, the unit factor
+keeping the speakers' own indices.
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["speaker_datasets", "manifest_roots"]
+__all__ = ["speaker_datasets", "manifest_roots", "SpeedPerturbation"]
+
+
+class SpeedPerturbation:
+    """Playback speeds and their probabilities; the unit speed (which must be there) comes first.
+
+    >>> SpeedPerturbation([0.9, 1.0, 1.1]).factors
+    [1.0, 0.9, 1.1]
+    """
+
+    def __init__(self, factors: Sequence[float] = (0.9, 1.0, 1.1), probabilities: Optional[Sequence[float]] = None):
+        factors = [float(f) for f in factors]
+        if not factors or any(not 0.5 <= f <= 2.0 for f in factors) or len(set(factors)) != len(factors):
+            raise ValueError(f"speed_perturb factors must be distinct speeds in [0.5, 2], got {factors}")
+        if 1.0 not in factors:
+            raise ValueError(f"speed_perturb factors must include 1.0 (the speakers' own classes), got {factors}")
+        probabilities = [1.0 / len(factors)] * len(factors) if probabilities is None else \
+            [float(p) for p in probabilities]
+        if len(probabilities) != len(factors) or any(p < 0 for p in probabilities) or \
+                abs(sum(probabilities) - 1.0) > 1e-6:
+            raise ValueError(f"speed_perturb probabilities must be one per factor, >= 0, summing to 1; "
+                             f"got {probabilities} for {factors}")
+        order = [factors.index(1.0)] + [i for i, f in enumerate(factors) if f != 1.0]
+        self.factors = [factors[i] for i in order]
+        self.probabilities = [probabilities[i] for i in order]
+
+    def choose(self) -> int:
+        """The index of a factor, drawn with the probabilities."""
+        return random.choices(range(len(self.factors)), weights=self.probabilities)[0]
+
+    @staticmethod
+    def play(waveform: torch.Tensor, factor: float) -> torch.Tensor:
+        """``waveform`` played ``factor`` times faster: ``len / factor`` samples."""
+        if factor == 1.0:
+            return waveform
+        import torchaudio
+
+        rate = round(100 * factor)
+        return torchaudio.functional.resample(waveform, orig_freq=rate, new_freq=100)
 
 
 def manifest_roots(manifest_folder) -> dict:
@@ -22,37 +68,49 @@ def manifest_roots(manifest_folder) -> dict:
     return json.loads((Path(manifest_folder) / "roots.json").read_text())
 
 
-def speaker_datasets(manifest_folder, crop_seconds: float = 2.0, sample_rate: int = 16000) -> Tuple:
-    """``(train, valid, num_speakers)`` DynamicItemDatasets with ``sig`` and ``speaker_index``."""
+def speaker_datasets(manifest_folder, crop_seconds: float = 2.0, sample_rate: int = 16000,
+                     speed_perturb: Optional[SpeedPerturbation] = None) -> Tuple:
+    """``(train, valid, num_classes)`` DynamicItemDatasets with ``sig`` and ``speaker_index``.
+
+    ``num_classes`` is the number of speakers, times the number of speeds with ``speed_perturb``
+    (training items only are perturbed; validation items keep the speakers' own classes).
+    """
     import speechbrain as sb
 
     folder = Path(manifest_folder)
     replacements = manifest_roots(folder)
     speakers = json.loads((folder / "speakers.json").read_text())
     crop = int(crop_seconds * sample_rate)
+    factors = [1.0] if speed_perturb is None else speed_perturb.factors
 
-    def reader(random_crop: bool):
-        @sb.utils.data_pipeline.takes("wav", "start", "stop")
-        @sb.utils.data_pipeline.provides("sig")
-        def read(wav, start, stop):
-            start, stop = int(start), int(stop)
-            if stop - start > crop:
-                offset = random.randint(0, stop - start - crop) if random_crop else 0
-                start, stop = start + offset, start + offset + crop
-            return sb.dataio.dataio.read_audio({"file": wav, "start": start, "stop": stop})
-        return read
+    def read(wav, start, stop, random_crop: bool, factor: float):
+        """A crop of ``factor * crop`` samples (the whole chunk when shorter), played at ``factor``."""
+        start, stop = int(start), int(stop)
+        wanted = int(round(crop * factor))
+        if stop - start > wanted:
+            offset = random.randint(0, stop - start - wanted) if random_crop else 0
+            start, stop = start + offset, start + offset + wanted
+        return SpeedPerturbation.play(sb.dataio.dataio.read_audio({"file": wav, "start": start, "stop": stop}),
+                                      factor)
 
-    @sb.utils.data_pipeline.takes("spk_id")
-    @sb.utils.data_pipeline.provides("speaker_index")
-    def label(spk_id):
-        return torch.tensor([speakers[spk_id]], dtype=torch.long)  # 1-d: SpeechBrain pads tensors
+    @sb.utils.data_pipeline.takes("wav", "start", "stop", "spk_id")
+    @sb.utils.data_pipeline.provides("sig", "speaker_index")
+    def training_item(wav, start, stop, spk_id):
+        k = 0 if speed_perturb is None else speed_perturb.choose()
+        yield read(wav, start, stop, True, factors[k])
+        yield torch.tensor([speakers[spk_id] + k * len(speakers)], dtype=torch.long)  # 1-d: SpeechBrain pads
+
+    @sb.utils.data_pipeline.takes("wav", "start", "stop", "spk_id")
+    @sb.utils.data_pipeline.provides("sig", "speaker_index")
+    def validation_item(wav, start, stop, spk_id):
+        yield read(wav, start, stop, False, 1.0)
+        yield torch.tensor([speakers[spk_id]], dtype=torch.long)
 
     datasets = []
-    for name, random_crop in (("train", True), ("valid", False)):
+    for name, item in (("train", training_item), ("valid", validation_item)):
         dataset = sb.dataio.dataset.DynamicItemDataset.from_csv(str(folder / f"{name}.csv"),
                                                                 replacements=replacements)
-        dataset.add_dynamic_item(reader(random_crop))
-        dataset.add_dynamic_item(label)
+        dataset.add_dynamic_item(item)
         dataset.set_output_keys(["id", "sig", "speaker_index"])
         datasets.append(dataset)
-    return datasets[0], datasets[1], len(speakers)
+    return datasets[0], datasets[1], len(speakers) * len(factors)
