@@ -93,6 +93,17 @@ class Calibration:
         columns = _design_matrix(np.asarray(scores, dtype=np.float64), quality, self.features)
         return columns @ np.asarray(self.weights) + self.bias
 
+    def scored_llrs(self, store, scored, cohort=None, mean=None, top_k: Optional[int] = None,
+                    progress: bool = False) -> np.ndarray:
+        """The LLRs of a :class:`spkver.scoring.ScoredTrials` of ``store``, its quality features computed here.
+
+        ``top_k`` (for ``cohort_mean``) defaults to the AS-norm top-k the calibration was trained with.
+        """
+        top_k = self.trained_on.get("asnorm_topk", 300) if top_k is None else top_k
+        quality = quality_features(store, scored.enroll_rows, scored.test_rows, self.measures, cohort=cohort,
+                                   top_k=top_k, mean=mean, progress=progress)
+        return self.llr(scored.scores, quality)
+
     def check_fingerprint(self, fingerprint: Optional[str], what: str) -> None:
         """Refuse scores from another extractor than the one this calibration was trained on."""
         if self.fingerprint and fingerprint and fingerprint != self.fingerprint:

@@ -67,14 +67,6 @@ def _score_kind(cohort) -> str:
     return "cosine" if cohort is None else "as-norm"
 
 
-def _llrs(calibration, store, scored, cohort, args, mean):
-    from spkver.calibration import quality_features
-
-    quality = quality_features(store, scored.enroll_rows, scored.test_rows, calibration.measures, cohort=cohort,
-                               top_k=args.asnorm_topk, mean=mean, progress=sys.stderr.isatty())
-    return calibration.llr(scored.scores, quality)
-
-
 def command_score(args) -> int:
     store = load_embeddings(args.embeddings)
     mean = _load_mean(args.mean)
@@ -102,7 +94,8 @@ def command_score(args) -> int:
         row = {"name": name, **verification_report(scored.scores, labels, args.far)}
         llrs = None
         if calibration is not None:
-            llrs = _llrs(calibration, store, scored, cohort, args, mean)
+            llrs = calibration.scored_llrs(store, scored, cohort, mean, top_k=args.asnorm_topk,
+                                           progress=sys.stderr.isatty())
             row.update(calibration_report(llrs, labels, calibration.prior))
             if args.plot_calibration and row["cllr"] is not None:
                 bayes_curves[name] = metrics.bayes_error_curve(llrs, labels)

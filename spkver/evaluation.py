@@ -23,10 +23,9 @@ import torch
 from spkver.data.datasets import manifest_roots
 from spkver.inference import audio_seconds, embed_files, embed_waveform, extractor_fingerprint, read_audio
 from spkver.report import DEFAULT_FARS, calibration_report, markdown_table, verification_report
-from spkver.scoring import (EmbeddingStore, Trials, adaptive_normalisation_stats, cosine_scores, read_trials,
-                            speaker_mean_cohort)
+from spkver.scoring import EmbeddingStore, Trials, as_norm, cosine_scores, read_trials
 
-__all__ = ["resolve_wav", "training_sample", "training_mean_embedding", "evaluate_trial_lists", "write_results",
+__all__ = ["resolve_wav", "training_sample", "evaluate_trial_lists", "write_results",
            "calibrate_threshold", "calibrate_on_validation", "write_model_card"]
 
 
@@ -54,21 +53,6 @@ def training_sample(extractor, manifest_folder, utterances: int = 2000, seed: in
                           source="training sample")
 
 
-def training_mean_embedding(extractor, manifest_folder, utterances: int = 2000, seed: int = 0, device="cpu",
-                            progress: bool = True) -> np.ndarray:
-    """Mean embedding of up to ``utterances`` whole training files (a fixed random sample)."""
-    return training_sample(extractor, manifest_folder, utterances, seed, device, progress).embeddings.mean(axis=0)
-
-
-def _as_norm_scores(store: EmbeddingStore, trials: Trials, cohort: EmbeddingStore, top_k: int, mean):
-    """Cosine and AS-norm scores of one list, and the per-utterance cohort means (calibration's quality)."""
-    cosine = cosine_scores(store, trials, mean=mean, allow_missing=True)
-    used = np.unique(np.concatenate([cosine.enroll_rows, cosine.test_rows]))
-    stats = adaptive_normalisation_stats(store, cohort, top_k, rows=used, mean=mean)
-    normalised = cosine_scores(store, trials, mean=mean, allow_missing=True, normalisation=stats)
-    return cosine, normalised
-
-
 def evaluate_trial_lists(extractor, manifest_folder, trial_lists: Sequence, mean=None, batch_size: int = 16,
                          device="cpu", fars=DEFAULT_FARS, progress: bool = True,
                          cohort: Optional[EmbeddingStore] = None, top_k: int = 300,
@@ -79,8 +63,6 @@ def evaluate_trial_lists(extractor, manifest_folder, trial_lists: Sequence, mean
     (trained on the kind of scores it maps), ``"<kind> + calibration"``: the same
     rows with Cllr, minCllr and actual DCF at the calibration's prior.
     """
-    from spkver.calibration import quality_features
-
     roots = manifest_roots(manifest_folder)
     with open(Path(manifest_folder) / "trial_utterances.csv") as rows:
         records = list(csv.DictReader(rows))
@@ -101,11 +83,9 @@ def evaluate_trial_lists(extractor, manifest_folder, trial_lists: Sequence, mean
     for trials_path in trial_lists:
         trials = read_trials(trials_path)
         name = Path(trials_path).name
-        if cohort is None:
-            scored = {"cosine": cosine_scores(store, trials, mean=mean, allow_missing=True)}
-        else:
-            cosine, normalised = _as_norm_scores(store, trials, cohort, top_k, mean)
-            scored = {"cosine": cosine, "AS-norm": normalised}
+        scored = {"cosine": cosine_scores(store, trials, mean=mean, allow_missing=True)}
+        if cohort is not None:
+            scored["AS-norm"] = as_norm(store, trials, cohort, top_k, mean=mean, allow_missing=True)
         for stage, result in scored.items():
             row = {"name": name, **verification_report(result.scores, result.trials.labels, fars)}
             if result.num_skipped:
@@ -113,9 +93,7 @@ def evaluate_trial_lists(extractor, manifest_folder, trial_lists: Sequence, mean
             stages[stage].append(row)
         if calibrated is not None:
             result = scored["AS-norm" if calibrated.startswith("AS-norm") else "cosine"]
-            quality = quality_features(store, result.enroll_rows, result.test_rows, calibration.measures,
-                                       cohort=cohort, top_k=top_k, mean=mean)
-            llrs = calibration.llr(result.scores, quality)
+            llrs = calibration.scored_llrs(store, result, cohort, mean, top_k=top_k)
             row = dict(stages[calibrated.split(" + ")[0]][-1])
             row.update(calibration_report(llrs, result.trials.labels, calibration.prior))
             stages[calibrated].append(row)
@@ -191,10 +169,8 @@ def calibrate_on_validation(extractor, manifest_folder, mean=None, cohort: Optio
         return None, "not calibrated: the validation pairs need both same- and different-speaker pairs"
     trials = Trials([ids[i] for i in enroll], [ids[i] for i in test], labels.astype(np.int8),
                     source="validation pairs")
-    if cohort is None:
-        scored = cosine_scores(store, trials, mean=mean)
-    else:
-        scored = _as_norm_scores(store, trials, cohort, top_k, mean)[1]
+    scored = cosine_scores(store, trials, mean=mean) if cohort is None else as_norm(store, trials, cohort, top_k,
+                                                                                    mean=mean)
     # The duration term needs crops to learn from and pairs enough to be estimated; else the score alone.
     measures = ["duration"] if cropped and int(labels.sum()) >= _MIN_TARGETS_FOR_QUALITY else []
     quality = quality_features(store, scored.enroll_rows, scored.test_rows, measures)

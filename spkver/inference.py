@@ -279,20 +279,16 @@ class SpeakerEmbedder:
             return Verification(score, None if self.threshold is None else score >= self.threshold, None,
                                 self.threshold)
         from spkver import metrics
-        from spkver.calibration import quality_features
-        from spkver.scoring import EmbeddingStore, Trials, adaptive_normalisation_stats, cosine_scores
+        from spkver.scoring import EmbeddingStore, Trials, as_norm, cosine_scores
 
         calibration = self.llr_calibration
         store = EmbeddingStore(["a", "b"], np.stack([a, b]), durations=audio_seconds([path_a, path_b]))
         pair = Trials(["a"], ["b"], None)
-        normalisation = None
-        top_k = calibration.trained_on.get("asnorm_topk", 300)
         if calibration.trained_on.get("scores") == "as-norm":
-            normalisation = adaptive_normalisation_stats(store, self.cohort, top_k, mean=self.mean)
-        score = float(cosine_scores(store, pair, mean=self.mean, normalisation=normalisation).scores[0])
-        rows = np.array([0]), np.array([1])
-        quality = quality_features(store, *rows, calibration.measures, cohort=self.cohort, top_k=top_k,
-                                   mean=self.mean)
-        llr = float(calibration.llr(np.array([score]), quality)[0])
+            scored = as_norm(store, pair, self.cohort, calibration.trained_on.get("asnorm_topk", 300), mean=self.mean)
+        else:
+            scored = cosine_scores(store, pair, mean=self.mean)
+        score = float(scored.scores[0])
+        llr = float(calibration.scored_llrs(store, scored, self.cohort, self.mean)[0])
         threshold = metrics.bayes_threshold(calibration.prior if prior is None else prior)
         return Verification(score, llr >= threshold, llr, threshold)

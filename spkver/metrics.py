@@ -371,17 +371,13 @@ def bayes_error_curve(llrs, labels, prior_log_odds=None) -> Dict[str, np.ndarray
     grid = np.linspace(-7.0, 7.0, 61) if prior_log_odds is None else np.asarray(prior_log_odds, dtype=np.float64)
     priors = 1.0 / (1.0 + np.exp(-grid))
     roc = roc_curve(llrs, labels)
-    order = np.argsort(llrs)
-    sorted_llrs, sorted_labels = llrs[order], labels[order]
-    targets_below = np.r_[0, np.cumsum(sorted_labels)]
     actual, minimum = np.empty(grid.size), np.empty(grid.size)
     for i, (log_odds, prior) in enumerate(zip(grid, priors)):
-        # accept llr >= -log_odds: the miss and false-alarm rates at that threshold, in one search
-        below = int(np.searchsorted(sorted_llrs, -log_odds, side="left"))
-        p_miss = targets_below[below] / roc.num_targets
-        p_fa = ((llrs.size - below) - (roc.num_targets - targets_below[below])) / roc.num_nontargets
+        # Accepting llr >= -log_odds has the error rates of the first ROC threshold at or above it
+        # (no score lies between): one search in the curve the minimum reads too.
+        at = int(np.searchsorted(roc.thresholds, -log_odds, side="left"))
         norm = min(prior, 1.0 - prior)
-        actual[i] = (prior * p_miss + (1.0 - prior) * p_fa) / norm
+        actual[i] = (prior * roc.p_miss[at] + (1.0 - prior) * roc.p_fa[at]) / norm
         minimum[i] = np.min(prior * roc.p_miss + (1.0 - prior) * roc.p_fa) / norm
     return {"prior_log_odds": grid, "actual": actual, "minimum": minimum}
 
