@@ -180,11 +180,15 @@ def command_prepare_voxceleb(args) -> int:
     summary = prepare_voxceleb(args.out, vox1=args.vox1, vox2=args.vox2, trials=args.trials,
                                train_on=args.train_on, chunk_seconds=args.chunk_seconds,
                                min_seconds=args.min_seconds, valid_fraction=args.valid_fraction,
-                               workers=args.workers, progress=sys.stderr.isatty())
+                               calibration_speakers=args.calibration_speakers, workers=args.workers,
+                               progress=sys.stderr.isatty())
     train = summary["train"]
     print(f"train: {train['speakers']} speakers, {train['utterances']} utterances, {train['rows']} chunks "
           f"({train['hours']} h); valid: {summary['valid']['rows']} chunks; "
           f"trial utterances: {summary['trial_utterances']}; excluded speakers: {summary['excluded_speakers']}")
+    if summary["calibration"]["speakers"]:
+        print(f"calibration: {summary['calibration']['speakers']} speakers held out of training, "
+              f"{summary['calibration']['utterances']} utterances")
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"manifests in {args.out}")
@@ -435,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         "voxceleb", help="VoxCeleb1/2 manifests (SpeechBrain CSV), speaker map, counts",
         description="Scan VoxCeleb1 (wav/) and/or VoxCeleb2 dev (aac/ m4a, or converted wav/flac), read durations "
                     "from headers, exclude the speakers of the trial lists from training, write train.csv, "
-                    "valid.csv, trial_utterances.csv, speakers.json and counts.json.")
+                    "valid.csv, trial_utterances.csv, speakers.json and counts.json (and calibration.csv with "
+                    "--calibration-speakers).")
     vox.add_argument("--vox1", metavar="DIR", help="VoxCeleb1 root (holds wav/)")
     vox.add_argument("--vox2", metavar="DIR", help="VoxCeleb2 dev root (holds aac/ or wav/)")
     vox.add_argument("--trials", nargs="*", default=[], metavar="FILE", help="trial lists to hold out")
@@ -445,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     vox.add_argument("--chunk-seconds", type=float, default=3.0, help="training chunk length (default 3 s)")
     vox.add_argument("--min-seconds", type=float, default=1.0, help="shortest chunk kept (default 1 s)")
     vox.add_argument("--valid-fraction", type=float, default=0.01, help="utterances held for validation")
+    vox.add_argument("--calibration-speakers", type=int, default=0, metavar="N",
+                     help="hold N training speakers out of training for score calibration (calibration.csv; "
+                          "default 0: calibrate on the training speakers' held-out files)")
     vox.add_argument("--workers", type=int, default=8, help="parallel header readers")
     vox.set_defaults(handler=command_prepare_voxceleb)
 

@@ -5,10 +5,11 @@ Trial utterances are embedded whole (batched by length, see
 utterances is subtracted, and each list is scored with the library code of
 ``spkver score`` in stages, as WeSpeaker's results are: cosine; AS-norm
 against the training speakers' mean embeddings (the same sample); AS-norm
-scores calibrated to log-likelihood ratios by a map trained on validation
-pairs (training speakers, files never trained on: whole files against whole
-files and against short crops, so that the duration quality measure has a
-spread to learn from).
+scores calibrated to log-likelihood ratios by a map trained on development
+pairs (the calibration speakers', held out of training, or else the training
+speakers' validation files: whole files against whole files and against
+short crops, so that the duration quality measure has a spread to learn
+from).
 """
 from __future__ import annotations
 
@@ -18,15 +19,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 
 from spkver.data.datasets import manifest_roots
-from spkver.inference import audio_seconds, embed_files, embed_waveform, extractor_fingerprint, read_audio
+from spkver.inference import audio_seconds, embed_files, extractor_fingerprint
 from spkver.report import DEFAULT_FARS, calibration_report, markdown_table, verification_report
 from spkver.scoring import EmbeddingStore, Trials, as_norm, cosine_scores, read_trials
 
 __all__ = ["resolve_wav", "training_sample", "evaluate_trial_lists", "write_results",
-           "calibrate_threshold", "calibrate_on_validation", "write_model_card"]
+           "calibrate_threshold", "calibrate_on_development", "write_model_card"]
 
 
 def resolve_wav(wav: str, roots: dict) -> str:
@@ -110,51 +110,63 @@ def write_results(folder, results: dict, fars=DEFAULT_FARS) -> str:
     return markdown
 
 
-def _validation_files(manifest_folder, max_utterances: int, seed: int):
-    """Up to 4 validation files per speaker (so a capped sample still holds target pairs), and their speakers."""
+def _development_files(manifest_folder, max_utterances: int, seed: int):
+    """The files whose pairs calibrate: ``(files, speaker_of, description)``.
+
+    The calibration speakers' whole files (``calibration.csv``: speakers never
+    trained on, as a trial list's are) when the preparation held some out, up
+    to ``max_utterances`` spread evenly over the speakers; else the training
+    speakers' validation files, up to 4 per speaker so that a capped sample
+    still holds target pairs.
+    """
     roots = manifest_roots(manifest_folder)
-    with open(Path(manifest_folder) / "valid.csv") as rows:
+    held_out = Path(manifest_folder) / "calibration.csv"
+    new_speakers = held_out.exists()
+    with open(held_out if new_speakers else Path(manifest_folder) / "valid.csv") as rows:
         speaker_of = {resolve_wav(row["wav"], roots): row["spk_id"] for row in csv.DictReader(rows)}
     by_speaker: dict = {}
     for file in sorted(speaker_of):
         by_speaker.setdefault(speaker_of[file], []).append(file)
+    per_speaker = max(2, -(-max_utterances // max(len(by_speaker), 1))) if new_speakers else 4
     rng = np.random.default_rng(seed)
-    files = [f for group in by_speaker.values() for f in
-             (group if len(group) <= 4 else [group[i] for i in sorted(rng.choice(len(group), 4, replace=False))])]
+    files = [f for group in by_speaker.values() for f in (group if len(group) <= per_speaker else
+             [group[i] for i in sorted(rng.choice(len(group), per_speaker, replace=False))])]
     if len(files) > max_utterances:
         files = [files[i] for i in sorted(rng.choice(len(files), max_utterances, replace=False))]
-    return files, speaker_of
+    kind = "calibration speakers (never trained on)" if new_speakers else "training speakers (held-out files)"
+    return files, speaker_of, kind
 
 
-#: Target pairs below which the validation calibration maps the score alone (no quality measure).
+#: Target pairs below which the calibration maps the score alone (no quality measure).
 _MIN_TARGETS_FOR_QUALITY = 100
 
 
-def calibrate_on_validation(extractor, manifest_folder, mean=None, cohort: Optional[EmbeddingStore] = None,
+def calibrate_on_development(extractor, manifest_folder, mean=None, cohort: Optional[EmbeddingStore] = None,
                             top_k: int = 300, prior: float = 0.01, short_seconds: float = 2.0,
-                            max_utterances: int = 400, seed: int = 0, device="cpu", progress: bool = True):
-    """A score-to-LLR map (:mod:`spkver.calibration`) trained on validation pairs; ``(calibration or None, text)``.
+                            max_utterances: int = 800, seed: int = 0, device="cpu", progress: bool = True):
+    """A score-to-LLR map (:mod:`spkver.calibration`) trained on development pairs; ``(calibration or None, text)``.
 
-    The pairs: every two whole validation files, and every short crop (the first
-    ``short_seconds``) against every other whole file, as WeSpeaker pairs short
-    and long segments; scores are AS-norm against ``cohort`` when it is given,
+    The files: the calibration speakers' (never trained on) when the
+    preparation held some out, else the training speakers' validation files
+    (see ``_development_files``).  The pairs: every two whole files, and every
+    short crop (the first ``short_seconds``) against every other whole file, as
+    WeSpeaker pairs short and long segments; scores are AS-norm against ``cohort`` when it is given,
     else cosine; the quality measure is the duration, when there are crops and
     at least 100 target pairs (with fewer its weights would fit the noise).
     """
     from spkver.calibration import fit_calibration, quality_features
 
-    files, speaker_of = _validation_files(manifest_folder, max_utterances, seed)
+    files, speaker_of, kind_of_speakers = _development_files(manifest_folder, max_utterances, seed)
     if len({speaker_of[f] for f in files}) < 2:
-        return None, "not calibrated: the validation set has fewer than two speakers"
+        return None, f"not calibrated: the {kind_of_speakers} are fewer than two"
     long = embed_files(extractor, files, device=device, progress=progress)
     durations = audio_seconds(files)
     cropped = [i for i, seconds in enumerate(durations) if seconds >= short_seconds + 0.5]
-    with torch.no_grad():
-        short = [embed_waveform(extractor, read_audio(files[i])[:int(short_seconds * 16000)], device=device)
-                 for i in cropped]
+    short = embed_files(extractor, [files[i] for i in cropped], device=device, progress=progress,
+                        max_seconds=short_seconds) if cropped else None
     ids = [f"{speaker_of[f]}/{i}" for i, f in enumerate(files)] + [f"{speaker_of[files[i]]}/{i}-short" for i in cropped]
-    store = EmbeddingStore(ids, np.concatenate([long] + ([np.stack(short)] if short else [])),
-                           source="validation utterances",
+    store = EmbeddingStore(ids, np.concatenate([long] + ([short] if cropped else [])),
+                           source=f"files of the {kind_of_speakers}",
                            durations=np.r_[durations, np.full(len(cropped), short_seconds)],
                            fingerprint=extractor_fingerprint(extractor))
     first, second = np.triu_indices(len(files), k=1)
@@ -166,36 +178,36 @@ def calibrate_on_validation(extractor, manifest_folder, mean=None, cohort: Optio
     speakers = np.array([utterance_id.split("/")[0] for utterance_id in ids])
     labels = speakers[enroll] == speakers[test]
     if labels.all() or not labels.any():
-        return None, "not calibrated: the validation pairs need both same- and different-speaker pairs"
+        return None, "not calibrated: the development pairs need both same- and different-speaker pairs"
     trials = Trials([ids[i] for i in enroll], [ids[i] for i in test], labels.astype(np.int8),
-                    source="validation pairs")
+                    source="development pairs")
     scored = cosine_scores(store, trials, mean=mean) if cohort is None else as_norm(store, trials, cohort, top_k,
                                                                                     mean=mean)
     # The duration term needs crops to learn from and pairs enough to be estimated; else the score alone.
     measures = ["duration"] if cropped and int(labels.sum()) >= _MIN_TARGETS_FOR_QUALITY else []
     quality = quality_features(store, scored.enroll_rows, scored.test_rows, measures)
     kind = "cosine" if cohort is None else "as-norm"
-    description = (f"{labels.size} validation pairs of {len(files)} files and {len(cropped)} "
-                   f"{short_seconds:g} s crops of the training speakers")
+    description = (f"{labels.size} pairs of {len(files)} files and {len(cropped)} {short_seconds:g} s crops of "
+                   f"{len({speaker_of[f] for f in files})} {kind_of_speakers}")
     summary = {"source": description, "scores": kind, **({"asnorm_topk": top_k} if cohort is not None else {})}
     calibration = fit_calibration(scored.scores, labels, quality, prior=prior, fingerprint=store.fingerprint,
                                   trained_on=summary)
     return calibration, f"{kind} scores to LLRs at prior {prior:g}, trained on {description}"
 
 
-def calibrate_threshold(extractor, manifest_folder, mean=None, far=None, max_utterances: int = 400, seed: int = 0,
+def calibrate_threshold(extractor, manifest_folder, mean=None, far=None, max_utterances: int = 800, seed: int = 0,
                         device="cpu", progress: bool = True):
-    """Verification threshold from all pairs of validation utterances (training speakers, unseen files).
+    """Verification threshold from all pairs of development files (as :func:`calibrate_on_development` picks them).
 
     At the EER by default, or at the lowest threshold whose FAR is at most ``far``.
     Returns ``(threshold or None, description)``.  A folder with a calibration
-    decides on the LLR instead (:func:`calibrate_on_validation`).
+    decides on the LLR instead (:func:`calibrate_on_development`).
     """
     from spkver import metrics
 
-    files, speaker_of = _validation_files(manifest_folder, max_utterances, seed)
+    files, speaker_of, kind_of_speakers = _development_files(manifest_folder, max_utterances, seed)
     if len({speaker_of[f] for f in files}) < 2:
-        return None, "not calibrated: the validation set has fewer than two speakers"
+        return None, f"not calibrated: the {kind_of_speakers} are fewer than two"
     embeddings = embed_files(extractor, files, device=device, progress=progress)
     if mean is not None:
         embeddings = embeddings - mean
@@ -205,15 +217,16 @@ def calibrate_threshold(extractor, manifest_folder, mean=None, far=None, max_utt
     speakers = np.array([speaker_of[f] for f in files])
     labels = speakers[first] == speakers[second]
     if not labels.any():
-        return None, "not calibrated: no two validation utterances share a speaker"
+        return None, f"not calibrated: no two files of the {kind_of_speakers} share a speaker"
     if far is None:
         rate, threshold = metrics.eer(scores, labels)
         return threshold, (f"EER threshold ({100 * rate:.2f} % EER) on {labels.size} pairs of {len(files)} "
-                           "validation utterances of the training speakers")
+                           f"files of the {kind_of_speakers}")
     (point,) = metrics.tar_at_far(scores, labels, fars=(far,))
     if point.threshold is None:
         return None, f"not calibrated: {point.num_nontargets} non-target pairs cannot measure FAR={far}"
-    return point.threshold, f"FAR={far} threshold (TAR {100 * point.tar:.2f} %) on {labels.size} validation pairs"
+    return point.threshold, (f"FAR={far} threshold (TAR {100 * point.tar:.2f} %) on {labels.size} pairs of "
+                             f"files of the {kind_of_speakers}")
 
 
 def write_model_card(folder, extractor, mean=None, threshold=None, calibration: str = "") -> None:

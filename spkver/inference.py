@@ -126,12 +126,16 @@ def embed_waveform(extractor, audio: np.ndarray, quantum_seconds: float = 0.1, d
 
 @torch.no_grad()
 def embed_files(extractor, paths: Sequence, batch_size: int = 16, quantum_seconds: float = 0.1, device="cpu",
-                progress: bool = True, min_seconds: float = 0.0) -> np.ndarray:
-    """Embeddings ``(N, D)`` of whole files, batched by trimmed length, in the order of ``paths``."""
+                progress: bool = True, min_seconds: float = 0.0, max_seconds: Optional[float] = None) -> np.ndarray:
+    """Embeddings ``(N, D)`` of whole files, batched by trimmed length, in the order of ``paths``.
+
+    ``max_seconds``: of each file's first ``max_seconds`` only (short crops, batched as well).
+    """
     from tqdm import tqdm
 
     quantum = int(quantum_seconds * SAMPLE_RATE)
-    lengths = [trimmed_length(_resampled_frames(path), quantum) for path in paths]
+    longest = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
+    lengths = [trimmed_length(min(_resampled_frames(path), longest or math.inf), quantum) for path in paths]
     extractor.eval()
     output = None
     for batch in tqdm(length_batches(lengths, batch_size), desc="embedding", unit="batch", disable=not progress):

@@ -66,6 +66,47 @@ def test_synthetic_speakers_are_separable_by_a_simple_baseline_but_not_trivially
     assert 0.03 < eer < 0.4
 
 
+def test_synth_can_list_every_cross_session_pair_of_the_test_speakers(tmp_path):
+    synthesize_corpus(tmp_path, speakers=4, utterances=5, seed=3, min_seconds=0.5, max_seconds=0.6,
+                      test_speakers=3, trials_per_utterance=None, progress=False, workers=1)
+    trials = read_trials(tmp_path / "trials.txt")
+    utterances = sorted({str(p.relative_to(tmp_path / "wav")) for p in (tmp_path / "wav").rglob("*.wav")
+                         if p.parts[-3] in {"id10002", "id10003", "id10004"}})
+    pairs = [tuple(sorted(pair)) for pair in zip(trials.enroll, trials.test)]
+    assert len(set(pairs)) == len(pairs)  # each pair once, in one order
+    same_session = {(a, b) for i, a in enumerate(utterances) for b in utterances[i + 1:]
+                    if a.split("/")[:2] == b.split("/")[:2]}
+    expected = {(a, b) for i, a in enumerate(utterances) for b in utterances[i + 1:]} - same_session
+    assert set(pairs) == expected
+    assert int(trials.labels.sum()) == sum(a.split("/")[0] == b.split("/")[0] for a, b in expected)
+    with pytest.raises(ValueError, match="trials_per_utterance must be >= 1 or None"):
+        synthesize_corpus(tmp_path / "bad", speakers=4, utterances=2, trials_per_utterance=0, progress=False)
+
+
+def test_prepare_can_hold_speakers_out_of_training_for_calibration(tiny_corpus, tmp_path):
+    summary = prepare_voxceleb(tmp_path, vox1=tiny_corpus, trials=[tiny_corpus / "trials.txt"],
+                               calibration_speakers=3, progress=False)
+    train = {r["spk_id"] for r in csv.DictReader(open(tmp_path / "train.csv"))}
+    valid = {r["spk_id"] for r in csv.DictReader(open(tmp_path / "valid.csv"))}
+    rows = list(csv.DictReader(open(tmp_path / "calibration.csv")))
+    held_out = {r["spk_id"] for r in rows}
+    trial_speakers = {r["spk_id"] for r in csv.DictReader(open(tmp_path / "trial_utterances.csv"))}
+    assert len(held_out) == 3 and len(rows) == 12  # every file of the three, whole
+    assert all(r["start"] == "0" and float(r["duration"]) >= 1.2 for r in rows)
+    assert not held_out & (train | valid | trial_speakers)
+    assert set(json.loads((tmp_path / "speakers.json").read_text())) == train and len(train) == 4
+    assert summary["calibration"] == {"speakers": 3, "utterances": 12}
+    again = tmp_path / "again"
+    prepare_voxceleb(again, vox1=tiny_corpus, trials=[tiny_corpus / "trials.txt"], calibration_speakers=3,
+                     progress=False)
+    assert (again / "calibration.csv").read_text() == (tmp_path / "calibration.csv").read_text()  # seeded
+    prepare_voxceleb(again, vox1=tiny_corpus, trials=[tiny_corpus / "trials.txt"], progress=False)
+    assert not (again / "calibration.csv").exists()  # no stale split left behind
+    with pytest.raises(PreparationError, match=r"calibration_speakers must lie in \[2, 6\].*got 7"):
+        prepare_voxceleb(tmp_path / "bad", vox1=tiny_corpus, trials=[tiny_corpus / "trials.txt"],
+                         calibration_speakers=7, progress=False)
+
+
 def test_prepare_writes_manifests_and_holds_out_trial_speakers(tiny_corpus, tmp_path):
     summary = prepare_voxceleb(tmp_path, vox1=tiny_corpus, trials=[tiny_corpus / "trials.txt"],
                                chunk_seconds=1.0, min_seconds=0.5, valid_fraction=0.0, progress=False)

@@ -79,6 +79,22 @@ def test_recipe_trains_with_speed_perturbation_on_three_times_the_classes(tiny_c
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
 
 
+def test_speakers_held_out_of_training_calibrate_the_scores_and_the_threshold(tiny_corpus, tmp_path, monkeypatch):
+    """calibration_speakers: new speakers' pairs train the LLR map (training speakers' are over-confident)."""
+    output = tmp_path / "held_out"
+    _run_in_process(_arguments(tiny_corpus, output, "qmargin", epochs=1, extra=["--calibration_speakers=3"]),
+                    monkeypatch)
+    speakers = json.loads((output / "manifests" / "speakers.json").read_text())
+    held_out = {line.split(",")[-1].strip() for line in
+                (output / "manifests" / "calibration.csv").read_text().splitlines()[1:]}
+    assert len(speakers) == 4 and len(held_out) == 3 and not held_out & set(speakers)
+    calibration = json.loads((output / "calibration.json").read_text())
+    assert "3 calibration speakers (never trained on)" in calibration["trained_on"]["source"]
+    # Every pair of a speaker's 4 whole files (files of 1.2-1.6 s are too short for 2 s crops).
+    assert calibration["trained_on"]["targets"] == 3 * (4 * 3 // 2)
+    assert "calibration speakers" in json.loads((output / "spkver.json").read_text())["calibration"]
+
+
 @pytest.mark.parametrize("objective", ["qmargin", "a3m_i"])
 def test_recipe_trains_with_the_streaming_head(objective, tiny_corpus, tmp_path, monkeypatch):
     """The exact sparse head in place of the dense cosine head: it trains, checkpoints and resumes."""

@@ -170,13 +170,24 @@ def _row(utterance: Utterance, start: int, stop: int, suffix: str = "") -> dict:
             "spk_id": utterance.speaker}
 
 
+def _whole_file_row(utterance: Utterance) -> dict:
+    return _row(utterance, 0, int(round(utterance.duration * (utterance.sample_rate or SAMPLE_RATE))))
+
+
 def prepare_voxceleb(out, vox1=None, vox2=None, trials: Sequence = (), train_on: Sequence[str] = ("vox1", "vox2"),
                      chunk_seconds: float = 3.0, min_seconds: float = 1.0, valid_fraction: float = 0.01,
-                     seed: int = 0, workers: int = 8, progress: bool = True) -> dict:
+                     calibration_speakers: int = 0, seed: int = 0, workers: int = 8,
+                     progress: bool = True) -> dict:
     """Write the manifests; return the summary also saved as ``counts.json``.
 
     ``train_on`` lists the corpora to train on (``("vox2",)`` trains on
     VoxCeleb2 dev only); speakers of ``trials`` are excluded from training.
+    ``calibration_speakers`` training speakers (a seeded choice) are held out
+    of training altogether and their whole files listed in
+    ``calibration.csv``: pairs of speakers the extractor never saw, which a
+    score calibration needs to be right on new speakers (pairs of training
+    speakers' held-out files, ``valid.csv``, are better separated than any
+    trial list and make an over-confident map).
     """
     if vox1 is None and vox2 is None:
         raise PreparationError("give --vox1 and/or --vox2")
@@ -239,6 +250,17 @@ def prepare_voxceleb(out, vox1=None, vox2=None, trials: Sequence = (), train_on:
     if not training:
         raise PreparationError("no training utterances left: every speaker is in a trial list, "
                                f"or --train-on {list(train_on)} names corpora not given")
+    if calibration_speakers:
+        candidates = sorted({u.speaker for u in training})
+        if not 2 <= calibration_speakers < len(candidates):
+            raise PreparationError(f"calibration_speakers must lie in [2, {len(candidates) - 1}] (there are "
+                                   f"{len(candidates)} training speakers), got {calibration_speakers}")
+        chosen = np.random.default_rng([seed, 2]).choice(len(candidates), calibration_speakers, replace=False)
+        held_out = {candidates[i] for i in chosen}
+        calibration = sorted((u for u in training if u.speaker in held_out), key=lambda u: u.id)
+        training = [u for u in training if u.speaker not in held_out]
+    else:
+        calibration = []
     speakers = sorted({u.speaker for u in training})
     speaker_index = {s: i for i, s in enumerate(speakers)}
     rng = np.random.default_rng(seed)
@@ -249,9 +271,13 @@ def prepare_voxceleb(out, vox1=None, vox2=None, trials: Sequence = (), train_on:
             (valid_rows if is_valid else train_rows).append(_row(utterance, start, stop, f"_{start}_{stop}"))
     _write_csv(out / "train.csv", train_rows)
     _write_csv(out / "valid.csv", valid_rows)
-    trial_rows = [_row(u, 0, int(round(u.duration * (u.sample_rate or SAMPLE_RATE))))
-                  for u in sorted(trial_utterances.values(), key=lambda u: u.id)]
+    trial_rows = [_whole_file_row(u) for u in sorted(trial_utterances.values(), key=lambda u: u.id)]
     _write_csv(out / "trial_utterances.csv", trial_rows)
+    calibration_csv = out / "calibration.csv"
+    if calibration:
+        _write_csv(calibration_csv, [_whole_file_row(u) for u in calibration])
+    else:
+        calibration_csv.unlink(missing_ok=True)  # not a stale split of an earlier preparation
     (out / "speakers.json").write_text(json.dumps(speaker_index, indent=0) + "\n")
     (out / "roots.json").write_text(json.dumps(summary["roots"], indent=2) + "\n")
     summary.update({
@@ -262,6 +288,7 @@ def prepare_voxceleb(out, vox1=None, vox2=None, trials: Sequence = (), train_on:
                   "hours": round(sum(float(r["duration"]) for r in train_rows) / 3600, 3)},
         "valid": {"utterances": int(valid_mask.sum()), "rows": len(valid_rows)},
         "trial_utterances": len(trial_rows),
+        "calibration": {"speakers": calibration_speakers, "utterances": len(calibration)},
     })
     (out / "counts.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
