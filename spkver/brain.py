@@ -13,6 +13,14 @@ without (B, C) cosines (very many speakers).  Hparams used: ``objective``,
 ``epoch_counter``, ``train_logger`` and ``prototype_lr_multiplier`` (the
 prototypes' learning rate as a multiple of the extractor's).
 
+Under ``torchrun`` (DDP) every rank trains on its own shard of each epoch
+(:class:`~spkver.distributed.ShardedBatchSampler`: no item twice, none
+dropped), BatchNorm is synchronised only where SyncBatchNorm can run (CUDA
+with NCCL), a streaming head sharded by class (its ``process_group``) scores
+the batch gathered from every rank and is left out of DDP's gradient
+averaging, A3M-I's class means are summed over the ranks, and checkpoints hold
+the whole prototype matrix (see :mod:`spkver.distributed`).
+
 The margin and the learning rate follow training progress in epochs, stepped
 every batch; checkpoints (:class:`~spkver.checkpoints.AtomicCheckpointer`, also
 inside an epoch with ``ckpt_interval_steps``/``ckpt_interval_minutes``) let a
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 import speechbrain as sb
 import torch
 
+from spkver import distributed
 from spkver.losses import ClassMeanAccumulator, StreamingSparseHead, reinitialize_prototypes
 
 logger = logging.getLogger(__name__)
@@ -116,13 +125,64 @@ class SpeakerBrain(sb.Brain):
 
     def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs=None,
             valid_loader_kwargs=None):
-        train_loader_kwargs = train_loader_kwargs or {}
+        train_loader_kwargs = dict(train_loader_kwargs or {})
         if not isinstance(train_set, torch.utils.data.DataLoader):
-            train_set = self.make_dataloader(train_set, stage=sb.Stage.TRAIN, **train_loader_kwargs)
+            if self.distributed_launch:
+                train_set = self._sharded_train_loader(train_set, train_loader_kwargs)
+            else:
+                train_set = self.make_dataloader(train_set, stage=sb.Stage.TRAIN, **train_loader_kwargs)
         self.steps_per_epoch = len(train_set)
         self.train_loader = train_set
         return super().fit(epoch_counter, train_set, valid_set, progressbar=progressbar,
                            valid_loader_kwargs=valid_loader_kwargs or {})
+
+    def _sharded_train_loader(self, dataset, loader_kwargs):
+        """This rank's loader: its batches of each epoch (:class:`~spkver.distributed.ShardedBatchSampler`)."""
+        batch_size = loader_kwargs.pop("batch_size", 1)
+        for option in ("shuffle", "drop_last", "sampler"):  # the sampler shuffles and drops nothing
+            loader_kwargs.pop(option, None)
+        self.train_sampler = distributed.ShardedBatchSampler(
+            len(dataset), batch_size, distributed.world_size(), distributed.rank(),
+            seed=int(getattr(self.hparams, "seed", 0) or 0))
+        loader = sb.dataio.dataloader.make_dataloader(dataset, batch_sampler=self.train_sampler, **loader_kwargs)
+        if self.checkpointer is not None:  # resumable inside an epoch, as SpeechBrain's own loader
+            self.checkpointer.add_recoverable("dataloader-TRAIN", loader)
+        return loader
+
+    @property
+    def extractor(self) -> torch.nn.Module:
+        """The embedding model itself (out of its DDP wrapper): what is evaluated, averaged and saved."""
+        return _unwrapped(self.modules.embedding_model)
+
+    @property
+    def sharded_head(self) -> bool:
+        """Whether the classifier is a streaming head whose prototypes are sharded over the ranks."""
+        head = self.streaming_head
+        return head is not None and head.process_group is not None
+
+    def _wrap_distributed(self):
+        """SpeechBrain's DDP wrapping, without SyncBatchNorm where it cannot run and without the
+        sharded head (its rows differ per rank: averaging their gradients would mix classes)."""
+        if not self.distributed_launch:
+            return super()._wrap_distributed()
+        sync = distributed.sync_batchnorm_supported(self.distributed_backend, self.device)
+        batch = getattr(self.hparams, "batch_size", None)
+        world = distributed.world_size()
+        logger.info(f"DDP over {world} ranks ({self.distributed_backend})"
+                    + (f", global batch {world} x {batch} = {world * batch}" if batch else "") + ": BatchNorm "
+                    + ("synchronised across ranks (SyncBatchNorm)" if sync else
+                       "per rank (SyncBatchNorm needs CUDA and NCCL); rank 0's running statistics are "
+                       "broadcast at every forward"))
+        for name, module in self.modules.items():
+            if not any(p.requires_grad for p in module.parameters()):
+                continue
+            if name == "classifier" and self.sharded_head:
+                continue
+            if sync:
+                module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            device_ids = [self.device] if torch.device(self.device).type == "cuda" else None
+            self.modules[name] = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
 
     def on_fit_start(self):
         policy = getattr(self.hparams, "reinit_policy", None)
@@ -147,7 +207,19 @@ class SpeakerBrain(sb.Brain):
                   {"params": list(self.modules.classifier.parameters()), "lr_multiplier": float(multiplier)}]
         self.optimizer = self.opt_class(groups)
         self.optimizers_dict = {"opt_class": self.optimizer}
-        if self.checkpointer is not None:
+        if self.checkpointer is None:
+            return
+        if self.sharded_head:  # both hold rows of this rank only: checkpoint the whole matrix
+            head, optimizer = self.streaming_head, self.optimizer
+            self.checkpointer.add_recoverable(
+                "classifier", head,
+                custom_save_hook=lambda obj, path: distributed.save_sharded_rows(obj, None, path),
+                custom_load_hook=lambda obj, path, end_of_epoch=None: distributed.load_sharded_rows(obj, None, path))
+            self.checkpointer.add_recoverable(
+                "optimizer", optimizer,
+                custom_save_hook=lambda obj, path: distributed.save_sharded_rows(head, obj, path),
+                custom_load_hook=lambda obj, path, end_of_epoch=None: distributed.load_sharded_rows(head, obj, path))
+        else:
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
 
     def progress(self) -> float:
@@ -179,7 +251,10 @@ class SpeakerBrain(sb.Brain):
         augmenter = getattr(self.hparams, "augmenter", None)
         if stage == sb.Stage.TRAIN and augmenter is not None:
             targets = augmenter.replicate_labels(targets)
-        if self.streaming_head is not None:
+        if self.sharded_head:  # every rank scores the whole gathered batch against its classes
+            loss = self.modules.classifier(distributed.gather_rows(outputs), distributed.gather_rows(targets))
+            correct = self.streaming_head.last_correct
+        elif self.streaming_head is not None:
             loss = self.modules.classifier(outputs, targets)
             correct = self.streaming_head.last_correct
         else:
@@ -210,6 +285,7 @@ class SpeakerBrain(sb.Brain):
             self.train_summary = summary
             policy = getattr(self.hparams, "reinit_policy", None)
             if policy is not None:
+                policy.merge_across_ranks()  # every rank must take the same decision
                 collapse = policy.collapse_fraction
                 if policy.should_fire(epoch):
                     classes = self.reinitialise_prototypes()
@@ -231,13 +307,17 @@ class SpeakerBrain(sb.Brain):
     def reinitialise_prototypes(self) -> int:
         """A3M-I: set every prototype to the normalised mean of its class's embeddings (no augmentation)."""
         classifier = _unwrapped(self.modules.classifier)
-        accumulator = ClassMeanAccumulator(classifier.weight.shape[0], classifier.weight.shape[1],
-                                           device=classifier.weight.device)
+        classes = classifier.num_classes if self.sharded_head else classifier.weight.shape[0]  # all, not a shard
+        accumulator = ClassMeanAccumulator(classes, classifier.weight.shape[1], device=classifier.weight.device)
         training = self.modules.training
         self.modules.eval()
-        for batch in self.train_loader:
+        for batch in self.train_loader:  # this rank's shard of the epoch
             batch = batch.to(self.device)
             waveforms, lengths = batch.sig
             accumulator.update(self.modules.embedding_model(waveforms, lengths), _speaker_targets(batch, self.device))
         self.modules.train(training)
+        accumulator.merge_across_ranks()  # the class means of the whole epoch, the same on every rank
+        if self.sharded_head:
+            start = classifier.class_offset
+            accumulator = accumulator.rows(start, start + classifier.weight.shape[0])
         return reinitialize_prototypes(classifier.weight, accumulator, self.optimizer)

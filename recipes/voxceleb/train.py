@@ -8,14 +8,16 @@ Stages, each restartable: (1) synthesise the corpus if the hparams ask for it an
 (2) prepare manifests unless present, (3) train (resuming from the last checkpoint), (4) embed the
 trial utterances with the average of the last `average_last` epochs' extractors, subtract the
 training mean, and score every trial list in stages (cosine, AS-norm
-against the training speakers' means, AS-norm calibrated to LLRs on validation pairs), writing
+against the training speakers' means, AS-norm calibrated to LLRs on the calibration speakers' pairs), writing
 results.md/json, cohort.npz and calibration.json.
-Multi-GPU: torchrun --nproc_per_node=N recipes/voxceleb/train.py ... (SpeechBrain's DDP).
+Multi-process: torchrun --nproc_per_node=N recipes/voxceleb/train.py ... (DDP: NCCL on GPUs, gloo on
+CPUs; rank 0 alone prepares, checkpoints, evaluates and writes; docs/recipes.md#multi-process-training).
 Fine-tuning: --init_from=FOLDER (an experiment or exported folder) starts from its extractor, and
 from its prototypes when it trained on the same speakers (hparams/finetune_qmargin.yaml).
 """
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,13 +26,14 @@ import spkver  # noqa: F401  (first: checks that torch, torchaudio and SpeechBra
 import speechbrain as sb
 import torch
 
+from spkver import distributed
 from spkver.brain import SpeakerBrain
 from spkver.checkpoints import AVERAGED_MODEL, average_last_checkpoints
 from spkver.data.datasets import speaker_datasets
 from spkver.data.synth import synthesize_corpus
 from spkver.data.voxceleb import PreparationError, prepare_voxceleb
 from spkver.evaluation import (
-    calibrate_on_validation,
+    calibrate_on_development,
     calibrate_threshold,
     evaluate_trial_lists,
     training_sample,
@@ -79,17 +82,25 @@ def check_trial_lists(paths):
 
 
 def prepare(hparams):
+    """Synthesise the corpus (when asked and missing) and write the manifests (when missing), on rank 0.
+
+    What is missing is decided on rank 0 alone: a rank that looked after rank 0 had written
+    would skip the barrier that rank 0 waits at.
+    """
     data_folder = Path(hparams["data_folder"])
-    if hparams["synthetic_corpus"] and not (data_folder / "wav").exists():
-        sb.utils.distributed.run_on_main(synthesize_corpus, args=[data_folder],
-                                         kwargs=dict(hparams["synthetic_corpus"]))
-    check_trial_lists(hparams["trial_lists"])
     manifests = Path(hparams["manifest_folder"])
-    if not (manifests / "counts.json").exists():
-        sb.utils.distributed.run_on_main(prepare_voxceleb, args=[manifests], kwargs=dict(
-            vox1=data_folder, vox2=hparams["vox2_folder"], trials=hparams["trial_lists"],
-            train_on=hparams["train_on"], chunk_seconds=hparams["chunk_seconds"],
-            valid_fraction=hparams["valid_fraction"]))
+
+    def synthesise_and_prepare():
+        if hparams["synthetic_corpus"] and not (data_folder / "wav").exists():
+            synthesize_corpus(data_folder, **hparams["synthetic_corpus"])
+        check_trial_lists(hparams["trial_lists"])
+        if not (manifests / "counts.json").exists():
+            prepare_voxceleb(manifests, vox1=data_folder, vox2=hparams["vox2_folder"], trials=hparams["trial_lists"],
+                             train_on=hparams["train_on"], chunk_seconds=hparams["chunk_seconds"],
+                             valid_fraction=hparams["valid_fraction"],
+                             calibration_speakers=hparams["calibration_speakers"])
+
+    sb.utils.distributed.run_on_main(synthesise_and_prepare)
 
 
 def report_one_hot_fraction(brain, hparams, train_set):
@@ -114,7 +125,7 @@ def average_extractor(brain, hparams):
         averaged.unlink(missing_ok=True)  # not a stale average of an earlier run
         return
     state, used = average_last_checkpoints(hparams["save_folder"], hparams["average_last"])
-    brain.modules.embedding_model.load_state_dict(state)
+    brain.extractor.load_state_dict(state)
     torch.save(state, averaged)
     logger.info(f"averaged the extractor over the last {len(used)} checkpoints ({used[0].name} to "
                 f"{used[-1].name}) into {averaged}")
@@ -126,7 +137,7 @@ def evaluate(brain, hparams, stage, full=False):
     ``full``: also AS-norm against the training sample's speaker means and calibrated LLRs,
     the cohort and the calibration being written to the output folder for reuse.
     """
-    extractor = brain.modules.embedding_model
+    extractor = brain.extractor
     extractor.eval()
     sample = training_sample(extractor, hparams["manifest_folder"], hparams["mean_utterances"], device=brain.device)
     mean = sample.embeddings.mean(axis=0)
@@ -135,10 +146,10 @@ def evaluate(brain, hparams, stage, full=False):
         output = Path(hparams["output_folder"])
         cohort = speaker_mean_cohort(sample)
         save_embeddings(output / "cohort.npz", cohort.ids, cohort.embeddings)
-        calibration, description = calibrate_on_validation(
+        calibration, description = calibrate_on_development(
             extractor, hparams["manifest_folder"], mean, cohort, hparams["asnorm_topk"],
             prior=hparams["calibration_prior"], short_seconds=hparams["calibration_short_seconds"],
-            device=brain.device)
+            max_utterances=hparams["calibration_utterances"], device=brain.device)
         logger.info(f"calibration: {description}")
         if calibration is not None:
             calibration.save(output / "calibration.json")
@@ -151,8 +162,24 @@ def evaluate(brain, hparams, stage, full=False):
     return named, mean
 
 
+def finish(brain, hparams, results):
+    """Rank 0's work after training: average, evaluate in stages, write the results and the model card."""
+    average_extractor(brain, hparams)
+    after, mean = evaluate(brain, hparams, "after training", full=True)
+    results.update(after)
+    write_results(hparams["output_folder"], results)
+    # What `spkver embed/verify/export` and SpeakerEmbedder.from_pretrained need to reuse the extractor.
+    threshold, calibration = calibrate_threshold(brain.extractor, hparams["manifest_folder"], mean,
+                                                 far=hparams["calibration_far"],
+                                                 max_utterances=hparams["calibration_utterances"], device=brain.device)
+    write_model_card(hparams["output_folder"], brain.extractor, mean, threshold, calibration)
+
+
 def main():
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    backend_note = None
+    if "RANK" in os.environ:  # launched by torchrun
+        run_opts, backend_note = distributed.choose_backend(sys.argv[1:], run_opts)
     sb.utils.distributed.ddp_init_group(run_opts)  # a no-op unless launched by torchrun
     hparams, composed = load(hparams_file, overrides)
     check_settings(hparams, hparams_file)
@@ -160,15 +187,20 @@ def main():
         resolved.write(composed)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=resolved.name, overrides=overrides)
+    if backend_note:
+        logger.info(backend_note)
     prepare(hparams)
     # With speed perturbation every non-unit speed is a class of its own: the head has speakers x speeds.
     train_set, valid_set, num_speakers = speaker_datasets(hparams["manifest_folder"], hparams["crop_seconds"],
                                                           speed_perturb=hparams["speed_perturb"])
     embedding_dim = hparams["embedding_model"].embedding_dim
     if hparams["head"] == "streaming":  # the exact sparse head: no (batch, speakers) cosines
+        # Under DDP its prototypes are sharded by class over the ranks (model parallel, as Partial FC).
+        group = torch.distributed.group.WORLD if distributed.is_distributed() else None
         classifier = StreamingSparseHead(num_speakers, embedding_dim, hparams["objective"],
                                          chunk_size=hparams["streaming_chunk_size"],
-                                         candidates=hparams["streaming_candidates"], sparse_gradient=False)
+                                         candidates=hparams["streaming_candidates"], sparse_gradient=False,
+                                         process_group=group)
     else:
         classifier = CosineClassifier(embedding_dim, num_speakers)
     hparams["checkpointer"].add_recoverable("classifier", classifier)
@@ -182,19 +214,17 @@ def main():
     if fine_tuning:
         report_one_hot_fraction(brain, hparams, train_set)
     results = {}
+    # Evaluation and everything written after training are rank 0's; the other ranks wait for it.
     if hparams["evaluate_before_training"] and not hparams["checkpointer"].list_checkpoints():
-        results.update(evaluate(brain, hparams, "before training")[0])
+        if distributed.rank() == 0:
+            results.update(evaluate(brain, hparams, "before training")[0])
+        distributed.barrier()
     brain.fit(hparams["epoch_counter"], train_set, valid_set,
               train_loader_kwargs=hparams["train_dataloader_options"],
               valid_loader_kwargs=hparams["valid_dataloader_options"])
-    average_extractor(brain, hparams)
-    after, mean = evaluate(brain, hparams, "after training", full=True)
-    results.update(after)
-    write_results(hparams["output_folder"], results)
-    # What `spkver embed/verify/export` and SpeakerEmbedder.from_pretrained need to reuse the extractor.
-    threshold, calibration = calibrate_threshold(brain.modules.embedding_model, hparams["manifest_folder"], mean,
-                                                 far=hparams["calibration_far"], device=brain.device)
-    write_model_card(hparams["output_folder"], brain.modules.embedding_model, mean, threshold, calibration)
+    if distributed.rank() == 0:
+        finish(brain, hparams, results)
+    distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -60,6 +60,18 @@ class ClassMeanAccumulator:
         self.sums.index_add_(0, labels, unit.to(self.sums.device))
         self.counts.index_add_(0, labels, torch.ones_like(labels))
 
+    def merge_across_ranks(self) -> None:
+        """Sum the sums and counts over the ranks of a process group (nothing outside one)."""
+        from spkver.distributed import all_reduce_sum
+
+        all_reduce_sum(self.sums, self.counts)
+
+    def rows(self, start: int, stop: int) -> "ClassMeanAccumulator":
+        """The accumulator of classes ``[start, stop)`` (a shard of the prototypes)."""
+        part = ClassMeanAccumulator(stop - start, self.sums.shape[1], device=self.sums.device)
+        part.sums, part.counts = self.sums[start:stop], self.counts[start:stop]
+        return part
+
     def prototypes(self, fallback: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L2-normalised class means (C, D) in float32.
 
@@ -151,6 +163,15 @@ class ReinitializationPolicy:
     def collapse_fraction(self) -> float:
         """Fraction of the samples observed this epoch with :math:`p_y = 0` (0 if none)."""
         return self._zero_rows / self._rows if self._rows else 0.0
+
+    def merge_across_ranks(self) -> None:
+        """Pool this epoch's counts over the ranks, so that every rank takes the same decision."""
+        from spkver.distributed import all_reduce_sum, is_distributed
+
+        if is_distributed():
+            counts = torch.tensor([self._zero_rows, float(self._rows)], dtype=torch.float64)
+            all_reduce_sum(counts)
+            self._zero_rows, self._rows = float(counts[0]), int(counts[1])
 
     def should_fire(self, epoch: int) -> bool:
         """Decide for the epoch that just ended, then start counting the next one."""

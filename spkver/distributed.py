@@ -1,0 +1,273 @@
+r"""What data-parallel training (``torchrun``, DDP) needs beyond SpeechBrain's wrapper.
+
+Launched by ``torchrun`` the recipe runs one process per device, NCCL on
+GPUs and gloo on CPUs (chosen by :func:`choose_backend` when the command line
+does not name one).  This module holds the pieces that make those processes
+agree:
+
+* :class:`ShardedBatchSampler`: every epoch, each training item goes to
+  exactly one rank (no overlap, nothing dropped), every rank gets the same
+  number of batches (a rank with one batch more would wait forever in DDP's
+  gradient all-reduce), and no batch holds fewer than 2 items (BatchNorm's
+  minimum in training);
+* :func:`sync_batchnorm_supported`: SyncBatchNorm only runs on CUDA tensors
+  with NCCL; elsewhere BatchNorm keeps per-rank statistics (DDP broadcasts
+  rank 0's running statistics at every forward, so the evaluated model is
+  the same on every rank);
+* :func:`gather_rows`: the batch of every rank, with gradient, for a
+  prototype matrix sharded by class
+  (:class:`~spkver.losses.StreamingSparseHead` with a ``process_group``);
+* :func:`all_reduce_sum`: sums of statistics (A3M-I's class means, the
+  epoch's counters) over the ranks;
+* :func:`save_sharded_rows` / :func:`load_sharded_rows`: a checkpoint of a
+  sharded prototype matrix (and its optimiser state) holds the whole
+  matrix, written by rank 0, so it resumes under any world size and loads
+  in a single process (averaging, export, fine-tuning).
+
+Every function is a no-op, or the identity, outside an initialised process
+group, so the single-process path is the same code.
+
+>>> sampler = ShardedBatchSampler(10, batch_size=2, world_size=2, rank=0, seed=0)
+>>> sorted(i for batch in sampler for i in batch) == sorted(
+...     set(range(10)) - {i for b in ShardedBatchSampler(10, 2, 2, 1, 0) for i in b})
+True
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["is_distributed", "world_size", "rank", "choose_backend", "sync_batchnorm_supported",
+           "ShardedBatchSampler", "gather_rows", "all_reduce_sum", "barrier", "save_sharded_rows",
+           "load_sharded_rows"]
+
+
+def is_distributed() -> bool:
+    """Whether a process group is initialised (the process was launched by ``torchrun``)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def choose_backend(argv: Sequence[str], run_opts, cuda_available: Optional[bool] = None):
+    """``(run_opts, note)``: gloo on the CPU when no backend was asked for and there is no GPU.
+
+    SpeechBrain defaults to NCCL, which stops a CPU launch with "Not enough
+    GPUs available!".  An explicit ``--distributed_backend`` is left alone, as
+    is a machine with a GPU; then ``note`` is ``None``, else the line to log.
+    ``run_opts`` is SpeechBrain's (a frozen dataclass: a changed copy is
+    returned) or a dict.
+    """
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    named = any(argument == "--distributed_backend" or argument.startswith("--distributed_backend=")
+                for argument in argv)
+    if named or cuda_available:
+        return run_opts, None
+    changes = {"distributed_backend": "gloo", "device": "cpu"}
+    if isinstance(run_opts, dict):
+        run_opts = {**run_opts, **changes}
+    else:  # SpeechBrain's Brain takes only the options listed as overridden from it
+        run_opts = dataclasses.replace(run_opts, **changes,
+                                       overridden_args=set(run_opts.overridden_args) | set(changes))
+    return run_opts, "no GPU: DDP over gloo on the CPU (--distributed_backend=nccl|gloo to choose)"
+
+
+def sync_batchnorm_supported(backend: str, device) -> bool:
+    """SyncBatchNorm needs CUDA tensors and NCCL; with anything else BatchNorm stays per rank."""
+    return backend == "nccl" and torch.device(device).type == "cuda"
+
+
+class ShardedBatchSampler:
+    """Batches of item indices for one rank: every item of the epoch exactly once across the ranks.
+
+    Each epoch (``set_epoch``) the items are shuffled with ``seed + epoch`` (the
+    same order on every rank) and cut into global batches of ``world_size *
+    batch_size``; a rank takes every ``world_size``-th item of each.  A last
+    global batch too small to give every rank 2 items is merged into the one
+    before it, so batches hold ``batch_size`` items, a few more (the last), or
+    fewer (a last batch split evenly), never fewer than 2; every rank has the
+    same number of batches.
+
+    >>> [len(b) for b in ShardedBatchSampler(21, batch_size=4, world_size=2, rank=1, seed=0)]
+    [4, 4, 2]
+    """
+
+    def __init__(self, num_items: int, batch_size: int, world_size: int, rank: int, seed: int = 0,
+                 shuffle: bool = True):
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (BatchNorm needs 2 items per batch), got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, {world_size - 1}], got {rank}")
+        if num_items < 2 * world_size:
+            raise ValueError(f"{num_items} training items cannot give each of {world_size} ranks a batch of "
+                             "2 (BatchNorm's minimum)")
+        self.num_items, self.batch_size = int(num_items), int(batch_size)
+        self.world_size, self.rank, self.seed, self.shuffle = int(world_size), int(rank), int(seed), shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order to draw (SpeechBrain calls it at the start of each)."""
+        self.epoch = int(epoch)
+
+    def _global_batches(self) -> List[np.ndarray]:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items) if self.shuffle
+                 else np.arange(self.num_items))
+        step = self.world_size * self.batch_size
+        batches = [order[start:start + step] for start in range(0, self.num_items, step)]
+        if len(batches) > 1 and len(batches[-1]) < 2 * self.world_size:
+            batches[-2:] = [np.concatenate(batches[-2:])]
+        return batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in self._global_batches():
+            yield batch[self.rank::self.world_size].tolist()
+
+    def __len__(self) -> int:
+        return len(self._global_batches())
+
+
+def _all_gather_uneven(local: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
+    """The ranks' ``local`` tensors of ``sizes[r]`` rows each, concatenated in rank order."""
+    padded = torch.zeros((max(sizes),) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[:local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather (B_r, D) rows of every rank (B_r may differ); the gradient is this rank's slice, times
+    the world size, so that DDP's averaging of the extractor's gradients gives the gradient of the loss
+    of the gathered batch (which every rank computes whole)."""
+
+    @staticmethod
+    def forward(ctx, local, sizes, group):
+        ctx.rank, ctx.sizes, ctx.world = dist.get_rank(group), sizes, len(sizes)
+        return _all_gather_uneven(local.detach(), sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]] * ctx.world, None, None
+
+
+def gather_rows(local: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's rows in rank order (``local`` itself outside DDP); see :class:`_GatherRows`.
+
+    Integer tensors (targets) are gathered without gradient.
+    """
+    if not is_distributed():
+        return local
+    size = torch.tensor([local.shape[0]], device=local.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    if not local.is_floating_point():
+        return _all_gather_uneven(local, sizes, group)
+    return _GatherRows.apply(local, sizes, group)
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place (nothing outside DDP); NCCL's through the GPU."""
+    if not is_distributed():
+        return
+    via_gpu = dist.get_backend() == "nccl"
+    for tensor in tensors:
+        if via_gpu and tensor.device.type != "cuda":
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _gather_shards(local: torch.Tensor, num_rows: int) -> Optional[torch.Tensor]:
+    """The (num_rows, ...) matrix of the ranks' contiguous row shards, on rank 0 (``None`` elsewhere)."""
+    from spkver.losses.sparse_head import shard_range
+
+    world = dist.get_world_size()
+    per_rank = -(-num_rows // world)
+    padded = torch.zeros((per_rank,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[:local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded)
+    if dist.get_rank() != 0:
+        return None
+    return torch.cat([piece[:stop - start] for piece, (start, stop) in
+                      zip(pieces, (shard_range(num_rows, world, r) for r in range(world)))]).cpu()
+
+
+def save_sharded_rows(head, optimizer: Optional[torch.optim.Optimizer], path) -> None:
+    """Checkpoint hook for a class-sharded head: the whole prototype matrix (and, when ``optimizer``
+    is given, its whole optimiser state), gathered from every rank and written by rank 0.
+
+    Every rank must call it (SpeechBrain runs custom save hooks on every rank).
+    """
+    state = {"weight": head.weight.detach()}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+    full = _sharded_state(head, optimizer, state)
+    if rank() == 0:
+        torch.save(full, path)
+
+
+def _sharded_state(head, optimizer, state):
+    parameter = head.weight
+    if optimizer is None:
+        return {"weight": _gather_shards(parameter.detach(), head.num_classes)}
+    index = _parameter_index(optimizer, parameter)
+    # A copy: the optimiser's state_dict() shares its per-parameter dicts with the optimiser itself.
+    per_parameter = dict(state["state"].get(index, {}))
+    for key, value in sorted(per_parameter.items()):
+        if torch.is_tensor(value) and value.shape[:1] == parameter.shape[:1] and value.dim() == parameter.dim():
+            per_parameter[key] = _gather_shards(value, head.num_classes)
+    return {**state, "state": {**state["state"], index: per_parameter}}
+
+
+def _parameter_index(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> int:
+    """The index ``optimizer.state_dict()`` gives ``parameter``."""
+    index = 0
+    for group in optimizer.param_groups:
+        for candidate in group["params"]:
+            if candidate is parameter:
+                return index
+            index += 1
+    raise ValueError("the optimiser does not train the sharded prototypes")
+
+
+def load_sharded_rows(head, optimizer: Optional[torch.optim.Optimizer], path) -> None:
+    """Load a checkpoint written by :func:`save_sharded_rows`: each rank keeps its own rows."""
+    state = torch.load(path, map_location="cpu")
+    start, stop = head.class_offset, head.class_offset + head.weight.shape[0]
+    if optimizer is None:
+        weight = state["weight"]
+        if weight.shape[0] != head.num_classes or weight.shape[1:] != head.weight.shape[1:]:
+            raise ValueError(f"{path}: prototypes of shape {tuple(weight.shape)}, the head has "
+                             f"({head.num_classes}, {head.weight.shape[1]})")
+        with torch.no_grad():
+            head.weight.copy_(weight[start:stop])
+        return
+    index = _parameter_index(optimizer, head.weight)
+    for key, value in state["state"].get(index, {}).items():
+        if torch.is_tensor(value) and value.dim() == head.weight.dim() and value.shape[0] == head.num_classes:
+            state["state"][index][key] = value[start:stop].clone()
+    optimizer.load_state_dict(state)
