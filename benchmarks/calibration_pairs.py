@@ -67,12 +67,11 @@ def main():
                              ("calibration speakers (calibration.csv)", manifests)):
             if name.startswith("calibration") and not (manifests / "calibration.csv").exists():
                 continue
-            calibration, description = calibrate_on_development(extractor, source, mean, cohort, 300,
-                                                                 max_utterances=400, progress=False)
+            calibration, _ = calibrate_on_development(extractor, source, mean, cohort, 300, max_utterances=400,
+                                                      progress=False)
             if calibration is not None:
-                calibrations[name] = (calibration, description)
-    calibrations["the evaluation list itself (peer)"] = (
-        fit_calibration(scored.scores, labels, quality, prior=0.01), "hindsight")
+                calibrations[name] = calibration
+    calibrations["the evaluation list itself (peer)"] = fit_calibration(scored.scores, labels, quality, prior=0.01)
 
     rng = np.random.default_rng(0)
     subsets = [rng.choice(labels.size, 3200, replace=False) for _ in range(args.subsets)]
@@ -80,12 +79,14 @@ def main():
     print("| calibrated on | pairs | Cllr | actDCF(0.01) | minDCF(0.01) | act/min | act/min on 3,200-trial subsets "
           "(median, range) |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for name, (calibration, description) in calibrations.items():
+    for name, calibration in calibrations.items():
         llrs = calibration.llr(scored.scores, {k: v for k, v in quality.items() if k in calibration.features})
         act, minimum = metrics.actual_dcf(llrs, labels, 0.01), metrics.min_dcf(llrs, labels, 0.01)[0]
         ratios = [metrics.actual_dcf(llrs[s], labels[s], 0.01) / metrics.min_dcf(llrs[s], labels[s], 0.01)[0]
                   for s in subsets]
-        print(f"| {name} | {description.split(' of ')[0] if description != 'hindsight' else '-'} | "
+        trained = calibration.trained_on
+        pairs = f"{trained['trials']:,} ({trained['targets']:,} targets)"
+        print(f"| {name} | {pairs} | "
               f"{metrics.cllr(llrs, labels):.3f} | {act:.4f} | {minimum:.4f} | {act / minimum:.2f} | "
               f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
 

@@ -174,6 +174,19 @@ def command_calibrate(args) -> int:
     return 0
 
 
+def _count_or_all(text: str):
+    """An argument that is a positive count, or 'all' (``None``)."""
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'all', got {value}")
+    return value
+
+
 def command_prepare_voxceleb(args) -> int:
     from spkver.data.voxceleb import prepare_voxceleb
 
@@ -476,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-seconds", type=float, default=6.0)
     synth.add_argument("--test-speakers", type=int, default=None,
                        help="speakers reserved for trials.txt (default a fifth)")
-    synth.add_argument("--trials-per-utterance", type=int, default=8,
-                       help="trials with each held-out utterance as enrolment, half targets (default 8)")
+    synth.add_argument("--trials-per-utterance", type=_count_or_all, default=8,
+                       help="trials with each held-out utterance as enrolment, half targets (default 8); "
+                            "'all': every cross-session pair of the held-out utterances")
     synth.add_argument("--espeak-fraction", type=float, default=0.0,
                        help="fraction of speakers voiced by espeak-ng, when installed (default 0)")
     synth.add_argument("--workers", type=int, default=None)

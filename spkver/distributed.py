@@ -217,23 +217,24 @@ def _gather_shards(local: torch.Tensor, num_rows: int) -> Optional[torch.Tensor]
 
 
 def save_sharded_rows(head, optimizer: Optional[torch.optim.Optimizer], path) -> None:
-    """Checkpoint hook for a class-sharded head: the whole prototype matrix (and, when ``optimizer``
-    is given, its whole optimiser state), gathered from every rank and written by rank 0.
+    """Checkpoint hook for a class-sharded head: the whole prototype matrix, or (``optimizer``
+    given) the optimiser's state with the whole matrix's momentum, gathered from every rank and
+    written by rank 0.
 
     Every rank must call it (SpeechBrain runs custom save hooks on every rank).
     """
-    state = {"weight": head.weight.detach()}
-    if optimizer is not None:
-        state = optimizer.state_dict()
-    full = _sharded_state(head, optimizer, state)
+    if optimizer is None:
+        full = {"weight": _gather_shards(head.weight.detach(), head.num_classes)}
+    else:
+        full = _gathered_optimizer_state(head, optimizer)
     if rank() == 0:
         torch.save(full, path)
 
 
-def _sharded_state(head, optimizer, state):
+def _gathered_optimizer_state(head, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with the sharded prototypes' per-row state (momentum) made whole."""
+    state = optimizer.state_dict()
     parameter = head.weight
-    if optimizer is None:
-        return {"weight": _gather_shards(parameter.detach(), head.num_classes)}
     index = _parameter_index(optimizer, parameter)
     # A copy: the optimiser's state_dict() shares its per-parameter dicts with the optimiser itself.
     per_parameter = dict(state["state"].get(index, {}))

@@ -44,6 +44,23 @@ def calibration_report(llrs: np.ndarray, labels: Optional[np.ndarray], prior: fl
     return result
 
 
+#: The miss rate is also shown at this FAR, the papers' low-FAR operating point (when it is among the fars).
+MISS_FAR = 1e-3
+
+
+def _miss_cells(rows: List[dict], fars, cell) -> tuple:
+    """``miss@FAR=0.1 %`` = 100 - TAR at that FAR: header and per-row cells (none if not measured)."""
+    if MISS_FAR not in fars:
+        return [], [[] for _ in rows]
+    key = f"{MISS_FAR:g}"
+
+    def miss(row):
+        tar = row["tar_at_far"].get(key)
+        return None if tar is None else 1.0 - tar
+
+    return [f"miss@FAR={100 * MISS_FAR:g} %"], [[cell(miss(row), 100, 2)] for row in rows]
+
+
 def _calibration_cells(rows: List[dict], cell) -> tuple:
     """Header and per-row cells of the calibration columns, when some row carries them."""
     if not any("cllr" in row for row in rows):
@@ -64,8 +81,10 @@ def text_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
     def cell(value, scale=1.0, digits=4):
         return "n/a" if value is None else f"{scale * value:.{digits}f}"
 
+    miss_header, miss = _miss_cells(rows, fars, cell)
     extra_header, extra = _calibration_cells(rows, cell)
-    header += extra_header
+    header += miss_header + extra_header
+    extra = [m + e for m, e in zip(miss, extra)]
     lines = [header]
     for row, extra_cells in zip(rows, extra):
         lines.append([row["name"], str(row["trials"]), "-" if row["targets"] is None else str(row["targets"]),
@@ -92,8 +111,10 @@ def markdown_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
     def cell(value, scale=1.0, digits=4):
         return "n/a" if value is None else f"{scale * value:.{digits}f}"
 
+    miss_header, miss = _miss_cells(rows, fars, cell)
     extra_header, extra = _calibration_cells(rows, cell)
-    header += extra_header
+    header += miss_header + extra_header
+    extra = [m + e for m, e in zip(miss, extra)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, extra_cells in zip(rows, extra):
         lines.append("| " + " | ".join([row["name"], str(row["trials"]), cell(row["eer"], 100, 3),

@@ -34,6 +34,13 @@ def test_prints_one_row_per_trial_list_with_all_figures(corpus, capsys):
     report = json.loads((corpus / "m.json").read_text())
     assert [row["name"] for row in report["lists"]] == ["O.txt", "E.txt"]
     assert report["lists"][0]["tar_at_far"]["0.0001"] is None  # 3,000 trials cannot measure 1e-4
+    # The papers' operating point as a miss rate too: 100 - TAR at FAR = 0.1 %.
+    header, _, first = out.splitlines()[:3]
+    columns = header.split("  ")
+    columns = [c.strip() for c in columns if c.strip()]
+    values = first.split()
+    tar, miss = values[columns.index("TAR@FAR=0.001 %")], values[columns.index("miss@FAR=0.1 %")]
+    assert float(miss) == pytest.approx(100 - float(tar), abs=0.011)
 
 
 def test_scores_file_and_metrics_agree_with_the_library(corpus):

@@ -81,6 +81,17 @@ def test_synth_can_list_every_cross_session_pair_of_the_test_speakers(tmp_path):
     assert int(trials.labels.sum()) == sum(a.split("/")[0] == b.split("/")[0] for a, b in expected)
     with pytest.raises(ValueError, match="trials_per_utterance must be >= 1 or None"):
         synthesize_corpus(tmp_path / "bad", speakers=4, utterances=2, trials_per_utterance=0, progress=False)
+    cli = tmp_path / "cli"
+    assert main(["synth", "--out", str(cli), "--speakers", "4", "--utterances", "5", "--seed", "3",
+                 "--min-seconds", "0.5", "--max-seconds", "0.6", "--test-speakers", "3",
+                 "--trials-per-utterance", "all", "--workers", "1"]) == 0
+    assert (cli / "trials.txt").read_text() == (tmp_path / "trials.txt").read_text()
+
+
+def test_synth_refuses_a_trial_count_that_is_neither_a_count_nor_all(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path), "--trials-per-utterance", "every"])
+    assert "expected a count or 'all', got 'every'" in capsys.readouterr().err
 
 
 def test_prepare_can_hold_speakers_out_of_training_for_calibration(tiny_corpus, tmp_path):

@@ -53,15 +53,23 @@ class SpeedPerturbation:
         """The index of a factor, drawn with the probabilities."""
         return random.choices(range(len(self.factors)), weights=self.probabilities)[0]
 
-    @staticmethod
-    def play(waveform: torch.Tensor, factor: float) -> torch.Tensor:
+    #: One resampler per speed: its windowed-sinc kernel is built once, not for every item (that
+    #: doubled the cost of a perturbed item; benchmarks/bench_input.py).
+    _resamplers: dict = {}
+
+    @classmethod
+    def play(cls, waveform: torch.Tensor, factor: float) -> torch.Tensor:
         """``waveform`` played ``factor`` times faster: ``len / factor`` samples."""
         if factor == 1.0:
             return waveform
-        import torchaudio
+        resampler = cls._resamplers.get(factor)
+        if resampler is None:
+            import torchaudio
 
-        rate = round(100 * factor)
-        return torchaudio.functional.resample(waveform, orig_freq=rate, new_freq=100)
+            resampler = cls._resamplers[factor] = torchaudio.transforms.Resample(orig_freq=round(100 * factor),
+                                                                                 new_freq=100)
+        with torch.no_grad():
+            return resampler(waveform)
 
 
 def manifest_roots(manifest_folder) -> dict:
