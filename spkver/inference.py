@@ -171,8 +171,10 @@ class SpeakerEmbedder:
 
     Scores are cosines in [-1, 1] between embeddings after subtracting the
     training mean (when stored); ``verify`` accepts a pair when the score is
-    ``>= threshold``.  The threshold is the EER threshold on validation pairs
-    of the training speakers (see ``calibration``), written by the recipe.
+    ``>= threshold``.  The threshold is the EER threshold on the recipe's
+    development pairs (the calibration speakers', else the training speakers'
+    validation files; ``calibration`` says which); with an LLR calibration in
+    the folder ``verify`` decides on the LLR instead.
 
     Examples
     --------
