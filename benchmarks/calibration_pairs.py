@@ -38,7 +38,7 @@ def main():
     from spkver import metrics
     from spkver.calibration import fit_calibration, quality_features
     from spkver.data.datasets import manifest_roots
-    from spkver.evaluation import calibrate_on_development, resolve_wav, training_sample
+    from spkver.evaluation import calibrate_on_development, development_files, resolve_wav, training_sample
     from spkver.inference import SpeakerEmbedder, audio_seconds, embed_files
     from spkver.scoring import EmbeddingStore, as_norm, read_trials, speaker_mean_cohort
 
@@ -67,8 +67,8 @@ def main():
                              ("calibration speakers (calibration.csv)", manifests)):
             if name.startswith("calibration") and not (manifests / "calibration.csv").exists():
                 continue
-            calibration, _ = calibrate_on_development(extractor, source, mean, cohort, 300, max_utterances=400,
-                                                      progress=False)
+            development = development_files(extractor, source, max_utterances=400, progress=False)
+            calibration, _ = calibrate_on_development(extractor, development, mean, cohort, 300, progress=False)
             if calibration is not None:
                 calibrations[name] = calibration
     calibrations["the evaluation list itself (peer)"] = fit_calibration(scored.scores, labels, quality, prior=0.01)

@@ -21,8 +21,8 @@ agree:
   epoch's counters) over the ranks;
 * :func:`save_sharded_rows` / :func:`load_sharded_rows`: a checkpoint of a
   sharded prototype matrix (and its optimiser state) holds the whole
-  matrix, written by rank 0, so it resumes under any world size and loads
-  in a single process (averaging, export, fine-tuning).
+  matrix, written by rank 0, so it loads under another sharding and in a
+  single process (averaging, export, fine-tuning).
 
 Every function is a no-op, or the identity, outside an initialised process
 group, so the single-process path is the same code.
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -68,26 +68,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def choose_backend(argv: Sequence[str], run_opts, cuda_available: Optional[bool] = None):
+def choose_backend(run_opts, cuda_available: Optional[bool] = None):
     """``(run_opts, note)``: gloo on the CPU when no backend was asked for and there is no GPU.
 
     SpeechBrain defaults to NCCL, which stops a CPU launch with "Not enough
-    GPUs available!".  An explicit ``--distributed_backend`` is left alone, as
-    is a machine with a GPU; then ``note`` is ``None``, else the line to log.
-    ``run_opts`` is SpeechBrain's (a frozen dataclass: a changed copy is
-    returned) or a dict.
+    GPUs available!".  A ``--distributed_backend`` on the command line (in
+    SpeechBrain's ``RunOptions.overridden_args``) is left alone, as is a
+    machine with a GPU; then ``note`` is ``None``, else the line to log.
+    ``RunOptions`` is a frozen dataclass: a changed copy is returned.
     """
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
-    named = any(argument == "--distributed_backend" or argument.startswith("--distributed_backend=")
-                for argument in argv)
-    if named or cuda_available:
+    if "distributed_backend" in run_opts.overridden_args or cuda_available:
         return run_opts, None
     changes = {"distributed_backend": "gloo", "device": "cpu"}
-    if isinstance(run_opts, dict):
-        run_opts = {**run_opts, **changes}
-    else:  # SpeechBrain's Brain takes only the options listed as overridden from it
-        run_opts = dataclasses.replace(run_opts, **changes,
-                                       overridden_args=set(run_opts.overridden_args) | set(changes))
+    # SpeechBrain's Brain takes only the options listed as overridden from run_opts.
+    run_opts = dataclasses.replace(run_opts, **changes, overridden_args=set(run_opts.overridden_args) | set(changes))
     return run_opts, "no GPU: DDP over gloo on the CPU (--distributed_backend=nccl|gloo to choose)"
 
 
@@ -205,15 +200,9 @@ def _gather_shards(local: torch.Tensor, num_rows: int) -> Optional[torch.Tensor]
     from spkver.losses.sparse_head import shard_range
 
     world = dist.get_world_size()
-    per_rank = -(-num_rows // world)
-    padded = torch.zeros((per_rank,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
-    padded[:local.shape[0]] = local
-    pieces = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(pieces, padded)
-    if dist.get_rank() != 0:
-        return None
-    return torch.cat([piece[:stop - start] for piece, (start, stop) in
-                      zip(pieces, (shard_range(num_rows, world, r) for r in range(world)))]).cpu()
+    sizes = [stop - start for start, stop in (shard_range(num_rows, world, r) for r in range(world))]
+    whole = _all_gather_uneven(local, sizes, group=None)
+    return whole.cpu() if dist.get_rank() == 0 else None
 
 
 def save_sharded_rows(head, optimizer: Optional[torch.optim.Optimizer], path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -25,8 +26,8 @@ from spkver.inference import audio_seconds, embed_files, extractor_fingerprint
 from spkver.report import DEFAULT_FARS, calibration_report, markdown_table, verification_report
 from spkver.scoring import EmbeddingStore, Trials, as_norm, cosine_scores, read_trials
 
-__all__ = ["resolve_wav", "training_sample", "evaluate_trial_lists", "write_results",
-           "calibrate_threshold", "calibrate_on_development", "write_model_card"]
+__all__ = ["resolve_wav", "training_sample", "evaluate_trial_lists", "write_results", "DevelopmentFiles",
+           "development_files", "calibrate_threshold", "calibrate_on_development", "write_model_card"]
 
 
 def resolve_wav(wav: str, roots: dict) -> str:
@@ -110,8 +111,28 @@ def write_results(folder, results: dict, fars=DEFAULT_FARS) -> str:
     return markdown
 
 
-def _development_files(manifest_folder, max_utterances: int, seed: int):
-    """The files whose pairs calibrate: ``(files, speaker_of, description)``.
+@dataclass
+class DevelopmentFiles:
+    """The whole files whose pairs train the calibration and set the threshold, embedded once.
+
+    ``store`` holds their embeddings (IDs ``speaker/index``, durations, the
+    extractor's fingerprint; ``None`` when :meth:`problem` says they cannot be
+    paired); ``kind`` says whose files they are.
+    """
+
+    files: List[str]
+    speakers: List[str]
+    kind: str
+    store: Optional[EmbeddingStore]
+
+    def problem(self) -> Optional[str]:
+        """Why no pair of these files can calibrate, or ``None``."""
+        return None if len(set(self.speakers)) >= 2 else f"not calibrated: the {self.kind} are fewer than two"
+
+
+def development_files(extractor, manifest_folder, max_utterances: int = 800, seed: int = 0, device="cpu",
+                      progress: bool = True) -> DevelopmentFiles:
+    """The development files, embedded whole (see :class:`DevelopmentFiles`).
 
     The calibration speakers' whole files (``calibration.csv``: speakers never
     trained on, as a trial list's are) when the preparation held some out, up
@@ -134,21 +155,29 @@ def _development_files(manifest_folder, max_utterances: int, seed: int):
     if len(files) > max_utterances:
         files = [files[i] for i in sorted(rng.choice(len(files), max_utterances, replace=False))]
     kind = "calibration speakers (never trained on)" if new_speakers else "training speakers (held-out files)"
-    return files, speaker_of, kind
+    speakers = [speaker_of[f] for f in files]
+    development = DevelopmentFiles(files, speakers, kind, store=None)
+    if development.problem():  # nothing to pair: nothing to embed
+        return development
+    development.store = EmbeddingStore([f"{speaker}/{i}" for i, speaker in enumerate(speakers)],
+                                       embed_files(extractor, files, device=device, progress=progress),
+                                       source=f"files of the {kind}", durations=audio_seconds(files),
+                                       fingerprint=extractor_fingerprint(extractor))
+    return development
 
 
 #: Target pairs below which the calibration maps the score alone (no quality measure).
 _MIN_TARGETS_FOR_QUALITY = 100
 
 
-def calibrate_on_development(extractor, manifest_folder, mean=None, cohort: Optional[EmbeddingStore] = None,
-                            top_k: int = 300, prior: float = 0.01, short_seconds: float = 2.0,
-                            max_utterances: int = 800, seed: int = 0, device="cpu", progress: bool = True):
+def calibrate_on_development(extractor, development: DevelopmentFiles, mean=None,
+                             cohort: Optional[EmbeddingStore] = None, top_k: int = 300, prior: float = 0.01,
+                             short_seconds: float = 2.0, device="cpu", progress: bool = True):
     """A score-to-LLR map (:mod:`spkver.calibration`) trained on development pairs; ``(calibration or None, text)``.
 
-    The files: the calibration speakers' (never trained on) when the
-    preparation held some out, else the training speakers' validation files
-    (see ``_development_files``).  The pairs: every two whole files, and every
+    The files: :func:`development_files` (the calibration speakers', never
+    trained on, when the preparation held some out; else the training
+    speakers' validation files).  The pairs: every two whole files, and every
     short crop (the first ``short_seconds``) against every other whole file, as
     WeSpeaker pairs short and long segments; scores are AS-norm against ``cohort`` when it is given,
     else cosine; the quality measure is the duration, when there are crops and
@@ -156,19 +185,17 @@ def calibrate_on_development(extractor, manifest_folder, mean=None, cohort: Opti
     """
     from spkver.calibration import fit_calibration, quality_features
 
-    files, speaker_of, kind_of_speakers = _development_files(manifest_folder, max_utterances, seed)
-    if len({speaker_of[f] for f in files}) < 2:
-        return None, f"not calibrated: the {kind_of_speakers} are fewer than two"
-    long = embed_files(extractor, files, device=device, progress=progress)
-    durations = audio_seconds(files)
+    if development.problem():
+        return None, development.problem()
+    files, whole = development.files, development.store
+    durations = whole.durations
     cropped = [i for i, seconds in enumerate(durations) if seconds >= short_seconds + 0.5]
     short = embed_files(extractor, [files[i] for i in cropped], device=device, progress=progress,
                         max_seconds=short_seconds) if cropped else None
-    ids = [f"{speaker_of[f]}/{i}" for i, f in enumerate(files)] + [f"{speaker_of[files[i]]}/{i}-short" for i in cropped]
-    store = EmbeddingStore(ids, np.concatenate([long] + ([short] if cropped else [])),
-                           source=f"files of the {kind_of_speakers}",
-                           durations=np.r_[durations, np.full(len(cropped), short_seconds)],
-                           fingerprint=extractor_fingerprint(extractor))
+    ids = list(whole.ids) + [f"{development.speakers[i]}/{i}-short" for i in cropped]
+    store = EmbeddingStore(ids, np.concatenate([whole.embeddings] + ([short] if cropped else [])),
+                           source=whole.source, durations=np.r_[durations, np.full(len(cropped), short_seconds)],
+                           fingerprint=whole.fingerprint)
     first, second = np.triu_indices(len(files), k=1)
     crop_rows = len(files) + np.repeat(np.arange(len(cropped)), len(files))
     whole_rows = np.tile(np.arange(len(files)), len(cropped))
@@ -188,16 +215,15 @@ def calibrate_on_development(extractor, manifest_folder, mean=None, cohort: Opti
     quality = quality_features(store, scored.enroll_rows, scored.test_rows, measures)
     kind = "cosine" if cohort is None else "as-norm"
     description = (f"{labels.size} pairs of {len(files)} files and {len(cropped)} {short_seconds:g} s crops of "
-                   f"{len({speaker_of[f] for f in files})} {kind_of_speakers}")
+                   f"{len(set(development.speakers))} {development.kind}")
     summary = {"source": description, "scores": kind, **({"asnorm_topk": top_k} if cohort is not None else {})}
     calibration = fit_calibration(scored.scores, labels, quality, prior=prior, fingerprint=store.fingerprint,
                                   trained_on=summary)
     return calibration, f"{kind} scores to LLRs at prior {prior:g}, trained on {description}"
 
 
-def calibrate_threshold(extractor, manifest_folder, mean=None, far=None, max_utterances: int = 800, seed: int = 0,
-                        device="cpu", progress: bool = True):
-    """Verification threshold from all pairs of development files (as :func:`calibrate_on_development` picks them).
+def calibrate_threshold(development: DevelopmentFiles, mean=None, far=None):
+    """Verification threshold from all pairs of the development files' cosine scores.
 
     At the EER by default, or at the lowest threshold whose FAR is at most ``far``.
     Returns ``(threshold or None, description)``.  A folder with a calibration
@@ -205,28 +231,25 @@ def calibrate_threshold(extractor, manifest_folder, mean=None, far=None, max_utt
     """
     from spkver import metrics
 
-    files, speaker_of, kind_of_speakers = _development_files(manifest_folder, max_utterances, seed)
-    if len({speaker_of[f] for f in files}) < 2:
-        return None, f"not calibrated: the {kind_of_speakers} are fewer than two"
-    embeddings = embed_files(extractor, files, device=device, progress=progress)
-    if mean is not None:
-        embeddings = embeddings - mean
-    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    first, second = np.triu_indices(len(files), k=1)
-    scores = np.einsum("ij,ij->i", unit[first], unit[second])
-    speakers = np.array([speaker_of[f] for f in files])
+    if development.problem():
+        return None, development.problem()
+    ids = development.store.ids
+    first, second = np.triu_indices(len(ids), k=1)
+    speakers = np.asarray(development.speakers)
     labels = speakers[first] == speakers[second]
     if not labels.any():
-        return None, f"not calibrated: no two files of the {kind_of_speakers} share a speaker"
+        return None, f"not calibrated: no two files of the {development.kind} share a speaker"
+    trials = Trials([ids[i] for i in first], [ids[i] for i in second], labels.astype(np.int8),
+                    source="development pairs")
+    scores = cosine_scores(development.store, trials, mean=mean).scores
+    pairs = f"{labels.size} pairs of {len(ids)} files of the {development.kind}"
     if far is None:
         rate, threshold = metrics.eer(scores, labels)
-        return threshold, (f"EER threshold ({100 * rate:.2f} % EER) on {labels.size} pairs of {len(files)} "
-                           f"files of the {kind_of_speakers}")
+        return threshold, f"EER threshold ({100 * rate:.2f} % EER) on {pairs}"
     (point,) = metrics.tar_at_far(scores, labels, fars=(far,))
     if point.threshold is None:
         return None, f"not calibrated: {point.num_nontargets} non-target pairs cannot measure FAR={far}"
-    return point.threshold, (f"FAR={far} threshold (TAR {100 * point.tar:.2f} %) on {labels.size} pairs of "
-                             f"files of the {kind_of_speakers}")
+    return point.threshold, f"FAR={far} threshold (TAR {100 * point.tar:.2f} %) on {pairs}"
 
 
 def write_model_card(folder, extractor, mean=None, threshold=None, calibration: str = "") -> None:

@@ -73,6 +73,13 @@ def _calibration_cells(rows: List[dict], cell) -> tuple:
     return header, cells
 
 
+def _extra_columns(rows: List[dict], fars, cell) -> tuple:
+    """The columns after TAR@FAR, in both tables: the miss rate at FAR 0.1 %, then calibration."""
+    miss_header, miss = _miss_cells(rows, fars, cell)
+    calibration_header, calibration = _calibration_cells(rows, cell)
+    return miss_header + calibration_header, [m + c for m, c in zip(miss, calibration)]
+
+
 def text_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
     """The aligned plain-text table ``spkver score`` prints, with notes on undefined figures."""
     header = ["trial list", "trials", "targets", "EER %", "minDCF(0.01)", "minDCF(0.05)"] + \
@@ -81,10 +88,8 @@ def text_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
     def cell(value, scale=1.0, digits=4):
         return "n/a" if value is None else f"{scale * value:.{digits}f}"
 
-    miss_header, miss = _miss_cells(rows, fars, cell)
-    extra_header, extra = _calibration_cells(rows, cell)
-    header += miss_header + extra_header
-    extra = [m + e for m, e in zip(miss, extra)]
+    extra_header, extra = _extra_columns(rows, fars, cell)
+    header += extra_header
     lines = [header]
     for row, extra_cells in zip(rows, extra):
         lines.append([row["name"], str(row["trials"]), "-" if row["targets"] is None else str(row["targets"]),
@@ -111,10 +116,8 @@ def markdown_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
     def cell(value, scale=1.0, digits=4):
         return "n/a" if value is None else f"{scale * value:.{digits}f}"
 
-    miss_header, miss = _miss_cells(rows, fars, cell)
-    extra_header, extra = _calibration_cells(rows, cell)
-    header += miss_header + extra_header
-    extra = [m + e for m, e in zip(miss, extra)]
+    extra_header, extra = _extra_columns(rows, fars, cell)
+    header += extra_header
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, extra_cells in zip(rows, extra):
         lines.append("| " + " | ".join([row["name"], str(row["trials"]), cell(row["eer"], 100, 3),

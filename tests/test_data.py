@@ -137,6 +137,15 @@ def test_prepare_writes_manifests_and_holds_out_trial_speakers(tiny_corpus, tmp_
     assert sum(float(r["duration"]) for r in rows) == pytest.approx(audio, rel=0.3)
 
 
+def test_an_empty_validation_manifest_is_refused_by_name(tiny_corpus, tmp_path):
+    from spkver.data.datasets import speaker_datasets
+
+    prepare_voxceleb(tmp_path, vox1=tiny_corpus, trials=[tiny_corpus / "trials.txt"], valid_fraction=0.0,
+                     progress=False)
+    with pytest.raises(PreparationError, match=r"valid\.csv lists no utterances \(raise valid_fraction"):
+        speaker_datasets(tmp_path)
+
+
 def _copy_tree(src, dst):
     shutil.copytree(src / "wav", dst / "wav")
 

@@ -61,14 +61,16 @@ def test_a_sampler_that_cannot_shard_says_why(arguments, message):
 
 
 def test_a_cpu_launch_takes_gloo_unless_a_backend_is_named():
+    import speechbrain as sb
     from speechbrain.utils.run_opts import RunOptions
 
-    options, note = choose_backend([], RunOptions(), cuda_available=False)
+    options, note = choose_backend(RunOptions(), cuda_available=False)
     assert options.distributed_backend == "gloo" and options.device == "cpu" and "gloo" in note
     assert {"distributed_backend", "device"} <= options.overridden_args  # what SpeechBrain's Brain reads
-    options, note = choose_backend(["--distributed_backend=nccl"], RunOptions(), cuda_available=False)
+    named = sb.parse_arguments(["hparams.yaml", "--distributed_backend=nccl"])[1]  # as the recipe parses
+    options, note = choose_backend(named, cuda_available=False)
     assert options.distributed_backend == "nccl" and note is None
-    assert choose_backend([], {"distributed_backend": "nccl"}, cuda_available=True)[1] is None
+    assert choose_backend(RunOptions(), cuda_available=True)[1] is None
     assert sync_batchnorm_supported("nccl", "cuda:1") and not sync_batchnorm_supported("gloo", "cpu")
     assert not sync_batchnorm_supported("nccl", "cpu")
 

@@ -35,6 +35,7 @@ from spkver.data.voxceleb import PreparationError, prepare_voxceleb
 from spkver.evaluation import (
     calibrate_on_development,
     calibrate_threshold,
+    development_files,
     evaluate_trial_lists,
     training_sample,
     write_model_card,
@@ -131,25 +132,25 @@ def average_extractor(brain, hparams):
                 f"{used[-1].name}) into {averaged}")
 
 
-def evaluate(brain, hparams, stage, full=False):
+def evaluate(brain, hparams, stage, development=None):
     """Score the trial lists; return ``({stage: rows}, mean)``.
 
-    ``full``: also AS-norm against the training sample's speaker means and calibrated LLRs,
-    the cohort and the calibration being written to the output folder for reuse.
+    With ``development`` files (:func:`~spkver.evaluation.development_files`): also AS-norm against
+    the training sample's speaker means and LLRs calibrated on their pairs, the cohort and the
+    calibration being written to the output folder for reuse.
     """
     extractor = brain.extractor
     extractor.eval()
     sample = training_sample(extractor, hparams["manifest_folder"], hparams["mean_utterances"], device=brain.device)
     mean = sample.embeddings.mean(axis=0)
     cohort = calibration = None
-    if full:
+    if development is not None:
         output = Path(hparams["output_folder"])
         cohort = speaker_mean_cohort(sample)
         save_embeddings(output / "cohort.npz", cohort.ids, cohort.embeddings)
         calibration, description = calibrate_on_development(
-            extractor, hparams["manifest_folder"], mean, cohort, hparams["asnorm_topk"],
-            prior=hparams["calibration_prior"], short_seconds=hparams["calibration_short_seconds"],
-            max_utterances=hparams["calibration_utterances"], device=brain.device)
+            extractor, development, mean, cohort, hparams["asnorm_topk"], prior=hparams["calibration_prior"],
+            short_seconds=hparams["calibration_short_seconds"], device=brain.device)
         logger.info(f"calibration: {description}")
         if calibration is not None:
             calibration.save(output / "calibration.json")
@@ -165,13 +166,14 @@ def evaluate(brain, hparams, stage, full=False):
 def finish(brain, hparams, results):
     """Rank 0's work after training: average, evaluate in stages, write the results and the model card."""
     average_extractor(brain, hparams)
-    after, mean = evaluate(brain, hparams, "after training", full=True)
+    # Embedded once: their pairs train the LLR calibration and set spkver.json's threshold.
+    development = development_files(brain.extractor, hparams["manifest_folder"], hparams["calibration_utterances"],
+                                    device=brain.device)
+    after, mean = evaluate(brain, hparams, "after training", development)
     results.update(after)
     write_results(hparams["output_folder"], results)
     # What `spkver embed/verify/export` and SpeakerEmbedder.from_pretrained need to reuse the extractor.
-    threshold, calibration = calibrate_threshold(brain.extractor, hparams["manifest_folder"], mean,
-                                                 far=hparams["calibration_far"],
-                                                 max_utterances=hparams["calibration_utterances"], device=brain.device)
+    threshold, calibration = calibrate_threshold(development, mean, far=hparams["calibration_far"])
     write_model_card(hparams["output_folder"], brain.extractor, mean, threshold, calibration)
 
 
@@ -179,7 +181,7 @@ def main():
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
     backend_note = None
     if "RANK" in os.environ:  # launched by torchrun
-        run_opts, backend_note = distributed.choose_backend(sys.argv[1:], run_opts)
+        run_opts, backend_note = distributed.choose_backend(run_opts)
     sb.utils.distributed.ddp_init_group(run_opts)  # a no-op unless launched by torchrun
     hparams, composed = load(hparams_file, overrides)
     check_settings(hparams, hparams_file)

@@ -123,7 +123,8 @@ def speaker_datasets(manifest_folder, crop_seconds: float = 2.0, sample_rate: in
     for name, item in (("train", training_item), ("valid", validation_item)):
         manifest = folder / f"{name}.csv"
         with open(manifest) as rows:
-            if sum(1 for _ in rows) < 2:  # SpeechBrain fails on an empty list with an IndexError
+            rows.readline()  # the header; SpeechBrain fails on a list without rows with an IndexError
+            if not rows.readline():
                 raise PreparationError(f"{manifest} lists no utterances" + (
                     " (raise valid_fraction: validation ends every epoch, with its checkpoint)"
                     if name == "valid" else ""))
