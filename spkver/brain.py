@@ -39,7 +39,7 @@ from spkver.losses import ClassMeanAccumulator, StreamingSparseHead, reinitializ
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpeakerBrain", "LearningRateSchedule"]
+__all__ = ["SpeakerBrain", "LearningRateSchedule", "log_engine_once"]
 
 
 class _NoTorchvisionNotice(logging.Filter):
@@ -86,6 +86,14 @@ class LearningRateSchedule:
             return self.peak
         fraction = min(1.0, (progress - self.warmup) / (self.epochs - self.warmup))
         return self.peak * (self.final / self.peak) ** fraction
+
+
+def log_engine_once(objective, seen: set) -> None:
+    """Log which loss engine ran ``objective``'s last call and why, the first time that engine runs."""
+    choice = objective.last_engine
+    if choice is not None and choice.name not in seen:
+        seen.add(choice.name)
+        logger.info(f"loss engine: {choice.describe()}")
 
 
 @dataclass

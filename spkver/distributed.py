@@ -16,7 +16,10 @@ agree:
   the same on every rank);
 * :func:`gather_rows`: the batch of every rank, with gradient, for a
   prototype matrix sharded by class
-  (:class:`~spkver.losses.StreamingSparseHead` with a ``process_group``);
+  (:class:`~spkver.losses.StreamingSparseHead` with a ``process_group``),
+  and that head's other collectives: :func:`shard_range` (which classes a
+  rank holds), :func:`gather_columns`, :func:`sum_across_ranks`,
+  :func:`sum_gradient_across_ranks` and :func:`all_reduce`;
 * :func:`all_reduce_sum`: sums of statistics (A3M-I's class means, the
   epoch's counters) over the ranks;
 * :func:`save_sharded_rows` / :func:`load_sharded_rows`: a checkpoint of a
@@ -25,7 +28,9 @@ agree:
   single process (averaging, export, fine-tuning).
 
 Every function is a no-op, or the identity, outside an initialised process
-group, so the single-process path is the same code.
+group, so the single-process path is the same code.  This module is the one
+room for collectives: it imports only the standard library and torch, so
+that any module of spkver can use it.
 
 >>> sampler = ShardedBatchSampler(10, batch_size=2, world_size=2, rank=0, seed=0)
 >>> sorted(i for batch in sampler for i in batch) == sorted(
@@ -36,16 +41,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["is_distributed", "world_size", "rank", "choose_backend", "sync_batchnorm_supported",
-           "ShardedBatchSampler", "gather_rows", "all_reduce_sum", "barrier", "save_sharded_rows",
+           "ShardedBatchSampler", "gather_rows", "all_reduce_sum", "all_reduce", "barrier", "shard_range",
+           "gather_columns", "sum_across_ranks", "sum_gradient_across_ranks", "save_sharded_rows",
            "load_sharded_rows"]
 
 
@@ -123,13 +128,16 @@ class ShardedBatchSampler:
         """The epoch whose order to draw (SpeechBrain calls it at the start of each)."""
         self.epoch = int(epoch)
 
-    def _global_batches(self) -> List[np.ndarray]:
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items) if self.shuffle
-                 else np.arange(self.num_items))
+    def _global_batches(self) -> List[torch.Tensor]:
+        if self.shuffle:  # the same order on every rank: a generator seeded by (seed, epoch)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=generator)
+        else:
+            order = torch.arange(self.num_items)
         step = self.world_size * self.batch_size
-        batches = [order[start:start + step] for start in range(0, self.num_items, step)]
+        batches = list(order.split(step))
         if len(batches) > 1 and len(batches[-1]) < 2 * self.world_size:
-            batches[-2:] = [np.concatenate(batches[-2:])]
+            batches[-2:] = [torch.cat(batches[-2:])]
         return batches
 
     def __iter__(self) -> Iterator[List[int]]:
@@ -181,6 +189,87 @@ def gather_rows(local: torch.Tensor, group=None) -> torch.Tensor:
     return _GatherRows.apply(local, sizes, group)
 
 
+class _GatherColumns(torch.autograd.Function):
+    """All-gather (B, k) columns from every rank; the gradient keeps this rank's slice.
+
+    Every rank computes the same loss from the gathered columns, so the
+    gradient each rank receives is already complete: no reduction is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, local, group):
+        pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        ctx.rank, ctx.width = dist.get_rank(group), local.shape[1]
+        return torch.cat(pieces, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width], None
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum) forward; identity backward (each rank holds the complete gradient)."""
+
+    @staticmethod
+    def forward(ctx, value, group):
+        value = value.clone()
+        dist.all_reduce(value, group=group)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumGradientAcrossRanks(torch.autograd.Function):
+    """Identity forward; backward sums the partial embedding gradients of all ranks' shards."""
+
+    @staticmethod
+    def forward(ctx, value, group):
+        ctx.group = group
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """The contiguous class range ``[start, stop)`` that ``rank`` holds.
+
+    >>> [shard_range(10, 3, r) for r in range(3)]
+    [(0, 4), (4, 8), (8, 10)]
+    """
+    per_rank = -(-num_classes // world_size)
+    start = min(rank * per_rank, num_classes)
+    return start, min(start + per_rank, num_classes)
+
+
+def gather_columns(local: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's (B, k) columns side by side; the gradient keeps this rank's slice (:class:`_GatherColumns`)."""
+    return _GatherColumns.apply(local, group)
+
+
+def sum_across_ranks(value: torch.Tensor, group) -> torch.Tensor:
+    """The sum of ``value`` over the ranks; the gradient passes through unchanged (:class:`_SumAcrossRanks`)."""
+    return _SumAcrossRanks.apply(value, group)
+
+
+def sum_gradient_across_ranks(value: torch.Tensor, group) -> torch.Tensor:
+    """``value`` itself; its gradient summed over the ranks (:class:`_SumGradientAcrossRanks`)."""
+    return _SumGradientAcrossRanks.apply(value, group)
+
+
+def all_reduce(value: torch.Tensor, op, group) -> torch.Tensor:
+    """``value`` reduced in place by ``op`` over ``group`` (a no-op without a group); returns it."""
+    if group is not None:
+        dist.all_reduce(value, op=op, group=group)
+    return value
+
+
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
     """Sum each tensor over the ranks, in place (nothing outside DDP); NCCL's through the GPU."""
     if not is_distributed():
@@ -197,8 +286,6 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
 
 def _gather_shards(local: torch.Tensor, num_rows: int) -> Optional[torch.Tensor]:
     """The (num_rows, ...) matrix of the ranks' contiguous row shards, on rank 0 (``None`` elsewhere)."""
-    from spkver.losses.sparse_head import shard_range
-
     world = dist.get_world_size()
     sizes = [stop - start for start, stop in (shard_range(num_rows, world, r) for r in range(world))]
     whole = _all_gather_uneven(local, sizes, group=None)

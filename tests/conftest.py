@@ -61,17 +61,17 @@ def launch_counter():
 
 @pytest.fixture
 def replace_fused_kernel_by_a_noop(monkeypatch):
-    """A call that makes CPU tensors take the fused CUDA path with the Triton kernel replaced by a no-op,
-    so that what surrounds the kernel (the launches a GPU would see) can be counted on any machine."""
+    """A call that lets CPU tensors take the ``triton`` engine (the GPU path) with the kernel replaced by a
+    no-op, so that what surrounds the kernel (the launches a GPU would see) can be counted on any machine."""
     pytest.importorskip("triton")
-    from spkver.losses import fused
+    from spkver.losses.engines import triton_kernel
 
     class NoKernel:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
     def replace():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # makes CPU tensors eligible for the fused path
-        monkeypatch.setattr(fused, "_alpha_loss_kernel", NoKernel())
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets CPU tensors ask for engine="triton"
+        monkeypatch.setattr(triton_kernel, "_alpha_loss_kernel", NoKernel())
 
     return replace

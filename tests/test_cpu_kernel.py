@@ -6,11 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from spkver.losses import A3M, QMargin, alpha_divergence_loss, cpu_kernel, operator
-from spkver.losses.cpu_kernel import cpu_kernel_available, cpu_kernel_loss_rows
+from spkver.losses import A3M, QMargin, alpha_divergence_loss
+from spkver.losses.engines import ENGINES, cpu_kernel, torch_solver
+from spkver.losses.engines.base import LossCall
+from spkver.losses.engines.cpu_kernel import cpu_kernel_loss_rows
+from spkver.losses.loss import loss_rows_and_statistics
 from tests import reference
 
 PAIRS = [(20.0, 1.25), (10.0, 1.5), (5.0, 2.0)]
+
+
+def cpu_kernel_available(cosine, alpha, log_q):
+    """Whether the registry's ``cpu`` engine serves this call (as ``auto`` asks)."""
+    call = LossCall(cosine, torch.zeros(cosine.shape[0], dtype=torch.long), alpha, log_q=log_q)
+    return ENGINES["cpu"].unsupported(call, automatic=True) is None
 
 
 def _cosines(family, batch, classes, generator):
@@ -42,7 +51,7 @@ def test_the_kernel_is_built_here_and_runs_the_cpu_objectives(monkeypatch):
     assert cpu_kernel_available(cosine, 1.5, None)
     assert not cpu_kernel_available(cosine, 1.0, None) and not cpu_kernel_available(cosine, 2.5, None)
     assert not cpu_kernel_available(cosine, 1.5, torch.zeros(500))  # a general measure: the torch solver
-    monkeypatch.setattr(operator, "solve_alpha_softargmax", lambda *a, **k: pytest.fail("torch solver used"))
+    monkeypatch.setattr(torch_solver, "solve_alpha_softargmax", lambda *a, **k: pytest.fail("torch solver used"))
     for objective in (QMargin(10.0, 0.2, 1.5), A3M(10.0, 0.2, 1.5)):
         cosine.requires_grad_(True)
         objective(cosine, targets).backward()
@@ -77,22 +86,21 @@ def test_the_kernel_and_the_torch_solver_agree_with_a_margin_and_a_target_measur
     log_q_target = torch.full((16,), -1.5)
 
     def run(engine):
-        monkeypatch.setenv("SPKVER_CPU_KERNEL", engine)
         x = cosine.clone().requires_grad_(True)
         margin = (x.detach().gather(1, targets[:, None]).squeeze(1) * 12.0 - 1.0).requires_grad_(True)
-        loss, statistics = operator.loss_rows_and_statistics(
+        loss, statistics = loss_rows_and_statistics(
             x, targets, alpha, log_q_target=log_q_target, target_logits=margin if override else None,
-            logit_scale=12.0)
+            logit_scale=12.0, engine=engine)
         (loss * torch.linspace(0.5, 1.5, 16)).sum().backward()
         return loss.detach(), x.grad, margin.grad, statistics
 
-    kernel, torch_solver = run("1"), run("0")
-    torch.testing.assert_close(kernel[0], torch_solver[0], atol=3e-5, rtol=1e-5)
-    torch.testing.assert_close(kernel[1], torch_solver[1], atol=3e-5, rtol=0)
+    kernel, solver = run("cpu"), run("torch")
+    torch.testing.assert_close(kernel[0], solver[0], atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel[1], solver[1], atol=3e-5, rtol=0)
     if override:
-        torch.testing.assert_close(kernel[2], torch_solver[2], atol=3e-6, rtol=0)
-    assert kernel[3].support_size == pytest.approx(torch_solver[3].support_size)
-    assert kernel[3].target_prob == pytest.approx(torch_solver[3].target_prob, abs=1e-6)
+        torch.testing.assert_close(kernel[2], solver[2], atol=3e-6, rtol=0)
+    assert kernel[3].support_size == pytest.approx(solver[3].support_size)
+    assert kernel[3].target_prob == pytest.approx(solver[3].target_prob, abs=1e-6)
 
 
 def test_hostile_rows_give_the_definitions_values():
@@ -126,10 +134,9 @@ def test_bad_input_is_named_as_on_the_torch_path(monkeypatch):
     bad[2][5] = -math.inf
     for logits in bad:
         messages = []
-        for engine in ("1", "0"):
-            monkeypatch.setenv("SPKVER_CPU_KERNEL", engine)
+        for engine in ("cpu", "torch"):
             with pytest.raises(ValueError) as error:
-                QMargin(10.0, 0.2, 1.5)(logits, targets)
+                QMargin(10.0, 0.2, 1.5, engine=engine)(logits, targets)
             messages.append(str(error.value))
         assert messages[0] == messages[1] and "row" in messages[0]
 
@@ -192,9 +199,8 @@ def test_a_geometric_margin_takes_its_gradient_through_the_kernel_as_through_the
     cosine[torch.arange(0, 32, 2), targets[::2]] = 0.7  # half the rows with a clear target
 
     def gradient(engine):
-        monkeypatch.setenv("SPKVER_CPU_KERNEL", engine)
         x = cosine.clone().requires_grad_(True)
-        objective(x, targets).backward()
+        objective(x, targets, engine=engine).backward()
         return x.grad
 
-    torch.testing.assert_close(gradient("1"), gradient("0"), atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(gradient("cpu"), gradient("torch"), atol=2e-6, rtol=1e-4)

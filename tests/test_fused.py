@@ -6,13 +6,16 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 
 CHECK = textwrap.dedent("""
     import torch
-    from spkver.losses import operator
-    from spkver.losses.fused import fused_available, fused_loss_rows
+    from spkver.losses.engines import select_engine
+    from spkver.losses.engines.base import LossCall
+    from spkver.losses.engines.triton_kernel import fused_loss_rows
+    from spkver.losses.loss import loss_rows_and_statistics
 
     device = "{device}"
     torch.manual_seed(0)
@@ -26,17 +29,14 @@ CHECK = textwrap.dedent("""
         x[1, y[1]] = 1e4  # a huge, already separated row
         log_q_target = None if log_q is None else torch.full((6,), log_q, device=device)
         target = x.gather(1, y[:, None]).squeeze(1) - 3.0 if override else None
-        assert fused_available(x, alpha, None)
+        assert select_engine("triton", LossCall(x, y, alpha)).name == "triton"
         loss, grad, p_y, support = fused_loss_rows(x, y, alpha, log_q_target, target)
         reference = x.detach().cpu().clone().requires_grad_(True)
         ref_target = None if target is None else target.cpu().clone().requires_grad_(True)
-        import spkver.losses.fused as fused
-        fused.fused_available = lambda *a: False  # the oracle: the pure-torch path
-        operator_loss, _ = operator.loss_rows_and_statistics(
+        operator_loss, _ = loss_rows_and_statistics(  # the oracle: the pure-torch solver
             reference, y.cpu(), alpha, log_q_target=None if log_q_target is None else log_q_target.cpu(),
-            target_logits=ref_target)
+            target_logits=ref_target, engine="torch" if alpha > 1 else "dense")
         operator_loss.sum().backward()
-        fused.fused_available = fused_available
         torch.testing.assert_close(loss.cpu(), operator_loss.detach(), atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(grad.cpu(), reference.grad, atol=2e-6, rtol=0)
         if ref_target is not None:
@@ -48,21 +48,20 @@ CHECK = textwrap.dedent("""
 
 OBJECTIVES_CHECK = textwrap.dedent("""
     import torch
-    import spkver.losses.fused as fused
     from spkver.losses import A3M, AlphaDiv, ArcFace, CosFace, QMargin, Softmax, alpha_divergence_loss
 
     device = "{device}"
-    kernel_available = fused.fused_available
 
     def run(call, fused_kernel, *tensors):
-        fused.fused_available = kernel_available if fused_kernel else (lambda *a: False)
-        try:
-            leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
-            loss = call(*leaves)
-            loss.sum().backward()
-            return loss.detach().cpu(), [t.grad.cpu() for t in leaves if t.grad is not None]
-        finally:
-            fused.fused_available = kernel_available
+        leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+        if isinstance(call, torch.nn.Module):  # an objective: the kernel, or the torch engine of its alpha
+            engine = "triton" if fused_kernel else ("torch" if call.alpha > 1 else "dense")
+            loss = call(*leaves, engine=engine)
+            call.last_statistics.check()  # the kernel's input checks are read here, with the statistics
+        else:  # a function of logits and targets
+            loss = call(*leaves, fused_kernel=fused_kernel)
+        loss.sum().backward()
+        return loss.detach().cpu(), [t.grad.cpu() for t in leaves if t.grad is not None]
 
     def error(call, fused_kernel, *tensors):
         try:
@@ -83,8 +82,8 @@ OBJECTIVES_CHECK = textwrap.dedent("""
                           A3M(30.0, 0.2, 1.5), A3M(30.0, 0.5, 2.0), A3M(30.0, 0.2, 1.7, reduction="none"),
                           Softmax(30.0), CosFace(30.0, 0.2, reduction="sum"), ArcFace(30.0, 0.5),
                           QMargin(30.0, 0.2, 1.0, reduction="none")):
-            assert objective._kernel_margin_for(cosine) is not None
             kernel = run(objective, True, cosine, targets)
+            assert objective.last_engine.name == "triton"
             kernel_statistics = objective.last_statistics
             torch_path = run(objective, False, cosine, targets)
             torch.testing.assert_close(kernel[0], torch_path[0], atol=2e-5, rtol=1e-5)
@@ -102,8 +101,8 @@ OBJECTIVES_CHECK = textwrap.dedent("""
 
     # Bad input: the same error from the kernel's checks as from the torch path, objectives and function alike.
     objective = A3M(30.0, 0.2, 1.5)
-    functional = lambda logits, y, override=None: alpha_divergence_loss(logits, y, 1.5, reduction="none",
-                                                                        log_q_target=override)
+    functional = lambda logits, y, override=None, fused_kernel=True: alpha_divergence_loss(
+        logits, y, 1.5, reduction="none", log_q_target=override, engine="triton" if fused_kernel else "torch")
     nan, inf = float("nan"), float("inf")
     bad_cosines = [cosine.clone() for _ in range(4)]
     bad_cosines[0][3, 7] = nan
@@ -115,14 +114,27 @@ OBJECTIVES_CHECK = textwrap.dedent("""
     cases = [(objective, (c, targets)) for c in bad_cosines[:3]] + [(objective, (cosine, bad_targets))]
     cases += [(functional, (c, targets)) for c in bad_cosines] + [(functional, (cosine, bad_targets))]
     cases += [(functional, (cosine, targets, torch.full((16,), nan, device=device)))]
-    cross_entropy = lambda logits, y: alpha_divergence_loss(logits, y, 1.0, reduction="none")
+    cross_entropy = lambda logits, y, fused_kernel=True: alpha_divergence_loss(
+        logits, y, 1.0, reduction="none", engine="triton" if fused_kernel else "dense")
     cases += [(ArcFace(30.0, 0.2), (bad_cosines[0], targets)), (cross_entropy, (cosine, bad_targets))]
     for call, tensors in cases:
         message = error(call, True, *tensors)
         assert message == error(call, False, *tensors), message
 
+    # On the kernel the objective does not wait for the host: the call returns, and the error comes at the
+    # next read of its statistics, the same error.
+    deferred = A3M(30.0, 0.2, 1.5, engine="triton")
+    deferred(bad_cosines[0], targets)
+    try:
+        deferred.last_statistics.support_size
+    except ValueError as caught:
+        assert str(caught) == error(objective, False, bad_cosines[0], targets), str(caught)
+    else:
+        raise AssertionError("bad input was not reported at the read")
+
     # The kernel marks a bad row's loss NaN (never a plausible number) besides counting the problem.
-    rows, _, _, totals = fused.fused_loss_and_totals(cosine, bad_targets, 1.5, scale=30.0)
+    from spkver.losses.engines.triton_kernel import fused_loss_and_totals
+    rows, _, _, totals = fused_loss_and_totals(cosine, bad_targets, 1.5, scale=30.0)
     assert torch.isnan(rows[2]) and torch.isfinite(rows[torch.arange(16) != 2]).all() and totals[-1] == 1
     print("fused objectives agree")
 """)
@@ -141,7 +153,6 @@ def _run_on_the_kernel(script: str, expected: str) -> None:
     """Run ``script`` on the GPU, or on the CPU under Triton's interpreter."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = dict(os.environ)
-    env["SPKVER_CPU_KERNEL"] = "0"  # the oracle is the pure-torch solver (the CPU kernel has its own tests)
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     result = subprocess.run([sys.executable, "-c", script.format(device=device)], env=env, capture_output=True,
@@ -174,10 +185,10 @@ def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(replace_f
     targets = torch.randint(0, 100, (8,))
     counts = {}
     for name, call in (("cross_entropy", lambda x: torch.nn.functional.cross_entropy(30.0 * x, targets)),
-                       ("AlphaDiv", lambda x: AlphaDiv(30.0, 1.5)(x, targets)),
-                       ("QMargin", lambda x: QMargin(30.0, 0.2, 1.5)(x, targets)),
-                       ("A3M", lambda x: A3M(30.0, 0.2, 1.5)(x, targets)),
-                       ("ArcFace", lambda x: ArcFace(30.0, 0.2)(x, targets))):
+                       ("AlphaDiv", lambda x: AlphaDiv(30.0, 1.5, engine="triton")(x, targets)),
+                       ("QMargin", lambda x: QMargin(30.0, 0.2, 1.5, engine="triton")(x, targets)),
+                       ("A3M", lambda x: A3M(30.0, 0.2, 1.5, engine="triton")(x, targets)),
+                       ("ArcFace", lambda x: ArcFace(30.0, 0.2, engine="triton")(x, targets))):
         x = cosine.clone().requires_grad_(True)
         with launch_counter() as counter:
             call(x).backward()
@@ -187,6 +198,46 @@ def test_an_objective_call_launches_no_more_kernels_than_cross_entropy(replace_f
         # zeroing the totals, autograd's seed gradient (cross_entropy has it too), the backward product
         assert sorted(counts[name]) == ["mul", "ones_like", "zeros"], (name, counts[name])
         assert len(counts[name]) + 1 < len(counts["cross_entropy"])  # + 1: the fused kernel itself
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the torch operations that read a tensor's value on the host (``.item()``, ``bool()``, ``.cpu()``)."""
+
+    READS = {"_local_scalar_dense", "is_nonzero", "item", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.READS or (name == "_to_copy" and (kwargs or {}).get("device") == torch.device("cpu")):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_on_the_gpu_path_the_objective_reads_nothing_back_until_its_statistics_are_read(
+        replace_fused_kernel_by_a_noop, monkeypatch):
+    """No host sync in the step: the input checks and statistics stay on the device until asked for."""
+    from spkver.losses import A3M, CosFace, QMargin
+    from spkver.losses.engines import base
+
+    replace_fused_kernel_by_a_noop()
+    transfers = []
+    monkeypatch.setattr(base, "to_host", lambda tensor: transfers.append(tuple(tensor.shape)) or tensor.tolist())
+    cosine, targets = torch.rand(8, 100) * 2 - 1, torch.randint(0, 100, (8,))
+    for objective in (QMargin(10.0, 0.2, 1.5, engine="triton"), A3M(10.0, 0.2, 1.5, engine="triton"),
+                      CosFace(30.0, 0.2, engine="triton")):
+        x = cosine.clone().requires_grad_(True)
+        with _HostReads() as host:
+            objective(x, targets).backward()
+            objective(x, targets).backward()  # a second step: still nothing read
+        assert host.reads == [] and transfers == [], (objective, host.reads, transfers)
+        assert objective.last_engine.name == "triton"
+        objective.last_statistics.support_size  # asking reads the statistics and the checks, in one transfer
+        objective.last_statistics.target_prob
+        assert transfers == [(4,)]
+        transfers.clear()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -213,9 +264,9 @@ def _compile_for_h100(dtype: str, **constants) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as compile_kernel
 
-    from spkver.losses import fused
+    from spkver.losses.engines import triton_kernel
 
-    kernel = fused._alpha_loss_kernel
+    kernel = triton_kernel._alpha_loss_kernel
     names = kernel.arg_names
     pointers = {"logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "loss_ptr": "*fp32", "p_y_ptr": "*fp32",
                 "support_ptr": "*i32", "targets_ptr": "*i64", "target_logit_ptr": "*fp32", "log_q_y_ptr": "*fp32",

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from spkver.losses import alpha_divergence_loss, alpha_softargmax
-from spkver.losses import operator
+from spkver.losses import engines, loss as operator, softargmax
 from tests import reference
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -20,7 +20,8 @@ SETTINGS = settings(max_examples=40, deadline=None)
 def engine(request):
     """Every test of the loss runs on both CPU engines: the compiled kernel and the pure-torch solver."""
     patch = pytest.MonkeyPatch()
-    patch.setenv("SPKVER_CPU_KERNEL", "1" if request.param == "cpu-kernel" else "0")
+    patch.setattr(engines, "AUTO_PREFERENCE", ("cpu", "dense", "torch") if request.param == "cpu-kernel"
+                  else ("dense", "torch"))
     yield request.param
     patch.undo()
 
@@ -289,7 +290,7 @@ def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, message):
 @pytest.mark.parametrize("dense", [False, True])
 def test_target_logit_override_equals_loss_of_logits_with_that_entry(alpha, dense, monkeypatch):
     if dense:
-        monkeypatch.setattr(operator, "_DENSE_FRACTION", 0.0)
+        monkeypatch.setattr(softargmax, "_DENSE_FRACTION", 0.0)
     torch.manual_seed(9)
     theta, targets = torch.randn(16, 200) * 4, torch.randint(0, 200, (16,))
     theta[:4, :] = theta[:4, :] - 20  # and a few rows where the override becomes the row maximum

@@ -1,20 +1,20 @@
 """The pure-torch solver's own mechanics: candidate widths, Newton passes and the exact root.
 
 The loss's behaviour is specified in test_operator.py for every engine; these tests watch the torch
-solver's internals, so the CPU kernel is switched off for the whole module.
+solver's internals, so ``auto`` never picks the CPU kernel in this module.
 """
 import numpy as np
 import pytest
 import torch
 
 from spkver.losses import alpha_divergence_loss, alpha_softargmax
-from spkver.losses import operator
+from spkver.losses import engines, softargmax as operator
 from tests import reference
 
 
 @pytest.fixture(autouse=True)
 def torch_solver(monkeypatch):
-    monkeypatch.setenv("SPKVER_CPU_KERNEL", "0")
+    monkeypatch.setattr(engines, "AUTO_PREFERENCE", ("dense", "torch"))
 
 
 def test_sparse_candidate_solve_equals_dense_solve(monkeypatch):

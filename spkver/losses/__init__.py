@@ -1,5 +1,12 @@
 """Alpha-divergence losses, margin objectives and A3M-I prototype re-initialisation.
 
+The layers, each in its own module: the alpha-softargmax maths and its
+certificate (:mod:`.softargmax`), the input checks (:mod:`.checks`), the
+engines and the registry that picks one (:mod:`.engines`), the loss function
+(:mod:`.loss`), and on top the margin objectives (:mod:`.objectives`), the
+streaming head for very many classes (:mod:`.sparse_head`) and A3M-I
+(:mod:`.reinit`).
+
 >>> import torch
 >>> objective = QMargin(scale=10.0, margin=0.2, alpha=1.5)
 >>> cosine = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.1]])
@@ -20,11 +27,10 @@ from spkver.losses.objectives import (
     qmargin_log_q_target,
     qmargin_zero_loss_gap,
 )
-from spkver.losses.operator import (
-    SparsityStatistics,
-    alpha_divergence_loss,
-    alpha_softargmax,
-)
+from spkver.losses.engines import ENGINE_NAMES, EngineChoice, EngineError
+from spkver.losses.engines.base import SparsityStatistics
+from spkver.losses.loss import alpha_divergence_loss
+from spkver.losses.softargmax import alpha_softargmax
 from spkver.losses.sparse_head import StreamingSparseHead
 from spkver.losses.reinit import (
     ClassMeanAccumulator,
@@ -36,6 +42,9 @@ __all__ = [
     "alpha_softargmax",
     "alpha_divergence_loss",
     "SparsityStatistics",
+    "ENGINE_NAMES",
+    "EngineChoice",
+    "EngineError",
     "CosineMarginObjective",
     "Softmax",
     "CosFace",

@@ -3,7 +3,7 @@ r"""Margin objectives on cosine similarities: the baselines and the alpha-diverg
 Every objective takes the cosines :math:`\cos(x, w_j)` (B, C) between
 L2-normalised embeddings and class prototypes, and integer targets (B,).  It
 forms logits :math:`\theta_j = s\cos_j` with a margin on the target, and scores
-them with :func:`~spkver.losses.operator.alpha_divergence_loss` (cross-entropy
+them with the alpha-divergence loss of :mod:`spkver.losses.loss` (cross-entropy
 at :math:`\alpha = 1`):
 
 ==============  ==========================================  ======================  =========
@@ -19,12 +19,15 @@ objective       target logit :math:`\theta_y`               reference :math:`q` 
 
 Each objective keeps its configured ``base_margin`` and a current ``margin``
 that a :class:`MarginWarmup` moves with :meth:`CosineMarginObjective.update`,
-and leaves the :class:`~spkver.losses.operator.SparsityStatistics` of its last
-batch in ``last_statistics``.
+and leaves the :class:`~spkver.losses.engines.base.SparsityStatistics` of its
+last batch in ``last_statistics`` and the engine that ran it (and why) in
+``last_engine``.
 
-On CUDA the objectives run as one fused kernel that also checks the inputs
-and sums the statistics; the call reads four numbers back, and bad input
-raises the same ``ValueError`` as on the torch path.
+Every objective takes ``engine`` (:mod:`spkver.losses.engines`): ``auto``
+by default, or a name.  On CUDA the objectives run as one fused kernel that
+also forms the margin, checks the inputs and sums the statistics; nothing is
+read back until ``last_statistics`` is read, which raises the same error for
+bad input as the other engines raise at the call.
 """
 from __future__ import annotations
 
@@ -35,17 +38,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from spkver.losses import fused
-from spkver.losses.fused import MARGIN_ANGULAR, MARGIN_COSINE, MARGIN_NONE, FusedCosineObjective
-from spkver.losses.operator import (
-    SparsityStatistics,
-    check_alpha,
-    check_targets,
-    check_reduction,
-    loss_rows_and_statistics,
-    reduce_loss,
-    statistics_from_totals,
-)
+from spkver.losses.checks import LossInputError, check_alpha, check_reduction
+from spkver.losses.engines import EngineChoice, check_engine_name
+from spkver.losses.engines.base import SparsityStatistics, TargetMargin
+from spkver.losses.engines.triton_kernel import MARGIN_ANGULAR, MARGIN_COSINE, MARGIN_NONE
+from spkver.losses.loss import build_call, run_call
+from spkver.losses.softargmax import log_alpha_of_inverse
 
 __all__ = [
     "CosineMarginObjective",
@@ -119,7 +117,7 @@ def qmargin_log_q_target(scale: float, margin: float, alpha: float, form: str = 
     -6.0
     """
     if form not in QMARGIN_FORMS:
-        raise ValueError(f"form must be one of {QMARGIN_FORMS}, got {form!r}")
+        raise LossInputError(f"form must be one of {QMARGIN_FORMS}, got {form!r}")
     if form == "exp" or alpha == 1.0:
         return -scale * margin
     return -math.log1p((alpha - 1.0) * scale * margin) / (alpha - 1.0)
@@ -148,12 +146,7 @@ def qmargin_zero_loss_gap(scale: float, margin: float, alpha: float, form: str =
     if alpha == 1.0:
         return math.inf
     log_q = qmargin_log_q_target(scale, margin, alpha, form)
-    return (_log_alpha_of_inverse(log_q, alpha) + 1.0 / (alpha - 1.0)) / scale
-
-
-def _log_alpha_of_inverse(log_q: float, alpha: float) -> float:
-    r""":math:`\log_\alpha(1/q_y)` of a scalar mass (the operator's tensor form, for one target)."""
-    return math.expm1((1.0 - alpha) * log_q) / (alpha - 1.0)
+    return (log_alpha_of_inverse(log_q, alpha) + 1.0 / (alpha - 1.0)) / scale
 
 
 class CosineMarginObjective(nn.Module):
@@ -171,20 +164,26 @@ class CosineMarginObjective(nn.Module):
     alpha : float
         :math:`\alpha \ge 1` (1 is softmax cross-entropy).
     reduction : {"mean", "sum", "none"}
+    engine : {"auto", "triton", "cpu", "dense", "torch"}
+        The loss engine (:mod:`spkver.losses.engines`); ``auto`` picks the
+        fastest that serves the call, a name is used or refused with the reason.
     """
 
-    def __init__(self, scale: float, margin: float = 0.0, alpha: float = 1.0, reduction: str = "mean"):
+    def __init__(self, scale: float, margin: float = 0.0, alpha: float = 1.0, reduction: str = "mean",
+                 engine: str = "auto"):
         super().__init__()
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+            raise LossInputError(f"scale must be a finite number > 0, got {scale!r}")
         if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
-            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+            raise LossInputError(f"margin must be a finite number >= 0, got {margin!r}")
         self.scale = float(scale)
         self.base_margin = float(margin)
         self.margin = float(margin)
         self.alpha = check_alpha(alpha)
         self.reduction = check_reduction(reduction)
+        self.engine = check_engine_name(engine)
         self.last_statistics: Optional[SparsityStatistics] = None
+        self.last_engine: Optional[EngineChoice] = None
         low, high = TRAINABLE_BAND
         if self.alpha > 1.0 and not low <= self.scale * (self.alpha - 1.0) <= high:
             warnings.warn(
@@ -196,7 +195,7 @@ class CosineMarginObjective(nn.Module):
     def update(self, margin: float) -> None:
         """Set the current margin (called by schedules such as :class:`MarginWarmup`)."""
         if not (math.isfinite(margin) and margin >= 0):
-            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+            raise LossInputError(f"margin must be a finite number >= 0, got {margin!r}")
         self.margin = float(margin)
 
     def target_cosine(self, cosine_y: torch.Tensor) -> torch.Tensor:
@@ -231,74 +230,25 @@ class CosineMarginObjective(nn.Module):
         r""":math:`b_y = \theta_y - \log_\alpha(1/q_y)`: the root :math:`\tau` when the target is alone
         (:math:`\alpha > 1`), and the lower bound of :math:`\tau` it contributes."""
         log_q = self.target_log_q()
-        return target_logit if log_q is None else target_logit - _log_alpha_of_inverse(log_q, self.alpha)
+        return target_logit if log_q is None else target_logit - log_alpha_of_inverse(log_q, self.alpha)
 
-    def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, cosine: torch.Tensor, targets: torch.Tensor, engine: Optional[str] = None) -> torch.Tensor:
+        """The loss of ``cosine`` (B, C) against ``targets`` (B,), on ``engine`` (default: this objective's)."""
         if not isinstance(cosine, torch.Tensor) or cosine.dim() != 2:
             shape = tuple(cosine.shape) if isinstance(cosine, torch.Tensor) else type(cosine).__name__
-            raise ValueError(f"cosine must be a (batch, classes) tensor, got {shape}")
-        targets = check_targets(targets, cosine)
-        kernel_margin = self._kernel_margin_for(cosine)
-        if kernel_margin is not None:
-            loss = self._fused_forward(cosine, targets, kernel_margin)
-            if loss is not None:
-                return loss
-        return self._torch_forward(cosine, targets)
-
-    def _torch_forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The objective in torch operations: the fallback, and the source of precise input errors."""
-        # Clamped for a safe gather: the engine checks the range with its other checks.
-        column = targets.clamp(0, cosine.shape[1] - 1)[:, None]
-        target_logits = slope = None
-        if self.alpha == 1.0:  # the cross-entropy path differentiates the target logit through its graph
-            cosine_y = cosine.gather(1, column).squeeze(1)
-            margined = self.target_cosine(cosine_y)
-            target_logits = None if margined is cosine_y else margined * self.scale
-        else:
-            # The margin's value and derivative on (B,) numbers: the engine sends the target's gradient
-            # to its column itself, with no (B, C) scatter behind a gather.
-            with torch.enable_grad():
-                cosine_y = cosine.detach().gather(1, column).squeeze(1).requires_grad_(True)
-                margined = self.target_cosine(cosine_y)
-                if margined is not cosine_y:
-                    (slope,) = torch.autograd.grad(margined.sum(), cosine_y, allow_unused=True)
-                    slope = torch.zeros_like(cosine_y) if slope is None else slope
-                    target_logits, slope = margined.detach() * self.scale, slope * self.scale
-        # Consecutive batches need about as many candidates; a little slack avoids a redo.
+            raise LossInputError(f"cosine must be a (batch, classes) tensor, got {shape}")
+        # Consecutive batches need about as many candidates; a little slack avoids a redo (torch engine).
         hint = None if self.last_statistics is None else self.last_statistics.candidates * 5 // 4 + 8
-        loss, self.last_statistics = loss_rows_and_statistics(
-            cosine, targets, self.alpha, log_q_target=self.target_log_q(),
-            candidates_hint=hint, target_logits=target_logits, logit_scale=self.scale, target_logit_slope=slope,
-        )
-        return reduce_loss(loss, self.reduction)
-
-    def _kernel_margin_for(self, cosine: torch.Tensor) -> Optional[int]:
-        r"""The fused kernel's margin code when this call runs as one kernel, else ``None``.
-
-        One kernel: CUDA, :math:`1 \le \alpha \le 2`, and a margin the kernel knows.
-        """
-        margin = _KERNEL_MARGINS.get(type(self).target_cosine)
-        if margin is None or not cosine.is_floating_point() or not fused.fused_available(cosine, self.alpha, None):
-            return None
-        return margin if self.margin else MARGIN_NONE
-
-    def _fused_forward(self, cosine: torch.Tensor, targets: torch.Tensor, kind: int) -> Optional[torch.Tensor]:
-        """The objective as one kernel launch and one read-back (:class:`~spkver.losses.fused.FusedCosineObjective`).
-
-        Returns ``None`` when the kernel found a bad input: the caller then takes
-        the torch path, whose checks raise the precise error.
-        """
-        log_q_y = self.target_log_q()
-        loss, totals = FusedCosineObjective.apply(cosine, targets, self.alpha, self.scale, kind, self.margin,
-                                                  0.0 if log_q_y is None else log_q_y, self.reduction)
-        statistics = statistics_from_totals(totals, *cosine.shape)
-        if statistics is None:
-            return None
-        self.last_statistics = statistics
+        margin = TargetMargin(self.target_cosine, self.margin, _KERNEL_MARGINS.get(type(self).target_cosine))
+        call = build_call(cosine, targets, self.alpha, log_q_target=self.target_log_q(), candidates_hint=hint,
+                          logit_scale=self.scale, margin=margin)
+        loss, self.last_statistics, self.last_engine = run_call(call, check_engine_name(engine or self.engine),
+                                                                self.reduction)
         return loss
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, margin={self.margin} (base {self.base_margin}), alpha={self.alpha}"
+        engine = "" if self.engine == "auto" else f", engine={self.engine}"
+        return f"scale={self.scale}, margin={self.margin} (base {self.base_margin}), alpha={self.alpha}{engine}"
 
 
 class Softmax(CosineMarginObjective):
@@ -309,15 +259,15 @@ class Softmax(CosineMarginObjective):
     True
     """
 
-    def __init__(self, scale: float, reduction: str = "mean"):
-        super().__init__(scale, 0.0, 1.0, reduction)
+    def __init__(self, scale: float, reduction: str = "mean", engine: str = "auto"):
+        super().__init__(scale, 0.0, 1.0, reduction, engine)
 
 
 class CosFace(CosineMarginObjective):
     r"""Additive cosine margin (CosFace / AM-softmax): :math:`\theta_y = s(\cos_y - m)`."""
 
-    def __init__(self, scale: float, margin: float, reduction: str = "mean"):
-        super().__init__(scale, margin, 1.0, reduction)
+    def __init__(self, scale: float, margin: float, reduction: str = "mean", engine: str = "auto"):
+        super().__init__(scale, margin, 1.0, reduction, engine)
 
     def target_cosine(self, cosine_y):
         return cosine_y - self.margin if self.margin else cosine_y
@@ -326,8 +276,8 @@ class CosFace(CosineMarginObjective):
 class ArcFace(CosineMarginObjective):
     r"""Additive angular margin: :math:`\theta_y = s\cos(\phi_y + m)` (see :func:`additive_angular_cosine`)."""
 
-    def __init__(self, scale: float, margin: float, reduction: str = "mean"):
-        super().__init__(scale, margin, 1.0, reduction)
+    def __init__(self, scale: float, margin: float, reduction: str = "mean", engine: str = "auto"):
+        super().__init__(scale, margin, 1.0, reduction, engine)
 
     def target_cosine(self, cosine_y):
         return additive_angular_cosine(cosine_y, self.margin) if self.margin else cosine_y
@@ -342,8 +292,8 @@ class AlphaDiv(CosineMarginObjective):
     tensor(0.)
     """
 
-    def __init__(self, scale: float, alpha: float, reduction: str = "mean"):
-        super().__init__(scale, 0.0, alpha, reduction)
+    def __init__(self, scale: float, alpha: float, reduction: str = "mean", engine: str = "auto"):
+        super().__init__(scale, 0.0, alpha, reduction, engine)
 
 
 class QMargin(CosineMarginObjective):
@@ -374,12 +324,12 @@ class QMargin(CosineMarginObjective):
     """
 
     def __init__(self, scale: float, margin: float, alpha: float, form: str = "exp",
-                 log_q_target: Optional[float] = None, reduction: str = "mean"):
-        super().__init__(scale, margin, alpha, reduction)
+                 log_q_target: Optional[float] = None, reduction: str = "mean", engine: str = "auto"):
+        super().__init__(scale, margin, alpha, reduction, engine)
         if form not in QMARGIN_FORMS:
-            raise ValueError(f"form must be one of {QMARGIN_FORMS}, got {form!r}")
+            raise LossInputError(f"form must be one of {QMARGIN_FORMS}, got {form!r}")
         if log_q_target is not None and not math.isfinite(log_q_target):
-            raise ValueError(f"log_q_target must be finite, got {log_q_target!r}")
+            raise LossInputError(f"log_q_target must be finite, got {log_q_target!r}")
         self.form = form
         self.log_q_target_override = log_q_target
 
@@ -402,8 +352,8 @@ class A3M(CosineMarginObjective):
     :class:`~spkver.losses.reinit.ReinitializationPolicy` (A3M-I).
     """
 
-    def __init__(self, scale: float, margin: float, alpha: float, reduction: str = "mean"):
-        super().__init__(scale, margin, alpha, reduction)
+    def __init__(self, scale: float, margin: float, alpha: float, reduction: str = "mean", engine: str = "auto"):
+        super().__init__(scale, margin, alpha, reduction, engine)
 
     target_cosine = ArcFace.target_cosine
 
@@ -443,7 +393,7 @@ class MarginWarmup:
 
     def __init__(self, warmup_epochs: float, start_epoch: float = 0.0):
         if warmup_epochs < 0 or start_epoch < 0:
-            raise ValueError(
+            raise LossInputError(
                 f"warmup_epochs and start_epoch must be >= 0, got {warmup_epochs!r} and {start_epoch!r}"
             )
         self.warmup_epochs = float(warmup_epochs)

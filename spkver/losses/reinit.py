@@ -19,7 +19,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from spkver.losses.operator import SparsityStatistics
+from spkver import distributed
+from spkver.losses.engines.base import SparsityStatistics
 
 __all__ = ["ClassMeanAccumulator", "reinitialize_prototypes", "ReinitializationPolicy"]
 
@@ -62,9 +63,7 @@ class ClassMeanAccumulator:
 
     def merge_across_ranks(self) -> None:
         """Sum the sums and counts over the ranks of a process group (nothing outside one)."""
-        from spkver.distributed import all_reduce_sum
-
-        all_reduce_sum(self.sums, self.counts)
+        distributed.all_reduce_sum(self.sums, self.counts)
 
     def rows(self, start: int, stop: int) -> "ClassMeanAccumulator":
         """The accumulator of classes ``[start, stop)`` (a shard of the prototypes)."""
@@ -166,11 +165,9 @@ class ReinitializationPolicy:
 
     def merge_across_ranks(self) -> None:
         """Pool this epoch's counts over the ranks, so that every rank takes the same decision."""
-        from spkver.distributed import all_reduce_sum, is_distributed
-
-        if is_distributed():
+        if distributed.is_distributed():
             counts = torch.tensor([self._zero_rows, float(self._rows)], dtype=torch.float64)
-            all_reduce_sum(counts)
+            distributed.all_reduce_sum(counts)
             self._zero_rows, self._rows = float(counts[0]), int(counts[1])
 
     def should_fire(self, epoch: int) -> bool:

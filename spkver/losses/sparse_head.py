@@ -34,58 +34,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from spkver import distributed
+from spkver.losses.checks import LossInputError, check_targets
+from spkver.losses.engines import check_engine_name
 from spkver.losses.objectives import CosineMarginObjective
-from spkver.losses.operator import check_targets, solve_alpha_softargmax
+from spkver.losses.softargmax import CERTIFICATE_SLACK, solve_alpha_softargmax
 
-__all__ = ["StreamingSparseHead", "shard_range"]
-
-
-class _GatherColumns(torch.autograd.Function):
-    """All-gather (B, k) columns from every rank; the gradient keeps this rank's slice.
-
-    Every rank computes the same loss from the gathered columns, so the
-    gradient each rank receives is already complete: no reduction is needed.
-    """
-
-    @staticmethod
-    def forward(ctx, local, group):
-        pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(pieces, local.contiguous(), group=group)
-        ctx.rank, ctx.width = dist.get_rank(group), local.shape[1]
-        return torch.cat(pieces, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[:, ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width], None
-
-
-class _SumAcrossRanks(torch.autograd.Function):
-    """All-reduce (sum) forward; identity backward (each rank holds the complete gradient)."""
-
-    @staticmethod
-    def forward(ctx, value, group):
-        value = value.clone()
-        dist.all_reduce(value, group=group)
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _SumGradientAcrossRanks(torch.autograd.Function):
-    """Identity forward; backward sums the partial embedding gradients of all ranks' shards."""
-
-    @staticmethod
-    def forward(ctx, value, group):
-        ctx.group = group
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+__all__ = ["StreamingSparseHead"]
 
 
 class _GatheredCosine(torch.autograd.Function):
@@ -124,17 +79,6 @@ class _GatheredCosine(torch.autograd.Function):
         return grad_rows, grad_unit
 
 
-def shard_range(num_classes: int, world_size: int, rank: int):
-    """The contiguous class range ``[start, stop)`` that ``rank`` holds."""
-    per_rank = -(-num_classes // world_size)
-    start = min(rank * per_rank, num_classes)
-    return start, min(start + per_rank, num_classes)
-
-
-#: As the solver's: a kept class is out of the support only this far below tau - 1/(alpha-1).
-_CERTIFICATE_SLACK = 1e-3
-
-
 class StreamingSparseHead(nn.Module):
     """Prototypes ``weight`` (C, D) and an exact sparse alpha-divergence objective over them.
 
@@ -165,6 +109,9 @@ class StreamingSparseHead(nn.Module):
         merged across ranks.  Every rank must pass the same embeddings and
         targets (all-gather the batch first); the embedding gradient comes back
         complete on every rank, the prototype gradient for the local shard.
+    engine : {"auto", "triton", "cpu", "dense", "torch"}, optional
+        The loss engine of the objective's call on the kept columns
+        (:mod:`spkver.losses.engines`); ``None``: the objective's own ``engine``.
 
     Examples
     --------
@@ -183,22 +130,22 @@ class StreamingSparseHead(nn.Module):
 
     @staticmethod
     def check_objective(objective: CosineMarginObjective) -> None:
-        """Raise ``ValueError`` unless the head can be exact for ``objective`` (it needs alpha > 1)."""
+        """Raise a ``ValueError`` (:class:`~spkver.losses.checks.LossInputError`) unless the head can be exact for ``objective`` (it needs alpha > 1)."""
         if objective.alpha <= 1.0:
-            raise ValueError("the sparse head needs alpha > 1 (softmax posteriors are dense); "
+            raise LossInputError("the sparse head needs alpha > 1 (softmax posteriors are dense); "
                              f"got {type(objective).__name__} with alpha={objective.alpha}")
 
     def __init__(self, num_classes: int, embedding_dim: int, objective: CosineMarginObjective,
                  chunk_size: Optional[int] = None, candidates: int = 32, sparse_gradient: bool = True,
-                 process_group=None):
+                 process_group=None, engine: Optional[str] = None):
         super().__init__()
         self.check_objective(objective)
         if (chunk_size is not None and chunk_size < 1) or candidates < 1:
-            raise ValueError(f"chunk_size and candidates must be >= 1, got {chunk_size} and {candidates}")
+            raise LossInputError(f"chunk_size and candidates must be >= 1, got {chunk_size} and {candidates}")
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
         rank = dist.get_rank(process_group) if process_group is not None else 0
-        self.class_offset, stop = shard_range(num_classes, self.world_size, rank)
+        self.class_offset, stop = distributed.shard_range(num_classes, self.world_size, rank)
         self.num_classes = num_classes
         self.weight = nn.Parameter(torch.empty(stop - self.class_offset, embedding_dim))
         nn.init.xavier_uniform_(self.weight)
@@ -206,6 +153,7 @@ class StreamingSparseHead(nn.Module):
         self.chunk_size = chunk_size
         self.candidates = candidates
         self.sparse_gradient = sparse_gradient
+        self.engine = None if engine is None else check_engine_name(engine)
         self.restreams = 0  # how often a certificate failed (for diagnostics)
         self.last_correct: Optional[torch.Tensor] = None
 
@@ -217,9 +165,7 @@ class StreamingSparseHead(nn.Module):
         return max(1, self.BLOCK_ELEMENTS // max(batch, 1))
 
     def _all_reduce(self, value, op):
-        if self.process_group is not None:
-            dist.all_reduce(value, op=op, group=self.process_group)
-        return value
+        return distributed.all_reduce(value, op, self.process_group)
 
     def _agreed(self, width: int, device) -> int:
         """The largest of the ranks' ``width`` (a tensor on ``device``: NCCL reduces only GPU tensors)."""
@@ -277,14 +223,14 @@ class StreamingSparseHead(nn.Module):
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         objective = self.objective
         if embeddings.dim() != 2 or embeddings.shape[1] != self.weight.shape[1]:
-            raise ValueError(f"embeddings must have shape (batch, {self.weight.shape[1]}), "
+            raise LossInputError(f"embeddings must have shape (batch, {self.weight.shape[1]}), "
                              f"got {tuple(embeddings.shape)}")
         targets = check_targets(targets, embeddings)
         sharded = self.process_group is not None
         # The targets' range is read back with the certificate (one device sync for both).
         extremes = torch.stack(torch.aminmax(targets))
         if sharded:
-            embeddings = _SumGradientAcrossRanks.apply(embeddings, self.process_group)
+            embeddings = distributed.sum_gradient_across_ranks(embeddings, self.process_group)
         unit = F.normalize(embeddings, dim=1)
         local_classes = self.weight.shape[0]
         if sharded:  # the target's row is on the rank that holds its class; -1 streams with no target
@@ -309,7 +255,7 @@ class StreamingSparseHead(nn.Module):
             target_cosine = cosine[:, -1]
             if sharded:
                 target_cosine = torch.where(owned, target_cosine, torch.zeros_like(target_cosine))
-                target_cosine = _SumAcrossRanks.apply(target_cosine, self.process_group)
+                target_cosine = distributed.sum_across_ranks(target_cosine, self.process_group)
             with torch.no_grad():
                 top = self._all_reduce(best[:, 0].clone(), dist.ReduceOp.MAX) if sharded else best[:, 0]
                 target_logit = scale * objective.target_cosine(target_cosine.detach())
@@ -321,7 +267,7 @@ class StreamingSparseHead(nn.Module):
                 lowest, highest, failures = torch.cat([extremes, failed.sum()[None]]).tolist()
             if lowest < 0 or highest >= self.num_classes:
                 bad = lowest if lowest < 0 else highest
-                raise ValueError(f"targets must lie in [0, {self.num_classes - 1}], got {bad}")
+                raise LossInputError(f"targets must lie in [0, {self.num_classes - 1}], got {bad}")
             if failures:
                 with torch.no_grad():
                     # Where that bound fails: the root on the kept classes and the target is a lower
@@ -331,7 +277,7 @@ class StreamingSparseHead(nn.Module):
                     tau = self._kept_root(scale * best, target_logit, log_q_y)
                     if sharded:
                         tau = self._all_reduce(tau, dist.ReduceOp.MAX)
-                    failed &= scale * best[:, -1] >= tau - reach - _CERTIFICATE_SLACK
+                    failed &= scale * best[:, -1] >= tau - reach - CERTIFICATE_SLACK
                     if sharded:
                         failed = self._all_reduce(failed.to(torch.int32), dist.ReduceOp.MAX).bool()
                     failures = int(failed.sum())
@@ -353,9 +299,9 @@ class StreamingSparseHead(nn.Module):
             # Padding slots are masked out; the columns of all ranks are gathered, and the target's
             # summed cosine goes last.
             kept = cosine[:, :-1].masked_fill(best == -math.inf, -math.inf)
-            columns = torch.cat([_GatherColumns.apply(kept, self.process_group), target_cosine[:, None]], dim=1)
+            columns = torch.cat([distributed.gather_columns(kept, self.process_group), target_cosine[:, None]], dim=1)
         elif padded:
             columns = cosine.masked_fill(F.pad(best == -math.inf, (0, 1)), -math.inf)
         else:
             columns = cosine  # the kept classes, then the target
-        return objective(columns, torch.full_like(targets, columns.shape[1] - 1))
+        return objective(columns, torch.full_like(targets, columns.shape[1] - 1), engine=self.engine)

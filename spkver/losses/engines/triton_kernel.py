@@ -4,7 +4,7 @@ Each program finds the row maximum over the non-target classes, starts Newton
 at the lower bound :math:`\tau_{lo} = \max(b_y, \max_{j \ne y}\theta_j)` and
 iterates a fixed number of times on
 :math:`\varphi(\tau) = (\sum_j z_j^k)^{1/k} - 1` (monotone for
-:math:`1 < \alpha \le 2`, see :mod:`spkver.losses.operator`), then writes
+:math:`1 < \alpha \le 2`, see :mod:`spkver.losses.softargmax`), then writes
 :math:`p - e_y` and the loss.  The row is streamed in tiles of 2,048 classes;
 the first pass records each tile's maximum, and since :math:`\tau` only rises,
 a tile whose maximum is out of reach (:math:`\le \tau - 1/(\alpha-1)`) is
@@ -22,13 +22,17 @@ target's margin (:class:`FusedCosineObjective`), checks the inputs (NaN,
 +inf, all ``-inf`` rows, targets out of range) and sums the batch statistics
 into four numbers that the caller reads back once (a bad row's loss is NaN).
 
-Used automatically for CUDA tensors with :math:`1 \le \alpha \le 2` and no
-general ``log_q``: by :func:`~spkver.losses.operator.loss_rows_and_statistics`
-(and so :func:`~spkver.losses.operator.alpha_divergence_loss`), and by the
-objectives of :mod:`spkver.losses.objectives` whose margin the kernel knows;
-the pure-torch solver stays the fallback and the oracle.  The kernel also runs
-under Triton's interpreter (``TRITON_INTERPRET=1``) on the CPU, which is how
-the tests check it without a GPU.
+The registry (:mod:`spkver.losses.engines`) picks this engine, ``triton``, for
+CUDA tensors with :math:`1 \le \alpha \le 2` and no general ``log_q``: the
+loss functions and the objectives whose margin the kernel knows; the ``torch``
+engine stays the oracle.  The kernel also runs under Triton's interpreter
+(``TRITON_INTERPRET=1``) on CPU tensors when asked for by name
+(``engine="triton"``), which is how the tests check it without a GPU.
+
+Nothing is read back from the device: the statistics and the input checks
+stay in the kernel's ``totals`` until someone reads them
+(:class:`~spkver.losses.engines.base.SparsityStatistics`), so a step that uses
+this engine has no host sync and no graph break.
 """
 from __future__ import annotations
 
@@ -39,7 +43,10 @@ from typing import Optional
 
 import torch
 
-__all__ = ["fused_available", "fused_loss_rows", "fused_loss_and_totals", "FusedAlphaDivergenceLoss",
+from spkver.losses.checks import InputCheck
+from spkver.losses.engines.base import Engine, LossCall, SparsityStatistics, reduce_loss
+
+__all__ = ["TritonEngine", "fused_loss_rows", "fused_loss_and_totals", "FusedAlphaDivergenceLoss",
            "FusedCosineObjective", "MARGIN_NONE", "MARGIN_COSINE", "MARGIN_ANGULAR", "TOTALS_SIZE"]
 
 _NEWTON_ITERATIONS = 12
@@ -51,12 +58,6 @@ try:  # Triton is optional: CPU-only installations do without the kernel.
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
-
-
-def fused_available(logits: torch.Tensor, alpha: float, log_q) -> bool:
-    """Whether the fused kernel applies to this call (CUDA, or CPU under Triton's interpreter)."""
-    return (triton is not None and 1.0 <= alpha <= 2.0 and log_q is None and logits.dim() == 2
-            and logits.shape[0] > 0 and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
 MARGIN_NONE, MARGIN_COSINE, MARGIN_ANGULAR = 0, 1, 2
@@ -342,8 +343,8 @@ def fused_loss_and_totals(values: torch.Tensor, targets: torch.Tensor, alpha: fl
 class FusedAlphaDivergenceLoss(torch.autograd.Function):
     """The loss rows of logits (B, C) and the ``totals`` of :func:`fused_loss_and_totals`, in one launch.
 
-    ``apply(logits, targets, alpha, log_q_target, target_logits)``; the engine
-    behind :func:`~spkver.losses.operator.alpha_divergence_loss` on CUDA.
+    ``apply(logits, targets, alpha, log_q_target, target_logits)``: the engine's
+    path for logits (a margin the kernel does not know comes as ``target_logits``).
     Backward scales the saved :math:`p - e_y` (and gives ``target_logits``
     the gradient :math:`p_y - 1`).
     """
@@ -400,3 +401,39 @@ class FusedCosineObjective(torch.autograd.Function):
         # A 0-d upstream gradient keeps grad's dtype; a (B, 1) one must be cast to it.
         upstream = grad_loss if ctx.reduced else grad_loss[:, None].to(grad.dtype)
         return (grad * upstream,) + (None,) * 7
+
+
+class TritonEngine(Engine):
+    name = "triton"
+    summary = "the fused Triton kernel (one launch, no host sync): CUDA, 1 <= alpha <= 2, Q-Margin's measure"
+
+    def unsupported(self, call: LossCall, automatic: bool):
+        if triton is None:
+            return "Triton is not installed"
+        if not call.logits.is_cuda:
+            if automatic:
+                return f"auto uses it on CUDA tensors only (these are on {call.logits.device})"
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return (f"it runs on CUDA tensors (these are on {call.logits.device}; on the CPU only under "
+                        "Triton's interpreter, TRITON_INTERPRET=1)")
+        if not 1.0 <= call.alpha <= 2.0:
+            return f"it serves 1 <= alpha <= 2 (alpha = {call.alpha:g})"
+        if call.log_q is not None:
+            return "it serves the unit measure with the target's own q_y, not a general log_q"
+        return None
+
+    def run(self, call: LossCall, reduction: str):
+        margin = call.margin
+        if margin is not None and margin.kernel_code is not None and call.target_logits is None:
+            # The whole objective in one launch: logits, margin, reduction and gradient in the kernel.
+            kind = margin.kernel_code if margin.value else MARGIN_NONE
+            loss, totals = FusedCosineObjective.apply(call.logits, call.targets, call.alpha, call.logit_scale, kind,
+                                                      margin.value, call.log_q_y or 0.0, reduction)
+        else:
+            call = call.with_slope_in_graph()
+            loss, totals = FusedAlphaDivergenceLoss.apply(call.scaled_logits(), call.targets, call.alpha,
+                                                          call.log_q_target_rows, call.target_logits)
+            loss = reduce_loss(loss, reduction)
+        # The kernel counted the bad inputs in totals[3]; the precise error is worked out only if it did.
+        check = InputCheck(totals[3], lambda: call.with_target_logits().input_check().explain())
+        return loss, SparsityStatistics.on_device(totals[:3], call.batch, call.classes, check)

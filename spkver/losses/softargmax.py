@@ -39,10 +39,12 @@ bracket :math:`[\tau_{lo}, \tau_{hi}]` with bisection guards :math:`\alpha > 2`.
 The root on the kept candidates is itself a lower bound of the full root, and
 certifies them when their smallest logit is out of its reach (see
 :func:`solve_alpha_softargmax`).  Everything runs in float32 whatever the input dtype; the result is renormalised.
-For :math:`1 < \alpha \le 2` without a general ``log_q`` the loss runs through
-a kernel instead, with this solver (and cross-entropy at :math:`\alpha = 1`) as its
-oracle: on CUDA the fused Triton kernel of :mod:`spkver.losses.fused` (from
-:math:`\alpha = 1`), on the CPU the compiled one of :mod:`spkver.losses.cpu_kernel`.
+
+This module is the maths and this solver only.  The loss itself runs on one of
+the engines of :mod:`spkver.losses.engines` (the Triton kernel on CUDA, the
+compiled CPU kernel, this solver, or cross-entropy at :math:`\alpha = 1`),
+chosen by their registry; this solver is the oracle the kernels are tested
+against.  Input checks live in :mod:`spkver.losses.checks`.
 """
 from __future__ import annotations
 
@@ -53,16 +55,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from spkver.losses.checks import InputCheck, LossInputError, check_alpha, check_log_q, check_logits_structure
+from spkver.losses.checks import row_max as row_maxima
+
 __all__ = [
     "alpha_softargmax",
-    "alpha_divergence_loss",
     "SparseRows",
     "solve_alpha_softargmax",
-    "SparsityStatistics",
-    "loss_rows_and_statistics",
+    "log_alpha_of_inverse",
+    "CERTIFICATE_SLACK",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
 #: Newton passes are cheap; the cap only guards against pathological rows.
 _MAX_ITERATIONS = 60
 #: Convergence is declared when every row's :math:`|\sum_j p_j - 1|` is below this,
@@ -77,12 +80,20 @@ _INITIAL_CANDIDATES = 16
 _HINT_QUANTILE = 0.9
 #: A class is certified out of the support only when its logit is this far below the
 #: threshold tau - 1/(alpha-1): far above float32's error in tau, far below any scale.
-_CERTIFICATE_SLACK = 1e-3
+CERTIFICATE_SLACK = 1e-3
 
 
-def _log_alpha_of_inverse(log_q: torch.Tensor, alpha: float) -> torch.Tensor:
-    r""":math:`\log_\alpha(1/q) = \mathrm{expm1}((1-\alpha)\log q)/(\alpha-1)`, stable near 1."""
-    return torch.expm1((1.0 - alpha) * log_q) / (alpha - 1.0)
+def log_alpha_of_inverse(log_q, alpha: float):
+    r""":math:`\log_\alpha(1/q) = \mathrm{expm1}((1-\alpha)\log q)/(\alpha-1)`, stable near 1.
+
+    ``log_q`` is a tensor or a number (then a number is returned).
+
+    >>> round(log_alpha_of_inverse(-2.0, 1.5), 4)   # Q-Margin's q_y = e^(-sm) at s = 10, m = 0.2
+    3.4366
+    """
+    if isinstance(log_q, torch.Tensor):
+        return torch.expm1((1.0 - alpha) * log_q) / (alpha - 1.0)
+    return math.expm1((1.0 - alpha) * log_q) / (alpha - 1.0)
 
 
 @dataclass
@@ -133,134 +144,6 @@ class SparseRows:
     def support_size(self) -> torch.Tensor:
         """Number of classes with :math:`p_j > 0` in each row."""
         return (self.probs > 0).sum(1)
-
-
-def check_alpha(alpha) -> float:
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number >= 1, got {alpha!r}") from None
-    if not math.isfinite(alpha) or alpha < 1.0:
-        raise ValueError(f"alpha must be a finite number >= 1, got {alpha!r}")
-    return alpha
-
-
-def _check_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Check the structure of ``logits`` and return its row maxima, float32.
-
-    The maxima also reveal NaN and +inf rows; :func:`_raise_for_bad_rows` reads them.
-    """
-    _check_logits_structure(logits)
-    return _row_max(logits)
-
-
-def _row_max(logits: torch.Tensor) -> torch.Tensor:
-    return logits.detach().amax(dim=1).float() if logits.shape[0] else logits.new_zeros(0, dtype=torch.float32)
-
-
-def _check_logits_structure(logits: torch.Tensor) -> None:
-    """Type, shape and dtype of ``logits``: no device work."""
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (batch, classes), got {tuple(logits.shape)}")
-    if logits.shape[1] == 0:
-        raise ValueError("logits must have at least one class (got 0 columns)")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
-
-
-def _problem_flag(row_max, targets=None, num_classes=None, target_logit=None, overrides=()) -> torch.Tensor:
-    """A 0-d boolean tensor, true when some input is bad; computed on the device without a sync."""
-    flags = [~torch.isfinite(row_max).all()]
-    if targets is not None:
-        flags.append(((targets < 0) | (targets >= num_classes)).any())
-    if target_logit is not None:
-        flags.append((target_logit == -math.inf).any())
-    flags += [~torch.isfinite(value).all() for _, value in overrides]
-    return torch.stack(flags).any()
-
-
-def _raise_for_bad_rows(row_max, targets=None, num_classes=None, target_logit=None, overrides=(), flag=None):
-    """Raise a ``ValueError`` naming the first problem; one device sync when there is none.
-
-    ``overrides`` are (name, tensor) pairs that must be finite; ``flag`` is a
-    :func:`_problem_flag` already read back as true (skips the first sync).
-    """
-    if flag is None and not bool(_problem_flag(row_max, targets, num_classes, target_logit, overrides)):
-        return
-    bad = ~torch.isfinite(row_max)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0])
-        value = float(row_max[row])
-        if math.isnan(value):
-            raise ValueError(f"logits contain NaN (first in row {row})")
-        if value > 0:
-            raise ValueError(f"logits contain +inf (first in row {row})")
-        raise ValueError(f"logits row {row} is entirely -inf: no class is allowed")
-    if targets is not None:
-        out = (targets < 0) | (targets >= num_classes)
-        if bool(out.any()):
-            raise ValueError(f"targets must lie in [0, {num_classes - 1}], got {int(targets[out][0])}")
-    for name, value in overrides:
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name} must be finite")
-    row = int((target_logit == -math.inf).nonzero()[0])
-    raise ValueError(f"the target class of row {row} has logit -inf (masked): the loss is infinite")
-
-
-def _check_log_q(log_q, logits: torch.Tensor) -> Optional[torch.Tensor]:
-    if log_q is None:
-        return None
-    if not isinstance(log_q, torch.Tensor):
-        log_q = torch.as_tensor(log_q, dtype=torch.float32, device=logits.device)
-    if log_q.requires_grad:
-        raise ValueError(
-            "log_q is treated as a constant reference measure and receives no gradient; "
-            "pass log_q.detach()"
-        )
-    batch, classes = logits.shape
-    if tuple(log_q.shape) not in ((classes,), (batch, classes)):
-        raise ValueError(
-            f"log_q must have shape ({classes},) or ({batch}, {classes}) to match logits, "
-            f"got {tuple(log_q.shape)}"
-        )
-    log_q = log_q.to(device=logits.device, dtype=torch.float32)
-    if bool(torch.isnan(log_q).any()) or bool((log_q == math.inf).any()):
-        raise ValueError("log_q must not contain NaN or +inf (q must be finite and >= 0)")
-    return log_q
-
-
-def check_targets(targets, logits: torch.Tensor) -> torch.Tensor:
-    """Check the shape and dtype of ``targets`` (their range is checked with the rows)."""
-    if not isinstance(targets, torch.Tensor):
-        targets = torch.as_tensor(targets, device=logits.device)
-    if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"targets must have shape ({logits.shape[0]},) to match logits, got {tuple(targets.shape)}"
-        )
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
-    return targets.to(device=logits.device, dtype=torch.long)
-
-
-def _check_log_q_target(log_q_target, logits: torch.Tensor) -> Optional[torch.Tensor]:
-    """A (B,) float32 tensor; finiteness is checked with the rows (or here, for a number)."""
-    if log_q_target is None:
-        return None
-    if isinstance(log_q_target, (int, float)):
-        if not math.isfinite(log_q_target):
-            raise ValueError(f"log_q_target must be finite, got {log_q_target!r}")
-        return torch.full((logits.shape[0],), float(log_q_target), device=logits.device)
-    log_q_target = torch.as_tensor(log_q_target, dtype=torch.float32, device=logits.device)
-    if log_q_target.dim() == 0:
-        log_q_target = log_q_target.expand(logits.shape[0])
-    if tuple(log_q_target.shape) != (logits.shape[0],):
-        raise ValueError(
-            f"log_q_target must be a scalar or have shape ({logits.shape[0]},), "
-            f"got {tuple(log_q_target.shape)}"
-        )
-    return log_q_target.detach()
 
 
 #: alpha = 1 + 1/k with an integer k up to this (2, 1.5, 1.333.., 1.25, ...): powers are products,
@@ -443,7 +326,7 @@ def _bound_and_steepness(theta, log_q, alpha):
     overflows float32, are excluded (:math:`b_j = -\infty`): their
     :math:`p_j` is below float32 resolution.
     """
-    bound = theta - _log_alpha_of_inverse(log_q, alpha)
+    bound = theta - log_alpha_of_inverse(log_q, alpha)
     steepness = torch.exp(((alpha - 1.0) * log_q).clamp(max=_MAX_LOG_STEEPNESS))
     excluded = ~torch.isfinite(bound) | (steepness == 0)
     if bool(excluded.any()):
@@ -456,7 +339,7 @@ def _target_lower_bound(theta_y, others_max, log_q_target, alpha):
     r""":math:`\tau_{lo} = \max(b_y, \max_{j \ne y}\theta_j)` when only the target is special."""
     if log_q_target is None:
         return torch.maximum(others_max, theta_y)
-    return torch.maximum(others_max, theta_y - _log_alpha_of_inverse(log_q_target, alpha))
+    return torch.maximum(others_max, theta_y - log_alpha_of_inverse(log_q_target, alpha))
 
 
 def solve_alpha_softargmax(
@@ -521,7 +404,7 @@ def solve_alpha_softargmax(
         tau_lo = bound.amax(1) + row_max
         if not bool(torch.isfinite(tau_lo).all()):
             row = int((~torch.isfinite(tau_lo)).nonzero()[0])
-            raise ValueError(
+            raise LossInputError(
                 f"log_q of row {row} is too small for float32 at alpha={alpha}: q^(1-alpha) overflows "
                 "for every allowed class; rescale q (scaling q by c equals scaling the logits by c^(alpha-1))"
             )
@@ -601,7 +484,7 @@ def _attempt(theta, k, targets, theta_y, log_q, log_q_target, tau_lo, row_max, a
     # as with random embeddings at a small scale.
     tau, w, w_prime, shifted = _solve_candidates(sub_theta, sub_log_q, tau_lo, row_max, alpha,
                                                  log_q_last=log_q_target if theta_y is not None else None)
-    threshold = tau + row_max - (reach + _CERTIFICATE_SLACK)
+    threshold = tau + row_max - (reach + CERTIFICATE_SLACK)
     # Certified: every class left out of the topk has theta_j < tau - 1/(alpha-1), so p_j = 0
     # exactly, and tau is the root of the whole row.
     certified = smallest < threshold
@@ -750,305 +633,13 @@ def alpha_softargmax(logits: torch.Tensor, alpha: float, log_q: Optional[torch.T
     1.0
     """
     alpha = check_alpha(alpha)
-    row_max = _check_logits(logits)
-    _raise_for_bad_rows(row_max)
-    log_q = _check_log_q(log_q, logits)
+    check_logits_structure(logits)
+    maxima = row_maxima(logits)
+    InputCheck.of_rows(maxima, None, logits.shape[1], None, []).raise_if_failed()
+    log_q = check_log_q(log_q, logits)
     if alpha == 1.0:
         shifted = logits.float() if log_q is None else logits.float() + log_q
         return torch.softmax(shifted, dim=1).to(logits.dtype)
-    return _AlphaSoftargmax.apply(logits, alpha, log_q, row_max)
+    return _AlphaSoftargmax.apply(logits, alpha, log_q, maxima)
 
 
-class _AlphaDivergenceLoss(torch.autograd.Function):
-    """Per-row Fenchel--Young loss; backward is a scaling of the saved :math:`p - e_y`.
-
-    With ``target_logits`` the target's logit is that tensor, not the column
-    of ``logits``: the gradient :math:`p_y - 1` goes to it, and zero to the column.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, alpha, log_q, log_q_target, row_max, candidates_hint, target_logits,
-                logit_scale):
-        detached_target = None if target_logits is None else target_logits.detach().float()
-        rows = solve_alpha_softargmax(
-            logits, alpha, log_q=log_q, targets=targets, log_q_target=log_q_target, row_max=row_max,
-            candidates_hint=candidates_hint, target_logits=detached_target, logit_scale=logit_scale,
-        )
-        if log_q_target is not None:
-            log_q_y = log_q_target
-        elif log_q is not None:
-            log_q_y = log_q[targets] if log_q.dim() == 1 else log_q.gather(1, targets[:, None]).squeeze(1)
-        else:
-            log_q_y = None
-        theta_y = detached_target if detached_target is not None else \
-            logits.detach().float().gather(1, targets[:, None]).squeeze(1) * logit_scale
-        v_y = theta_y - row_max * logit_scale - rows.tau
-        inner = torch.where(rows.probs > 0, rows.probs * rows.shifted, torch.zeros_like(rows.probs))  # -inf masked
-        loss = (alpha - 1.0) / alpha * inner.sum(1) - v_y
-        if log_q_y is not None:
-            loss = loss + _log_alpha_of_inverse(log_q_y, alpha) / alpha
-        loss = loss.clamp_min(0.0)  # the loss is >= 0; remove float32 rounding below zero
-        p_y = rows.at(targets, rows.probs)
-        support = rows.support_size()
-        columns = torch.tensor(rows.candidates_needed)
-        ctx.save_for_backward(rows.probs, rows.index if rows.index is not None else torch.empty(0), targets, p_y)
-        ctx.dense = rows.index is None
-        ctx.num_classes = logits.shape[1]
-        ctx.input_dtype = logits.dtype
-        ctx.separate_target = target_logits is not None
-        ctx.logit_scale = logit_scale
-        ctx.target_dtype = None if target_logits is None else target_logits.dtype
-        ctx.mark_non_differentiable(p_y, support, columns)
-        return loss, p_y, support, columns
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_p_y, _grad_support, _grad_columns):
-        probs, index, targets, p_y = ctx.saved_tensors
-        scale = grad_loss.float()[:, None]
-        target_scale = scale  # the target logit's own gradient is in logit units
-        if ctx.logit_scale != 1.0:  # d theta / d logits = logit_scale, folded into the kept columns
-            scale = scale * ctx.logit_scale
-        if ctx.dense:
-            grad = probs * scale
-        else:
-            grad = probs.new_zeros(probs.shape[0], ctx.num_classes).scatter_add_(1, index, probs * scale)
-        grad_target = None
-        if ctx.separate_target:
-            grad.scatter_(1, targets[:, None], 0.0)
-            grad_target = ((p_y - 1.0) * target_scale.squeeze(1)).to(ctx.target_dtype)
-        else:
-            grad.scatter_add_(1, targets[:, None], -scale)
-        return grad.to(ctx.input_dtype), None, None, None, None, None, None, grad_target, None
-
-
-@dataclass
-class SparsityStatistics:
-    r"""Per-batch statistics of the posterior :math:`p` behind a loss.
-
-    Attributes
-    ----------
-    support_size : float
-        Mean number of classes with :math:`p_j > 0` per row.
-    target_zero_fraction : float
-        Fraction of rows whose target has :math:`p_y = 0` (the A3M collapse).
-    target_prob : float
-        Mean :math:`p_y`.
-    candidates : int
-        Columns per row the solver needed: the largest number of classes in
-        reach of :math:`\tau_{lo}` plus one (C at :math:`\alpha = 1`); the
-        objectives start the next batch's ``topk`` from it.
-    """
-
-    support_size: float
-    target_zero_fraction: float
-    target_prob: float
-    candidates: int = 0
-
-
-def loss_rows_and_statistics(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    alpha: float,
-    log_q: Optional[torch.Tensor] = None,
-    log_q_target: Optional[torch.Tensor] = None,
-    candidates_hint: Optional[int] = None,
-    target_logits: Optional[torch.Tensor] = None,
-    logit_scale: float = 1.0,
-    target_logit_slope: Optional[torch.Tensor] = None,
-):
-    """Validated per-row loss (B,) with its :class:`SparsityStatistics`.
-
-    The shared engine of :func:`alpha_divergence_loss` and of the margin
-    objectives; see there for the arguments.  ``candidates_hint`` is the
-    number of top logits to try first (see :func:`solve_alpha_softargmax`);
-    ``target_logits`` (B,) replaces each row's target logit (a margin) without
-    a modified copy of ``logits`` and receives its gradient.  ``logit_scale``
-    multiplies ``logits`` (not ``target_logits``, already in logit units)
-    inside the solve: the margin objectives pass cosines and :math:`s`, so
-    that only the kept columns are scaled and no (B, C) product is made.
-    ``target_logit_slope`` (B,) says that ``target_logits`` is a function of
-    the target's column (a geometric margin :math:`s\psi(x_y)`) with this
-    derivative :math:`s\psi'(x_y)`: its gradient then goes to that column
-    (``target_logits`` may be detached), which the CPU kernel writes in its one
-    gradient pass instead of a (B, C) scatter through a ``gather``.  For
-    :math:`\alpha = 1` the support is reported as all C classes.
-    """
-    alpha = check_alpha(alpha)
-    _check_logits_structure(logits)
-    targets = check_targets(targets, logits)
-    log_q = _check_log_q(log_q, logits)
-    log_q_target = _check_log_q_target(log_q_target, logits)
-    if target_logits is not None and (
-            not isinstance(target_logits, torch.Tensor) or tuple(target_logits.shape) != (logits.shape[0],)):
-        raise ValueError(f"target_logits must be a tensor of shape ({logits.shape[0]},)")
-    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
-    logit_scale = float(logit_scale)
-    if target_logit_slope is not None and (
-            target_logits is None or not isinstance(target_logit_slope, torch.Tensor)
-            or tuple(target_logit_slope.shape) != (logits.shape[0],)):
-        raise ValueError(f"target_logit_slope must be a tensor of shape ({logits.shape[0]},), "
-                         "given with target_logits")
-    batch, classes = logits.shape
-    if batch == 0:
-        empty = logits.new_zeros(0, dtype=torch.float32)
-        return empty.requires_grad_(logits.requires_grad), SparsityStatistics(math.nan, math.nan, math.nan)
-
-    from spkver.losses.cpu_kernel import CpuAlphaDivergenceLoss, cpu_kernel_available
-    from spkver.losses.fused import FusedAlphaDivergenceLoss, fused_available
-
-    on_cpu_kernel = cpu_kernel_available(logits, alpha, log_q)
-    if target_logit_slope is not None and not on_cpu_kernel:
-        # Elsewhere the target logit carries the slope in its graph: its value, and d/d column = slope.
-        column = logits.gather(1, targets.clamp(0, classes - 1)[:, None]).squeeze(1)
-        target_logits = target_logits.detach() + target_logit_slope.detach() * (column - column.detach())
-        target_logit_slope = None
-
-    fused = fused_available(logits, alpha, log_q)
-    if logit_scale != 1.0 and (alpha == 1.0 or fused):
-        logits, logit_scale = logits * logit_scale, 1.0  # these paths read every logit anyway
-    if fused:
-        # One launch: the kernel checks the inputs itself and sums the statistics; one read-back.
-        loss, totals = FusedAlphaDivergenceLoss.apply(logits, targets, alpha, log_q_target, target_logits)
-        statistics = statistics_from_totals(totals, batch, classes)
-        if statistics is None:
-            checks = _check_arguments(logits, targets, targets.clamp(0, classes - 1), log_q_target, target_logits)
-            _raise_for_bad_rows(*checks, flag=True)
-        return loss, statistics
-    safe_targets = targets.clamp(0, classes - 1)  # never index out of range; the range is checked
-    if on_cpu_kernel:
-        # The kernel reads every row once and returns its maximum: the input is checked on that, after it.
-        loss, p_y, support, row_max = CpuAlphaDivergenceLoss.apply(logits, safe_targets, alpha, log_q_target,
-                                                                   target_logits, logit_scale, target_logit_slope)
-        checks = _check_arguments(logits, targets, safe_targets, log_q_target, target_logits, row_max)
-        if bool(_problem_flag(*checks)):
-            _raise_for_bad_rows(*checks, flag=True)
-        return loss, _statistics(support, p_y, int(support.max()) + 1)
-    checks = _check_arguments(logits, targets, safe_targets, log_q_target, target_logits)
-    problem = _problem_flag(*checks)
-    # On a GPU every read-back is a sync: for cross-entropy the checks travel back with the
-    # statistics in one transfer, and a bad input still raises before anything is returned
-    # (safe_targets keep every index in range meanwhile). Elsewhere, check first.
-    deferred = logits.is_cuda and alpha == 1.0
-    if not deferred and bool(problem):
-        _raise_for_bad_rows(*checks, flag=True)
-    if alpha == 1.0:
-        loss = _cross_entropy_rows(logits, safe_targets, log_q, log_q_target, target_logits)
-        p_y, support, columns = torch.exp(-loss.detach()), torch.full_like(loss, classes), classes
-    else:
-        loss, p_y, support, columns = _AlphaDivergenceLoss.apply(
-            logits, safe_targets, alpha, log_q, log_q_target, checks[0], candidates_hint, target_logits,
-            logit_scale,
-        )
-        columns = int(columns)
-    return loss, _statistics(support, p_y, columns, checks if deferred else None, problem if deferred else None)
-
-
-def _check_arguments(logits, targets, safe_targets, log_q_target, target_logits, row_max=None):
-    """The arguments of :func:`_problem_flag` / :func:`_raise_for_bad_rows` for one call (``row_max`` if known)."""
-    target_logit = logits.detach().gather(1, safe_targets[:, None]).squeeze(1) if target_logits is None \
-        else target_logits.detach()
-    overrides = [(name, value.detach()) for name, value in
-                 (("log_q_target", log_q_target), ("target_logits", target_logits)) if value is not None]
-    return _row_max(logits) if row_max is None else row_max, targets, logits.shape[1], target_logit, overrides
-
-
-def statistics_from_totals(totals: torch.Tensor, rows: int, classes: int) -> Optional[SparsityStatistics]:
-    """:class:`SparsityStatistics` from the fused kernel's ``totals``; ``None`` if it found a bad input."""
-    support, target_zero, target_prob, problems = totals.tolist()  # the one device sync
-    if problems:
-        return None
-    return SparsityStatistics(support / rows, target_zero / rows, target_prob / rows, classes)
-
-
-def _cross_entropy_rows(logits, targets, log_q, log_q_target, target_logits) -> torch.Tensor:
-    """alpha = 1: cross-entropy of theta + log q (with the target's logit and log q overridable)."""
-    shifted = logits.float()
-    if target_logits is not None:
-        shifted = shifted.scatter(1, targets[:, None], target_logits.float()[:, None])
-    if log_q is not None:
-        shifted = shifted + log_q
-    if log_q_target is not None:
-        theta_y = shifted.gather(1, targets[:, None])
-        if log_q is not None:
-            theta_y = theta_y - (log_q if log_q.dim() == 2 else log_q[None, :].expand_as(shifted)) \
-                .gather(1, targets[:, None])
-        shifted = shifted.scatter(1, targets[:, None], theta_y + log_q_target[:, None])
-    return F.cross_entropy(shifted, targets, reduction="none")
-
-
-@torch.no_grad()
-def _statistics(support: torch.Tensor, p_y: torch.Tensor, candidates: int, checks=None,
-                problem: Optional[torch.Tensor] = None) -> SparsityStatistics:
-    """Batch statistics, read from the device in one transfer (with the input checks, when deferred)."""
-    values = [support.float().mean(), (p_y == 0).float().mean(), p_y.float().mean()]
-    if problem is not None:
-        values.append(problem.float())
-    values = torch.stack(values).tolist()
-    if problem is not None and values[3]:
-        _raise_for_bad_rows(*checks, flag=True)
-    return SparsityStatistics(values[0], values[1], values[2], candidates)
-
-
-def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
-def check_reduction(reduction: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-def alpha_divergence_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    alpha: float,
-    log_q: Optional[torch.Tensor] = None,
-    reduction: str = "mean",
-    log_q_target: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    r"""Fenchel--Young loss of the alpha-divergence.
-
-    .. math::
-        L(\theta, y; q) = \langle p - e_y, \theta\rangle
-        + \frac{q_y^{1-\alpha} - \sum_j q_j^{1-\alpha} p_j^\alpha}{\alpha(\alpha-1)}
-        \;\ge 0,
-
-    with :math:`p` = :func:`alpha_softargmax` :math:`(\theta; q)`; zero iff
-    :math:`p = e_y`.  :math:`\partial L/\partial\theta = p - e_y` exactly.  At
-    :math:`\alpha = 1` it is the cross-entropy of :math:`\theta + \log q`, and
-    with :math:`q \equiv 1` the entmax loss.
-
-    Parameters
-    ----------
-    logits : Tensor (B, C)
-        Any floating dtype (computed in float32; the gradient has the input dtype).
-    targets : Tensor (B,)
-        Integer classes in ``[0, C)``.
-    alpha : float
-        :math:`\alpha \ge 1`.
-    log_q : Tensor (C,) or (B, C), optional
-        Log reference measure (a constant); default :math:`q \equiv 1`.
-    reduction : {"mean", "sum", "none"}
-    log_q_target : Tensor (B,) or float, optional
-        :math:`\log q_y` of each row's target, overriding ``log_q`` there: the
-        Q-Margin measure without building a (B, C) tensor.
-
-    The loss is returned in float32; its value overflows to ``inf`` only when
-    the exact value exceeds float32's range (possible only for extreme ``q``
-    and large ``alpha``, e.g. :math:`q_y^{1-\alpha} > 10^{38}`).
-
-    Examples
-    --------
-    >>> logits = torch.tensor([[3.0, 2.5, 0.0], [0.0, 1.0, 4.0]])
-    >>> alpha_divergence_loss(logits, torch.tensor([0, 2]), alpha=1.5, reduction="none")
-    tensor([0.1844, 0.0000])
-    """
-    check_reduction(reduction)
-    loss, _ = loss_rows_and_statistics(logits, targets, alpha, log_q=log_q, log_q_target=log_q_target)
-    return reduce_loss(loss, reduction)

@@ -1,6 +1,6 @@
 r"""The alpha-divergence loss on the CPU in compiled code: one selection pass per row, no ``topk``.
 
-The torch solver of :mod:`spkver.losses.operator` keeps the top candidates of
+The torch solver of :mod:`spkver.losses.softargmax` keeps the top candidates of
 each row with a ``topk``, and at the papers' small scales (s = 20, alpha =
 1.25 early in training) a row keeps some 300 of 5,994 classes: that ``topk``
 alone costs more than the whole cross-entropy it is compared with, and the
@@ -23,17 +23,16 @@ system's C compiler) and runs the loss row by row:
    as its loss.
 
 The measure is unit except at the target (Q-Margin's :math:`q_y`), whose logit
-may also be given apart (a margin): exactly the cases of the objectives.
-Used automatically by :func:`~spkver.losses.operator.loss_rows_and_statistics`
-for CPU tensors with :math:`1 < \alpha \le 2` and no general ``log_q``; the
-torch solver stays the fallback (other :math:`\alpha`, a general measure, no
-compiler) and the oracle the tests hold this kernel to.  ``SPKVER_CPU_KERNEL=0``
-in the environment turns the kernel off; the compiled library is cached under
-``$SPKVER_CACHE_DIR`` (default ``~/.cache/spkver``), named by a hash of its
-source and flags.
+may also be given apart (a margin): exactly the cases of the objectives.  The
+registry (:mod:`spkver.losses.engines`) picks this engine, ``cpu``, for CPU
+tensors with :math:`1 < \alpha \le 2` and no general ``log_q`` when it
+compiled; the ``torch`` engine serves the rest (other :math:`\alpha`, a
+general measure, no compiler) and is the oracle the tests hold this kernel
+to.  The compiled library is cached under ``$SPKVER_CACHE_DIR`` (default
+``~/.cache/spkver``), named by a hash of its source and flags.
 
 >>> import torch
->>> from spkver.losses.cpu_kernel import cpu_kernel_loss_rows
+>>> from spkver.losses.engines.cpu_kernel import cpu_kernel_loss_rows
 >>> cosine = torch.tensor([[0.9, 0.1, -0.3], [0.2, 0.25, 0.1]])
 >>> loss, grad, p_y, support = cpu_kernel_loss_rows(cosine, torch.tensor([0, 1]), 1.5, scale=10.0)
 >>> support.tolist(), round(float(p_y[0]), 3)
@@ -53,7 +52,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["cpu_kernel_available", "cpu_kernel_loss_rows", "CpuAlphaDivergenceLoss"]
+from spkver.losses.engines.base import Engine, LossCall, SparsityStatistics, reduce_loss
+
+__all__ = ["CpuKernelEngine", "cpu_kernel_loss_rows", "CpuAlphaDivergenceLoss"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.c")
 _FLAGS = ["-O3", "-fopenmp-simd", "-std=c99", "-D_GNU_SOURCE", "-shared", "-fPIC", "-pthread"]
@@ -103,13 +104,6 @@ def _library(compiler: str, cache_dir: str) -> Optional[ctypes.CDLL]:
 
 def _loaded() -> Optional[ctypes.CDLL]:
     return _library(os.environ.get("CC", "cc"), str(_cache_dir()))
-
-
-def cpu_kernel_available(logits: torch.Tensor, alpha: float, log_q) -> bool:
-    """Whether the kernel applies to this call: a 2-D CPU tensor, :math:`1 < \\alpha \\le 2`, no general ``log_q``."""
-    return (1.0 < alpha <= 2.0 and log_q is None and isinstance(logits, torch.Tensor) and logits.dim() == 2
-            and logits.device.type == "cpu" and logits.shape[0] > 0 and logits.shape[1] > 0
-            and os.environ.get("SPKVER_CPU_KERNEL", "1") != "0" and _loaded() is not None)
 
 
 def _kernel_inputs(values: torch.Tensor, targets: torch.Tensor):
@@ -171,8 +165,7 @@ def cpu_kernel_loss_rows(values: torch.Tensor, targets: torch.Tensor, alpha: flo
     that tensor, its column of ``grad`` is 0 and its own gradient is
     :math:`p_y - 1`.  ``log_q_target`` (B,) is :math:`\log q_y` (unit measure
     elsewhere).  The inputs are assumed validated (finite where they must be,
-    targets in range: :func:`~spkver.losses.operator.loss_rows_and_statistics`
-    checks them) and :math:`1 < \alpha \le 2`.
+    targets in range: :class:`CpuKernelEngine` checks them) and :math:`1 < \alpha \le 2`.
     """
     if _loaded() is None:
         raise RuntimeError("spkver's CPU loss kernel could not be built (see the warning above)")
@@ -219,3 +212,28 @@ class CpuAlphaDivergenceLoss(torch.autograd.Function):
         separate = ctx.target_dtype is not None
         grad_target = ((p_y - 1.0) * grad_loss.float()).to(ctx.target_dtype) if separate else None
         return grad.to(ctx.input_dtype), None, None, None, grad_target, None, None
+
+
+class CpuKernelEngine(Engine):
+    name = "cpu"
+    summary = "the compiled CPU kernel (one selection pass per row): CPU tensors, 1 < alpha <= 2, Q-Margin's measure"
+
+    def unsupported(self, call: LossCall, automatic: bool):
+        if call.logits.device.type != "cpu":
+            return f"it runs on CPU tensors (these are on {call.logits.device})"
+        if not 1.0 < call.alpha <= 2.0:
+            return f"it serves 1 < alpha <= 2 (alpha = {call.alpha:g})"
+        if call.log_q is not None:
+            return "it serves the unit measure with the target's own q_y, not a general log_q"
+        if _loaded() is None:
+            return "it could not be compiled (see the warning above)"
+        return None
+
+    def run(self, call: LossCall, reduction: str):
+        call = call.with_target_logits()  # the kernel sends the margin's slope to the target's column itself
+        # The kernel reads every row once and returns its maximum: the input is checked on that, after it.
+        loss, p_y, support, maxima = CpuAlphaDivergenceLoss.apply(
+            call.logits, call.safe_targets, call.alpha, call.log_q_target_rows, call.target_logits, call.logit_scale,
+            call.target_logit_slope)
+        call.input_check(maxima).raise_if_failed()
+        return reduce_loss(loss, reduction), SparsityStatistics.of_rows(support, p_y, int(support.max()) + 1)
