@@ -35,6 +35,7 @@ import speechbrain as sb
 import torch
 
 from spkver import distributed
+from spkver.hparams import HparamsError
 from spkver.losses import ClassMeanAccumulator, StreamingSparseHead, reinitialize_prototypes
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class LearningRateSchedule:
 
     def __init__(self, peak: float, final: float, warmup_epochs: float, epochs: float):
         if not 0 < final <= peak or warmup_epochs < 0 or epochs < warmup_epochs or epochs <= 0:
-            raise ValueError(f"need 0 < final <= peak and 0 <= warmup_epochs <= epochs; got peak={peak}, "
+            raise HparamsError(f"need 0 < final <= peak and 0 <= warmup_epochs <= epochs; got peak={peak}, "
                              f"final={final}, warmup_epochs={warmup_epochs}, epochs={epochs}")
         self.peak, self.final, self.warmup, self.epochs = peak, final, warmup_epochs, epochs
 

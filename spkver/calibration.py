@@ -43,6 +43,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from spkver.errors import UserError
+
 __all__ = ["QUALITY_MEASURES", "CalibrationError", "Calibration", "fit_calibration", "quality_features",
            "load_calibration"]
 
@@ -53,7 +55,7 @@ _INVERSE_PENALTY = 1e6
 _FORMAT = "spkver-calibration-1"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """Bad input to calibration: the message names the file, measure or trial."""
 
 

@@ -37,14 +37,20 @@ import torch
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
 from speechbrain.utils.distributed import if_main_process
 
+from spkver.errors import UserError
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["AtomicCheckpointer", "STAGED_METAFNAME", "AVERAGED_MODEL", "average_state_dicts",
+__all__ = ["CheckpointError", "AtomicCheckpointer", "STAGED_METAFNAME", "AVERAGED_MODEL", "average_state_dicts",
            "average_last_checkpoints"]
 
 STAGED_METAFNAME = METAFNAME + ".partial"
 #: The averaged extractor in an experiment folder: what is evaluated, exported and reused when present.
 AVERAGED_MODEL = "embedding_model.averaged.ckpt"
+
+
+class CheckpointError(UserError, ValueError):
+    """Checkpoints that cannot be averaged or found: names the folder and the entry."""
 
 
 class AtomicCheckpointer(Checkpointer):
@@ -109,7 +115,7 @@ def average_state_dicts(states: Sequence[Dict[str, torch.Tensor]], names: Sequen
     tensor([2., 4.])
     """
     if not states:
-        raise ValueError("no checkpoints to average")
+        raise CheckpointError("no checkpoints to average")
     names = list(names) or [f"state {i}" for i in range(len(states))]
     reference = states[-1]
     averaged = {}
@@ -117,7 +123,7 @@ def average_state_dicts(states: Sequence[Dict[str, torch.Tensor]], names: Sequen
         for name, state in zip(names, states):
             if key not in state or state[key].shape != last.shape:
                 found = "no such entry" if key not in state else f"shape {tuple(state[key].shape)}"
-                raise ValueError(f"{name}: cannot average {key!r} ({found}; the last has {tuple(last.shape)}): "
+                raise CheckpointError(f"{name}: cannot average {key!r} ({found}; the last has {tuple(last.shape)}): "
                                  "the checkpoints are of different models")
         if last.is_floating_point():
             total = sum(state[key].double() for state in states)
@@ -127,7 +133,7 @@ def average_state_dicts(states: Sequence[Dict[str, torch.Tensor]], names: Sequen
     for name, state in zip(names, states):
         extra = sorted(set(state) - set(reference))
         if extra:
-            raise ValueError(f"{name}: entries {extra[:3]} are not in the last checkpoint: different models")
+            raise CheckpointError(f"{name}: entries {extra[:3]} are not in the last checkpoint: different models")
     return averaged
 
 
@@ -139,14 +145,14 @@ def average_last_checkpoints(save_folder, last: int, recoverable: str = "embeddi
     when fewer exist).
     """
     if not isinstance(last, int) or last < 1:
-        raise ValueError(f"the number of checkpoints to average must be an integer >= 1, got {last!r}")
+        raise CheckpointError(f"the number of checkpoints to average must be an integer >= 1, got {last!r}")
     folder = Path(save_folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder}: no checkpoint folder")
+        raise CheckpointError(f"{folder}: no checkpoint folder")
     checkpointer = AtomicCheckpointer(folder)
     checkpoints = [c for c in checkpointer.list_checkpoints() if recoverable in c.paramfiles]
     if not checkpoints:
-        raise ValueError(f"{folder}: no complete checkpoint holds {recoverable!r}")
+        raise CheckpointError(f"{folder}: no complete checkpoint holds {recoverable!r}")
     chosen = sorted(checkpoints, key=lambda c: c.meta["unixtime"])[-last:]
     states = [torch.load(c.paramfiles[recoverable], map_location="cpu") for c in chosen]
     return average_state_dicts(states, [str(c.path) for c in chosen]), [c.path for c in chosen]

@@ -13,7 +13,8 @@
 * ``spkver environment`` checks that torch, torchaudio and SpeechBrain load together
   (:mod:`spkver.environment`).
 
-Bad input ends with one clear message and exit status 2, never a traceback.
+Bad input (a :class:`spkver.errors.UserError`) ends with one clear message and exit
+status 2; any other error is a bug and propagates with its traceback (exit status 1).
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ from typing import List, Optional
 import numpy as np
 
 from spkver import metrics
+from spkver.errors import UserError, format_user_error
 from spkver.report import DEFAULT_FARS, calibration_report, text_table, verification_report
 from spkver.scoring import as_norm, cosine_scores, load_embeddings, read_trials, speaker_mean_cohort
 
-class CommandError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+class CommandError(UserError):
+    """A command-line argument that cannot be used: printed without a traceback, exit status 2."""
 
 
 def _load_mean(path: Optional[str]):
@@ -557,10 +559,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (CommandError, ValueError, RuntimeError, ImportError, OSError) as error:
-        # Library errors (ScoringError, PreparationError, ConversionError, ValueError) carry
-        # messages naming the file, line or argument.
-        print(f"spkver {args.command}: error: {error}", file=sys.stderr)
+    except UserError as error:  # the user's input, named: one line; anything else is a bug and keeps its traceback
+        print(format_user_error(f"spkver {args.command}", error), file=sys.stderr)
         return 2
 
 

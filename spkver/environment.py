@@ -30,13 +30,15 @@ import warnings
 from importlib import metadata
 from typing import Dict, Optional
 
+from spkver.errors import UserError
+
 __all__ = ["EnvironmentMismatch", "check_environment", "check_versions", "installed_versions"]
 
 #: The packages whose versions must agree (spkver's own requirements name their ranges).
 CHECKED = ("torch", "torchaudio", "speechbrain")
 
 
-class EnvironmentMismatch(ImportError):
+class EnvironmentMismatch(UserError, ImportError):
     """An installed combination of torch, torchaudio and SpeechBrain that cannot work; the message is one line."""
 
 

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from spkver.calibration import CalibrationError
 from spkver.data.datasets import manifest_roots
 from spkver.inference import audio_seconds, embed_files, extractor_fingerprint
 from spkver.report import DEFAULT_FARS, calibration_report, markdown_table, verification_report
@@ -78,7 +79,7 @@ def evaluate_trial_lists(extractor, manifest_folder, trial_lists: Sequence, mean
     if calibration is not None:
         kind = calibration.trained_on.get("scores", "cosine")
         if kind == "as-norm" and cohort is None:
-            raise ValueError("the calibration maps AS-norm scores: evaluate_trial_lists needs the cohort")
+            raise CalibrationError("the calibration maps AS-norm scores: evaluate_trial_lists needs the cohort")
         calibrated = f"{'AS-norm' if kind == 'as-norm' else 'cosine'} + calibration"
         stages[calibrated] = []
     for trials_path in trial_lists:

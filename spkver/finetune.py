@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from spkver.errors import UserError
+
 __all__ = ["FineTuningError", "initialise_from", "one_hot_fraction", "prototypes_of", "speakers_of",
            "ONE_HOT_WARNING"]
 
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 ONE_HOT_WARNING = 0.8
 
 
-class FineTuningError(ValueError):
+class FineTuningError(UserError, ValueError):
     """A starting model that cannot be used: names the folder and what is wrong."""
 
 

@@ -20,13 +20,15 @@ import re
 from pathlib import Path
 from typing import List, Tuple
 
+from spkver.errors import UserError
+
 __all__ = ["HparamsError", "compose", "load", "path_list"]
 
 _TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:", re.MULTILINE)
 _INCLUDE = re.compile(r"^include:\s*\[([^\]]*)\]\s*$", re.MULTILINE)
 
 
-class HparamsError(ValueError):
+class HparamsError(UserError, ValueError):
     """A malformed experiment file: names the file and the key."""
 
 

@@ -24,14 +24,20 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["AudioError", "SpeakerEmbedder", "Verification", "read_audio", "trimmed_length", "length_batches", "embed_files",
+from spkver.errors import UserError
+
+__all__ = ["AudioError", "ModelFolderError", "SpeakerEmbedder", "Verification", "read_audio", "trimmed_length", "length_batches", "embed_files",
            "embed_waveform", "audio_seconds", "extractor_fingerprint", "MIN_SECONDS"]
 
 SAMPLE_RATE = 16000
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
     """An audio file cannot be embedded: the message names it."""
+
+
+class ModelFolderError(UserError, FileNotFoundError):
+    """A model folder lacks what it must hold (``spkver.json``, weights, the cohort its calibration needs)."""
 
 
 #: Shortest audio accepted for an embedding (ECAPA's frame layers see about 0.3 s of context).
@@ -200,7 +206,7 @@ class SpeakerEmbedder:
         if llr_calibration is not None:
             llr_calibration.check_fingerprint(extractor_fingerprint(extractor), "this extractor")
             if llr_calibration.trained_on.get("scores") == "as-norm" and cohort is None:
-                raise ValueError("the calibration maps AS-norm scores, and no cohort was given (cohort.npz)")
+                raise ModelFolderError("the calibration maps AS-norm scores, and no cohort was given (cohort.npz)")
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu") -> "SpeakerEmbedder":
@@ -214,7 +220,7 @@ class SpeakerEmbedder:
         folder = Path(folder)
         card_path = folder / "spkver.json"
         if not card_path.exists():
-            raise FileNotFoundError(f"{folder}: no spkver.json: not a trained experiment or exported model folder")
+            raise ModelFolderError(f"{folder}: no spkver.json: not a trained experiment or exported model folder")
         card = json.loads(card_path.read_text())
         extractor = build_extractor(**card["extractor"])
         from spkver.checkpoints import AVERAGED_MODEL
@@ -230,7 +236,7 @@ class SpeakerEmbedder:
                 checkpoint = AtomicCheckpointer(folder / "save").find_checkpoint(
                     ckpt_predicate=lambda candidate: "embedding_model" in candidate.paramfiles)
             if checkpoint is None:
-                raise FileNotFoundError(f"{folder}: no embedding_model.ckpt and no checkpoint under save/")
+                raise ModelFolderError(f"{folder}: no embedding_model.ckpt and no checkpoint under save/")
             extractor.load_state_dict(torch.load(checkpoint.paramfiles["embedding_model"], map_location="cpu"))
         else:  # exported: SpeechBrain's layout holds the backbone's weights
             extractor.backbone.load_state_dict(torch.load(weights, map_location="cpu"))

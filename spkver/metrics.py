@@ -31,6 +31,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from spkver.errors import UserError
+
 __all__ = [
     "RocCurve",
     "OperatingPoint",
@@ -47,6 +49,10 @@ __all__ = [
     "bayes_error_curve",
     "plot_bayes_error",
 ]
+
+
+class MetricsError(UserError, ValueError):
+    """Scores or labels that no metric can be computed on (empty, non-finite, one class only)."""
 
 
 @dataclass
@@ -91,17 +97,17 @@ def _check_scores_labels(scores, labels) -> Tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
     if scores.ndim != 1 or labels.shape != scores.shape:
-        raise ValueError(f"scores and labels must be 1-D of equal length, got {scores.shape} and {labels.shape}")
+        raise MetricsError(f"scores and labels must be 1-D of equal length, got {scores.shape} and {labels.shape}")
     if scores.size == 0:
-        raise ValueError("no trials: scores is empty")
+        raise MetricsError("no trials: scores is empty")
     if not np.isfinite(scores).all():
         bad = int(np.flatnonzero(~np.isfinite(scores))[0])
-        raise ValueError(f"scores must be finite; trial {bad} has {scores[bad]}")
+        raise MetricsError(f"scores must be finite; trial {bad} has {scores[bad]}")
     if labels.dtype == bool:
         labels = labels.astype(np.int8)
     if not np.isin(labels, (0, 1)).all():
         bad = int(np.flatnonzero(~np.isin(labels, (0, 1)))[0])
-        raise ValueError(f"labels must be 0 (non-target) or 1 (target); trial {bad} has {labels[bad]!r}")
+        raise MetricsError(f"labels must be 0 (non-target) or 1 (target); trial {bad} has {labels[bad]!r}")
     return scores, labels.astype(bool)
 
 
@@ -135,7 +141,7 @@ def roc_curve(scores, labels) -> RocCurve:
 
 def _require_both_classes(roc: RocCurve, metric: str) -> None:
     if roc.num_targets == 0 or roc.num_nontargets == 0:
-        raise ValueError(
+        raise MetricsError(
             f"{metric} is undefined: the trials have {roc.num_targets} targets and "
             f"{roc.num_nontargets} non-targets (both are needed)"
         )
@@ -190,9 +196,9 @@ def min_dcf(scores, labels, p_target: float = 0.01, c_miss: float = 1.0, c_fa: f
     (0.0, 0.8)
     """
     if not 0.0 < p_target < 1.0:
-        raise ValueError(f"p_target must lie in (0, 1), got {p_target!r}")
+        raise MetricsError(f"p_target must lie in (0, 1), got {p_target!r}")
     if c_miss <= 0 or c_fa <= 0:
-        raise ValueError(f"c_miss and c_fa must be > 0, got {c_miss!r} and {c_fa!r}")
+        raise MetricsError(f"c_miss and c_fa must be > 0, got {c_miss!r} and {c_fa!r}")
     roc = roc_curve(scores, labels)
     _require_both_classes(roc, "minDCF")
     cost = c_miss * p_target * roc.p_miss + c_fa * (1.0 - p_target) * roc.p_fa
@@ -217,7 +223,7 @@ def tar_at_far(scores, labels, fars: Iterable[float] = (1e-2, 1e-3, 1e-4, 1e-5))
     points = []
     for far in fars:
         if not 0.0 < far < 1.0:
-            raise ValueError(f"every FAR must lie in (0, 1), got {far!r}")
+            raise MetricsError(f"every FAR must lie in (0, 1), got {far!r}")
         if roc.num_nontargets * far < 1.0 - 1e-9:
             points.append(OperatingPoint(far, None, None, roc.num_nontargets))
             continue
@@ -274,7 +280,7 @@ def plot_det(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], path,
 def _check_both_classes(labels: np.ndarray, metric: str) -> None:
     targets = int(labels.sum())
     if targets == 0 or targets == labels.size:
-        raise ValueError(f"{metric} is undefined: the trials have {targets} targets and "
+        raise MetricsError(f"{metric} is undefined: the trials have {targets} targets and "
                          f"{labels.size - targets} non-targets (both are needed)")
 
 
@@ -325,9 +331,9 @@ def min_cllr(scores, labels) -> float:
 
 def _check_costs(p_target: float, c_miss: float, c_fa: float) -> None:
     if not 0.0 < p_target < 1.0:
-        raise ValueError(f"p_target must lie in (0, 1), got {p_target!r}")
+        raise MetricsError(f"p_target must lie in (0, 1), got {p_target!r}")
     if c_miss <= 0 or c_fa <= 0:
-        raise ValueError(f"c_miss and c_fa must be > 0, got {c_miss!r} and {c_fa!r}")
+        raise MetricsError(f"c_miss and c_fa must be > 0, got {c_miss!r} and {c_fa!r}")
 
 
 def bayes_threshold(p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> float:

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FilterbankFrontend", "EmbeddingExtractor", "CosineClassifier", "ecapa_tdnn", "resnet34", "build_extractor"]
+from spkver.errors import UserError
+
+__all__ = ["ModelError", "FilterbankFrontend", "EmbeddingExtractor", "CosineClassifier", "ecapa_tdnn", "resnet34", "build_extractor"]
+
+
+class ModelError(UserError, ValueError):
+    """A model description (``spkver.json``, hparams) that names no known architecture."""
 
 
 class FilterbankFrontend(nn.Module):
@@ -81,7 +87,7 @@ ARCHITECTURES = {"ecapa_tdnn": ecapa_tdnn, "resnet34": resnet34}
 def build_extractor(architecture: str, **arguments) -> EmbeddingExtractor:
     """Rebuild an extractor from its ``spec`` (see :attr:`EmbeddingExtractor.spec`)."""
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+        raise ModelError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[architecture](**arguments)
 
 

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from spkver.errors import UserError
+
 __all__ = [
     "ScoringError",
     "EmbeddingStore",
@@ -50,7 +52,7 @@ _TRIAL_CHUNK = 65536
 _COHORT_CHUNK = 4096
 
 
-class ScoringError(ValueError):
+class ScoringError(UserError, ValueError):
     """Bad input to scoring: the message names the file, line or IDs."""
 
 

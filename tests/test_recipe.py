@@ -38,6 +38,17 @@ def _run_in_process(arguments, monkeypatch):
     runpy.run_path(str(RECIPE), run_name="__main__")
 
 
+def _user_error_line(arguments, monkeypatch, capsys) -> str:
+    """The recipe's one-line message for a user error (it exits with status 2, no traceback)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        _run_in_process(arguments, monkeypatch)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    return error.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_recipe_trains_checkpoints_and_scores_with_every_objective(objective, tiny_corpus, tmp_path, monkeypatch):
     output = tmp_path / objective
@@ -137,30 +148,30 @@ USER_ERRORS = {  # argument replaced or added -> the one line that names it
 
 
 @pytest.mark.parametrize("case", sorted(USER_ERRORS))
-def test_a_user_error_is_one_line_naming_the_value_before_training(case, tiny_corpus, tmp_path, monkeypatch):
+def test_a_user_error_is_one_line_naming_the_value_before_training(case, tiny_corpus, tmp_path, monkeypatch,
+                                                                    capsys):
     argument, message = USER_ERRORS[case]
     argument = argument.format(corpus=tiny_corpus)
     key = argument.split("=")[0]
     arguments = [a for a in _arguments(tiny_corpus, tmp_path / "out") if not a.startswith(key + "=")]
-    with pytest.raises(SystemExit, match=r"^train.py: error: " + message):
-        _run_in_process([*arguments, argument], monkeypatch)
+    assert re.match(r"^train.py: error: " + message, _user_error_line([*arguments, argument], monkeypatch, capsys))
     assert not list((tmp_path / "out").glob("save/CKPT+*"))  # nothing trained
 
 
 def test_an_unknown_experiment_file_or_a_dense_objective_on_the_streaming_head_is_one_line(tiny_corpus, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, capsys):
     arguments = _arguments(tiny_corpus, tmp_path / "a")
-    with pytest.raises(SystemExit, match=r"ecapa512_qmargn.yaml: no such hparams file "
-                                         r"\(did you mean ecapa512_qmargin.yaml\?\)"):
-        _run_in_process([arguments[0].replace("qmargin", "qmargn"), *arguments[1:]], monkeypatch)
-    with pytest.raises(SystemExit, match=r"head: the sparse head needs alpha > 1 .* ArcFace with alpha=1.0"):
-        _run_in_process(_arguments(tiny_corpus, tmp_path / "b", "arcface", extra=["--head=streaming"]), monkeypatch)
+    line = _user_error_line([arguments[0].replace("qmargin", "qmargn"), *arguments[1:]], monkeypatch, capsys)
+    assert re.search(r"ecapa512_qmargn.yaml: no such hparams file \(did you mean ecapa512_qmargin.yaml\?\)", line)
+    line = _user_error_line(_arguments(tiny_corpus, tmp_path / "b", "arcface", extra=["--head=streaming"]),
+                            monkeypatch, capsys)
+    assert re.search(r"head: the sparse head needs alpha > 1 .* ArcFace with alpha=1.0", line)
 
 
-def test_the_recipe_prints_a_user_error_as_one_line_with_status_1(tiny_corpus, tmp_path):
+def test_the_recipe_prints_a_user_error_as_one_line_with_status_2(tiny_corpus, tmp_path):
     completed = subprocess.run([sys.executable, str(RECIPE), *_arguments(tiny_corpus, tmp_path), "--bach_size=4"],
                                cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 1
+    assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1] == \
         f"train.py: error: --bach_size: {ROOT / 'hparams' / 'ecapa512_qmargin.yaml'} has no such key " \
         "(did you mean batch_size?)"

@@ -32,6 +32,7 @@ from spkver.checkpoints import AVERAGED_MODEL, average_last_checkpoints
 from spkver.data.datasets import speaker_datasets
 from spkver.data.synth import synthesize_corpus
 from spkver.data.voxceleb import PreparationError, prepare_voxceleb
+from spkver.errors import UserError, format_user_error
 from spkver.evaluation import (
     calibrate_on_development,
     calibrate_threshold,
@@ -232,6 +233,6 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    # The user's input, named.
-    except (HparamsError, PreparationError, ScoringError, FineTuningError, CalibrationError) as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+    except UserError as error:  # the user's input, named: one line; anything else keeps its traceback
+        print(format_user_error(Path(sys.argv[0]).name, error), file=sys.stderr)
+        sys.exit(2)

@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from spkver.hparams import HparamsError
+
 __all__ = ["ColouredNoise", "BatchBabble", "SimulatedReverb", "folder_to_csv", "build_augmenter"]
 
 SAMPLE_RATE = 16000
@@ -48,7 +50,7 @@ class ColouredNoise(nn.Module):
                  exponent_high: float = 2.0):
         super().__init__()
         if snr_low > snr_high or exponent_low > exponent_high:
-            raise ValueError("need snr_low <= snr_high and exponent_low <= exponent_high")
+            raise HparamsError("need snr_low <= snr_high and exponent_low <= exponent_high")
         self.snr = (snr_low, snr_high)
         self.exponent = (exponent_low, exponent_high)
 
@@ -68,7 +70,7 @@ class BatchBabble(nn.Module):
     def __init__(self, speakers: int = 3, snr_low: float = 5.0, snr_high: float = 20.0):
         super().__init__()
         if speakers < 1:
-            raise ValueError(f"speakers must be >= 1, got {speakers}")
+            raise HparamsError(f"speakers must be >= 1, got {speakers}")
         self.speakers = speakers
         self.snr = (snr_low, snr_high)
 
@@ -87,7 +89,7 @@ class SimulatedReverb(nn.Module):
     def __init__(self, rt60_low: float = 0.2, rt60_high: float = 0.8, sample_rate: int = SAMPLE_RATE):
         super().__init__()
         if not 0 < rt60_low <= rt60_high:
-            raise ValueError(f"need 0 < rt60_low <= rt60_high, got {rt60_low} and {rt60_high}")
+            raise HparamsError(f"need 0 < rt60_low <= rt60_high, got {rt60_low} and {rt60_high}")
         self.rt60 = (rt60_low, rt60_high)
         self.sample_rate = sample_rate
 
@@ -112,10 +114,10 @@ def folder_to_csv(folder, csv_file, max_length: Optional[float] = None) -> Path:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder}: augmentation folder does not exist")
+        raise HparamsError(f"{folder}: augmentation folder does not exist")
     files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in (".wav", ".flac"))
     if not files:
-        raise ValueError(f"{folder}: no wav or flac files for augmentation")
+        raise HparamsError(f"{folder}: no wav or flac files for augmentation")
     csv_file = Path(csv_file)
     csv_file.parent.mkdir(parents=True, exist_ok=True)
     write_csv(files, str(csv_file), max_length)

@@ -15,13 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from spkver.errors import UserError
+
 __all__ = ["ConversionError", "convert_m4a", "FFMPEG_HELP"]
 
 FFMPEG_HELP = ("ffmpeg is not installed or not on PATH. Install it, e.g. `apt-get install ffmpeg` "
                "(Debian/Ubuntu), `conda install -c conda-forge ffmpeg`, or `brew install ffmpeg` (macOS).")
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     """Conversion cannot start (ffmpeg missing, bad folders)."""
 
 

@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Tuple
 import soundfile
 import torch
 
+from spkver.hparams import HparamsError
+
 __all__ = ["speaker_datasets", "manifest_roots", "SpeedPerturbation"]
 
 
@@ -36,14 +38,14 @@ class SpeedPerturbation:
     def __init__(self, factors: Sequence[float] = (0.9, 1.0, 1.1), probabilities: Optional[Sequence[float]] = None):
         factors = [float(f) for f in factors]
         if not factors or any(not 0.5 <= f <= 2.0 for f in factors) or len(set(factors)) != len(factors):
-            raise ValueError(f"speed_perturb factors must be distinct speeds in [0.5, 2], got {factors}")
+            raise HparamsError(f"speed_perturb factors must be distinct speeds in [0.5, 2], got {factors}")
         if 1.0 not in factors:
-            raise ValueError(f"speed_perturb factors must include 1.0 (the speakers' own classes), got {factors}")
+            raise HparamsError(f"speed_perturb factors must include 1.0 (the speakers' own classes), got {factors}")
         probabilities = [1.0 / len(factors)] * len(factors) if probabilities is None else \
             [float(p) for p in probabilities]
         if len(probabilities) != len(factors) or any(p < 0 for p in probabilities) or \
                 abs(sum(probabilities) - 1.0) > 1e-6:
-            raise ValueError(f"speed_perturb probabilities must be one per factor, >= 0, summing to 1; "
+            raise HparamsError(f"speed_perturb probabilities must be one per factor, >= 0, summing to 1; "
                              f"got {probabilities} for {factors}")
         order = [factors.index(1.0)] + [i for i, f in enumerate(factors) if f != 1.0]
         self.factors = [factors[i] for i in order]

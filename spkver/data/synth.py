@@ -45,7 +45,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 from scipy import signal
 
-__all__ = ["SAMPLE_RATE", "Voice", "Channel", "synthesize_corpus", "make_voice", "make_channel", "render_utterance"]
+from spkver.errors import UserError
+
+__all__ = ["SynthesisError", "SAMPLE_RATE", "Voice", "Channel", "synthesize_corpus", "make_voice", "make_channel", "render_utterance"]
 
 SAMPLE_RATE = 16000
 _VIDEO_ALPHABET = np.array(list(string.ascii_letters + string.digits + "-_"))
@@ -62,6 +64,10 @@ _VOWELS = np.array([
 ], dtype=np.float64)
 _F5 = 4500.0
 _BANDWIDTHS = np.array([80, 100, 140, 200, 260], dtype=np.float64)
+
+
+class SynthesisError(UserError, ValueError):
+    """Settings the synthetic corpus cannot be made with: names the setting."""
 
 
 @dataclass
@@ -335,20 +341,20 @@ def synthesize_corpus(out, speakers: int = 100, utterances: int = 20, seed: int 
         the same session channels; needs ``espeak-ng`` on PATH.
     """
     if speakers < 2 or utterances < 2:
-        raise ValueError(f"need at least 2 speakers and 2 utterances each, got {speakers} and {utterances}")
+        raise SynthesisError(f"need at least 2 speakers and 2 utterances each, got {speakers} and {utterances}")
     if not 0 < min_seconds <= max_seconds:
-        raise ValueError(f"need 0 < min_seconds <= max_seconds, got {min_seconds} and {max_seconds}")
+        raise SynthesisError(f"need 0 < min_seconds <= max_seconds, got {min_seconds} and {max_seconds}")
     if difficulty <= 0:
-        raise ValueError(f"difficulty must be > 0, got {difficulty}")
+        raise SynthesisError(f"difficulty must be > 0, got {difficulty}")
     if not 0.0 <= espeak_fraction <= 1.0:
-        raise ValueError(f"espeak_fraction must lie in [0, 1], got {espeak_fraction}")
+        raise SynthesisError(f"espeak_fraction must lie in [0, 1], got {espeak_fraction}")
     if trials_per_utterance is not None and trials_per_utterance < 1:
-        raise ValueError(f"trials_per_utterance must be >= 1 or None (every pair), got {trials_per_utterance}")
+        raise SynthesisError(f"trials_per_utterance must be >= 1 or None (every pair), got {trials_per_utterance}")
     if espeak_fraction > 0 and shutil.which("espeak-ng") is None:
-        raise ValueError("espeak_fraction > 0 needs espeak-ng on PATH (e.g. apt-get install espeak-ng)")
+        raise SynthesisError("espeak_fraction > 0 needs espeak-ng on PATH (e.g. apt-get install espeak-ng)")
     test_speakers = max(2, speakers // 5) if test_speakers is None else test_speakers
     if not 2 <= test_speakers <= speakers:
-        raise ValueError(f"test_speakers must lie in [2, {speakers}], got {test_speakers}")
+        raise SynthesisError(f"test_speakers must lie in [2, {speakers}], got {test_speakers}")
     out = Path(out)
     root = np.random.SeedSequence(seed)
     speaker_seeds = root.spawn(speakers)

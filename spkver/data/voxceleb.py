@@ -40,6 +40,8 @@ import numpy as np
 
 from spkver.scoring import read_trials, utterance_key
 
+from spkver.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PreparationError", "Utterance", "scan_corpus", "prepare_voxceleb", "OFFICIAL_COUNTS"]
@@ -54,7 +56,7 @@ OFFICIAL_COUNTS = {
 }
 
 
-class PreparationError(ValueError):
+class PreparationError(UserError, ValueError):
     """Bad input to preparation: names the folder or file."""
 
 

@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 import torch
 
 from spkver import distributed
+from spkver.losses.checks import LossInputError
 from spkver.losses.engines.base import SparsityStatistics
 
 __all__ = ["ClassMeanAccumulator", "reinitialize_prototypes", "ReinitializationPolicy"]
@@ -39,7 +40,7 @@ class ClassMeanAccumulator:
 
     def __init__(self, num_classes: int, dim: int, device=None):
         if num_classes < 1 or dim < 1:
-            raise ValueError(f"num_classes and dim must be >= 1, got {num_classes} and {dim}")
+            raise LossInputError(f"num_classes and dim must be >= 1, got {num_classes} and {dim}")
         self.sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_classes, dtype=torch.long, device=device)
 
@@ -47,15 +48,15 @@ class ClassMeanAccumulator:
     def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch of embeddings (B, D) with their class labels (B,)."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.sums.shape[1]:
-            raise ValueError(
+            raise LossInputError(
                 f"embeddings must have shape (batch, {self.sums.shape[1]}), got {tuple(embeddings.shape)}"
             )
         if labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+            raise LossInputError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.sums.shape[0]):
-            raise ValueError(f"labels must lie in [0, {self.sums.shape[0] - 1}]")
+            raise LossInputError(f"labels must lie in [0, {self.sums.shape[0] - 1}]")
         if not bool(torch.isfinite(embeddings).all()):
-            raise ValueError("embeddings contain NaN or inf")
+            raise LossInputError("embeddings contain NaN or inf")
         unit = torch.nn.functional.normalize(embeddings.detach().double(), dim=1)
         labels = labels.to(self.counts.device)
         self.sums.index_add_(0, labels, unit.to(self.sums.device))
@@ -83,7 +84,7 @@ class ClassMeanAccumulator:
         if bool(empty.any()):
             if fallback is None:
                 missing = empty.nonzero().squeeze(1)[:5].tolist()
-                raise ValueError(
+                raise LossInputError(
                     f"{int(empty.sum())} classes have no embeddings (first: {missing}); pass fallback="
                 )
             means[empty] = fallback.detach().to(means)[empty]
@@ -103,7 +104,7 @@ def reinitialize_prototypes(
     embeddings keep their prototype.  Returns the number of classes set.
     """
     if tuple(prototypes.shape) != tuple(accumulator.sums.shape):
-        raise ValueError(
+        raise LossInputError(
             f"prototypes have shape {tuple(prototypes.shape)} but the accumulator holds "
             f"{tuple(accumulator.sums.shape)}"
         )
@@ -143,9 +144,9 @@ class ReinitializationPolicy:
                  cooldown: int = 1, max_firings: Optional[int] = None):
         self.epochs = frozenset(int(e) for e in epochs)
         if collapse_threshold is not None and not 0.0 <= collapse_threshold < 1.0:
-            raise ValueError(f"collapse_threshold must lie in [0, 1), got {collapse_threshold!r}")
+            raise LossInputError(f"collapse_threshold must lie in [0, 1), got {collapse_threshold!r}")
         if cooldown < 0:
-            raise ValueError(f"cooldown must be >= 0, got {cooldown!r}")
+            raise LossInputError(f"cooldown must be >= 0, got {cooldown!r}")
         self.collapse_threshold = collapse_threshold
         self.cooldown = int(cooldown)
         self.max_firings = max_firings
