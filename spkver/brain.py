@@ -29,18 +29,26 @@ killed run resume where it stopped, even one killed while saving.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
 
 import speechbrain as sb
 import torch
 
 from spkver import distributed
 from spkver.hparams import HparamsError
-from spkver.losses import ClassMeanAccumulator, StreamingSparseHead, reinitialize_prototypes
+from spkver.losses import (
+    ClassMeanAccumulator,
+    MarginWarmup,
+    ReinitializationPolicy,
+    StreamingSparseHead,
+    reinitialize_prototypes,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpeakerBrain", "LearningRateSchedule", "log_engine_once"]
+__all__ = ["SpeakerBrain", "BrainSettings", "LearningRateSchedule", "log_engine_once"]
 
 
 class _NoTorchvisionNotice(logging.Filter):
@@ -98,25 +106,74 @@ def log_engine_once(objective, seen: set) -> None:
 
 
 @dataclass
+class BrainSettings:
+    """The optional settings :class:`SpeakerBrain` reads from the hparams, with their defaults.
+
+    Read once, validated once (:meth:`from_hparams`): a wrong value is an
+    :class:`~spkver.hparams.HparamsError` naming the key, before anything is trained.
+
+    >>> BrainSettings.from_hparams({"prototype_lr_multiplier": 5, "average_last": 4}).prototype_lr_multiplier
+    5.0
+    >>> BrainSettings.from_hparams({"average_last": 0})
+    Traceback (most recent call last):
+    ...
+    spkver.hparams.HparamsError: average_last must be an integer >= 1 (1: no averaging), got 0
+    """
+
+    seed: int = 0                          #: the shuffling seed of the DDP sampler
+    batch_size: Optional[int] = None       #: the per-rank batch, for the DDP log line
+    augmenter: Optional[object] = None     #: training-time augmentation (``augment(waveforms, lengths)``)
+    margin_warmup: Optional[MarginWarmup] = None
+    reinit_policy: Optional[ReinitializationPolicy] = None  #: A3M-I
+    prototype_lr_multiplier: float = 1.0   #: the prototypes' learning rate as a multiple of the extractor's
+    average_last: int = 1                  #: checkpoints kept: the evaluated model averages the last ones
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping) -> "BrainSettings":
+        """The settings present in ``hparams`` (others keep their defaults), checked."""
+        values = {field.name: hparams[field.name] for field in fields(cls)
+                  if field.name in hparams and hparams[field.name] is not None}
+        settings = cls(**values)
+        if not isinstance(settings.average_last, int) or isinstance(settings.average_last, bool) \
+                or settings.average_last < 1:
+            raise HparamsError(f"average_last must be an integer >= 1 (1: no averaging), got {settings.average_last!r}")
+        multiplier = settings.prototype_lr_multiplier
+        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0 < multiplier < math.inf:
+            raise HparamsError(f"prototype_lr_multiplier must be a number > 0, got {multiplier!r}")
+        settings.prototype_lr_multiplier = float(multiplier)
+        if not isinstance(settings.seed, int):
+            raise HparamsError(f"seed must be an integer, got {settings.seed!r}")
+        if settings.batch_size is not None and (not isinstance(settings.batch_size, int) or settings.batch_size < 2):
+            raise HparamsError(f"batch_size must be an integer >= 2 (BatchNorm needs 2 items per batch), "
+                               f"got {settings.batch_size!r}")
+        for name, kind in (("margin_warmup", MarginWarmup), ("reinit_policy", ReinitializationPolicy)):
+            value = getattr(settings, name)
+            if value is not None and not isinstance(value, kind):
+                raise HparamsError(f"{name} must be a {kind.__name__} or null, got {type(value).__name__}")
+        if settings.augmenter is not None and not callable(settings.augmenter):
+            raise HparamsError(f"augmenter must be callable (waveforms, lengths) or null, got "
+                               f"{type(settings.augmenter).__name__}")
+        return settings
+
+
 class _EpochStatistics:
-    rows: int = 0
-    correct: int = 0
-    support: float = 0.0
-    target_zero: float = 0.0
-    target_prob: float = 0.0
+    """The epoch's accuracy and posterior statistics, summed on the device and read at the epoch's end."""
+
+    def __init__(self):
+        self.rows = 0
+        self.sums = None  # [correct, support, p_y = 0, p_y] summed over the epoch's batches
 
     def update(self, correct: torch.Tensor, statistics) -> None:
-        rows = correct.shape[0]
+        posterior, rows = statistics.sums()
+        batch = torch.cat([correct.sum().reshape(1).double(), posterior.double().to(correct.device)])
+        self.sums = batch if self.sums is None else self.sums + batch
         self.rows += rows
-        self.correct += int(correct.sum())
-        self.support += statistics.support_size * rows
-        self.target_zero += statistics.target_zero_fraction * rows
-        self.target_prob += statistics.target_prob * rows
 
     def summary(self) -> dict:
         n = max(self.rows, 1)
-        return {"accuracy": self.correct / n, "support_size": self.support / n,
-                "p_y_zero": self.target_zero / n, "mean_p_y": self.target_prob / n}
+        correct, support, target_zero, target_prob = [0.0] * 4 if self.sums is None else self.sums.tolist()
+        return {"accuracy": correct / n, "support_size": support / n, "p_y_zero": target_zero / n,
+                "mean_p_y": target_prob / n}
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
@@ -130,32 +187,47 @@ def _speaker_targets(batch, device) -> torch.Tensor:
 
 
 class SpeakerBrain(sb.Brain):
-    """Speaker classification training of an embedding extractor (see the module docstring)."""
+    """Speaker classification training of an embedding extractor (see the module docstring).
 
-    def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs=None,
-            valid_loader_kwargs=None):
-        train_loader_kwargs = dict(train_loader_kwargs or {})
-        if not isinstance(train_set, torch.utils.data.DataLoader):
-            if self.distributed_launch:
-                train_set = self._sharded_train_loader(train_set, train_loader_kwargs)
-            else:
-                train_set = self.make_dataloader(train_set, stage=sb.Stage.TRAIN, **train_loader_kwargs)
-        self.steps_per_epoch = len(train_set)
-        self.train_loader = train_set
-        return super().fit(epoch_counter, train_set, valid_set, progressbar=progressbar,
-                           valid_loader_kwargs=valid_loader_kwargs or {})
+    Built on SpeechBrain's public hooks (``make_dataloader``, ``init_optimizers``
+    through its ``opt_class``, ``on_fit_start``, ``compute_forward``,
+    ``compute_objectives``, ``on_fit_batch_start/end``, ``on_stage_start/end``);
+    one private hook, ``_wrap_distributed``, is overridden, for the reason its
+    comment gives.  The optional settings are :class:`BrainSettings`.
+    """
 
-    def _sharded_train_loader(self, dataset, loader_kwargs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings = BrainSettings.from_hparams(vars(self.hparams))
+        self.steps_per_epoch: Optional[int] = None
+        self.train_loader = None
+        self.engines_logged: set = set()
+        self.batch_rows = 0
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """SpeechBrain's loader, except the training loader under DDP: exact shards of each epoch
+        (:class:`~spkver.distributed.ShardedBatchSampler`, where SpeechBrain's sampler would pad
+        with repeats). Remembers the training loader: its length sets the schedules' progress, and
+        A3M-I embeds its batches."""
+        if stage != sb.Stage.TRAIN:
+            return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+        if self.distributed_launch:
+            loader = self._sharded_train_loader(dataset, dict(loader_kwargs), ckpt_prefix)
+        else:
+            loader = super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+        self.train_loader, self.steps_per_epoch = loader, len(loader)
+        return loader
+
+    def _sharded_train_loader(self, dataset, loader_kwargs, ckpt_prefix):
         """This rank's loader: its batches of each epoch (:class:`~spkver.distributed.ShardedBatchSampler`)."""
         batch_size = loader_kwargs.pop("batch_size", 1)
         for option in ("shuffle", "drop_last", "sampler"):  # the sampler shuffles and drops nothing
             loader_kwargs.pop(option, None)
         self.train_sampler = distributed.ShardedBatchSampler(
-            len(dataset), batch_size, distributed.world_size(), distributed.rank(),
-            seed=int(getattr(self.hparams, "seed", 0) or 0))
+            len(dataset), batch_size, distributed.world_size(), distributed.rank(), seed=self.settings.seed)
         loader = sb.dataio.dataloader.make_dataloader(dataset, batch_sampler=self.train_sampler, **loader_kwargs)
         if self.checkpointer is not None:  # resumable inside an epoch, as SpeechBrain's own loader
-            self.checkpointer.add_recoverable("dataloader-TRAIN", loader)
+            self.checkpointer.add_recoverable(ckpt_prefix + "TRAIN", loader)
         return loader
 
     @property
@@ -169,13 +241,16 @@ class SpeakerBrain(sb.Brain):
         head = self.streaming_head
         return head is not None and head.process_group is not None
 
+    # A private hook, SpeechBrain 1.1.2 (speechbrain/core.py, Brain._wrap_distributed): it converts every
+    # module to SyncBatchNorm unconditionally, which raises on CPU tensors (gloo), and wraps every trainable
+    # module in DDP. No public option turns either off, and a class-sharded head must stay out of DDP (its
+    # rows differ per rank: averaging their gradients would mix classes). Re-check on a SpeechBrain upgrade.
     def _wrap_distributed(self):
-        """SpeechBrain's DDP wrapping, without SyncBatchNorm where it cannot run and without the
-        sharded head (its rows differ per rank: averaging their gradients would mix classes)."""
+        """SpeechBrain's DDP wrapping, without SyncBatchNorm where it cannot run and without the sharded head."""
         if not self.distributed_launch:
             return super()._wrap_distributed()
         sync = distributed.sync_batchnorm_supported(self.distributed_backend, self.device)
-        batch = getattr(self.hparams, "batch_size", None)
+        batch = self.settings.batch_size
         world = distributed.world_size()
         logger.info(f"DDP over {world} ranks ({self.distributed_backend})"
                     + (f", global batch {world} x {batch} = {world * batch}" if batch else "") + ": BatchNorm "
@@ -194,7 +269,7 @@ class SpeakerBrain(sb.Brain):
                 module, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
 
     def on_fit_start(self):
-        policy = getattr(self.hparams, "reinit_policy", None)
+        policy = self.settings.reinit_policy
         checkpointer = self.checkpointer
         if policy is not None and checkpointer is not None and "reinit_policy" not in checkpointer.recoverables:
             # Registered before SpeechBrain recovers the checkpoint, so the policy resumes with the rest.
@@ -208,17 +283,25 @@ class SpeakerBrain(sb.Brain):
     def init_optimizers(self):
         """One optimiser, two parameter groups: the extractor at the scheduled learning rate and the
         prototypes at ``prototype_lr_multiplier`` times it (the papers train a new prototype layer on
-        a pretrained extractor at 5x)."""
+        a pretrained extractor at 5x).
+
+        SpeechBrain's own ``init_optimizers`` builds it (and registers it for checkpoints), from an
+        ``opt_class`` that is handed the two groups; a sharded head's checkpoint hooks then gather
+        its rows from every rank.
+        """
         if self.opt_class is None:
             return super().init_optimizers()
-        multiplier = getattr(self.hparams, "prototype_lr_multiplier", 1.0)
-        groups = [{"params": list(self.modules.embedding_model.parameters()), "lr_multiplier": 1.0},
-                  {"params": list(self.modules.classifier.parameters()), "lr_multiplier": float(multiplier)}]
-        self.optimizer = self.opt_class(groups)
-        self.optimizers_dict = {"opt_class": self.optimizer}
-        if self.checkpointer is None:
-            return
-        if self.sharded_head:  # both hold rows of this rank only: checkpoint the whole matrix
+        base = self.opt_class
+        prototypes = list(self.modules.classifier.parameters())
+        extractor = list(self.modules.embedding_model.parameters())
+        multiplier = self.settings.prototype_lr_multiplier
+        self.opt_class = lambda _parameters: base([{"params": extractor, "lr_multiplier": 1.0},
+                                                   {"params": prototypes, "lr_multiplier": multiplier}])
+        try:
+            super().init_optimizers()
+        finally:
+            self.opt_class = base
+        if self.checkpointer is not None and self.sharded_head:  # both hold this rank's rows: save the whole
             head, optimizer = self.streaming_head, self.optimizer
             self.checkpointer.add_recoverable(
                 "classifier", head,
@@ -228,19 +311,17 @@ class SpeakerBrain(sb.Brain):
                 "optimizer", optimizer,
                 custom_save_hook=lambda obj, path: distributed.save_sharded_rows(head, obj, path),
                 custom_load_hook=lambda obj, path, end_of_epoch=None: distributed.load_sharded_rows(head, obj, path))
-        else:
-            self.checkpointer.add_recoverable("optimizer", self.optimizer)
 
     def progress(self) -> float:
         """Training progress in epochs (fractional within the current one)."""
         epoch = self.hparams.epoch_counter.current
-        steps = getattr(self, "steps_per_epoch", 0) or 1
+        steps = self.steps_per_epoch or 1
         return max(epoch - 1, 0) + min(self.step, steps) / steps
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         waveforms, lengths = batch.sig
-        augmenter = getattr(self.hparams, "augmenter", None)
+        augmenter = self.settings.augmenter
         if stage == sb.Stage.TRAIN and augmenter is not None:
             waveforms, lengths = augmenter(waveforms, lengths)
         embeddings = self.modules.embedding_model(waveforms, lengths)
@@ -255,9 +336,13 @@ class SpeakerBrain(sb.Brain):
         return classifier if isinstance(classifier, StreamingSparseHead) else None
 
     def compute_objectives(self, outputs, batch, stage):
-        """The objective's loss of the batch; ``outputs`` are cosines, or embeddings for a streaming head."""
+        """The objective's loss of the batch; ``outputs`` are cosines, or embeddings for a streaming head.
+
+        Nothing is read back from the device here: the statistics are summed there and read at the
+        epoch's end, the input checks after the step (:meth:`on_fit_batch_end`).
+        """
         targets = _speaker_targets(batch, self.device)
-        augmenter = getattr(self.hparams, "augmenter", None)
+        augmenter = self.settings.augmenter
         if stage == sb.Stage.TRAIN and augmenter is not None:
             targets = augmenter.replicate_labels(targets)
         if self.sharded_head:  # every rank scores the whole gathered batch against its classes
@@ -269,21 +354,33 @@ class SpeakerBrain(sb.Brain):
         else:
             loss = self.hparams.objective(outputs, targets)
             correct = outputs.detach().argmax(1) == targets
-        statistics = self.hparams.objective.last_statistics
-        self.epoch_statistics.update(correct, statistics)
-        policy = getattr(self.hparams, "reinit_policy", None)
-        if stage == sb.Stage.TRAIN and policy is not None:
-            policy.observe(statistics, targets.shape[0])
+        self.epoch_statistics.update(correct, self.hparams.objective.last_statistics)
+        self.batch_rows = targets.shape[0]  # this rank's rows (with augmented copies), for A3M-I's count
         return loss
 
     def on_fit_batch_start(self, batch, should_step):
         progress = self.progress()
-        warmup = getattr(self.hparams, "margin_warmup", None)
+        warmup = self.settings.margin_warmup
         if warmup is not None:
             warmup.step(self.hparams.objective, progress)
         learning_rate = self.hparams.lr_schedule(progress)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate * group.get("lr_multiplier", 1.0)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """After the step (SpeechBrain has read the loss back by now): the batch's input checks and
+        statistics, the engine log line once, A3M-I's count of p_y = 0."""
+        objective = self.hparams.objective
+        statistics = objective.last_statistics.check()  # bad input raises its error here, naming it
+        log_engine_once(objective, self.engines_logged)
+        if self.settings.reinit_policy is not None:
+            self.settings.reinit_policy.observe(statistics, self.batch_rows)
+
+    def evaluate_batch(self, batch, stage):
+        """SpeechBrain's, then the batch's input checks (after SpeechBrain has read the loss back)."""
+        loss = super().evaluate_batch(batch, stage)
+        self.hparams.objective.last_statistics.check()
+        return loss
 
     def on_stage_start(self, stage, epoch=None):
         self.epoch_statistics = _EpochStatistics()
@@ -292,7 +389,7 @@ class SpeakerBrain(sb.Brain):
         summary = {"loss": stage_loss, **self.epoch_statistics.summary()}
         if stage == sb.Stage.TRAIN:
             self.train_summary = summary
-            policy = getattr(self.hparams, "reinit_policy", None)
+            policy = self.settings.reinit_policy
             if policy is not None:
                 policy.merge_across_ranks()  # every rank must take the same decision
                 collapse = policy.collapse_fraction
@@ -309,8 +406,8 @@ class SpeakerBrain(sb.Brain):
                                                 valid_stats=summary)
             if self.checkpointer is not None:
                 # The last `average_last` epochs are kept: the evaluated model is their average.
-                keep = max(1, int(getattr(self.hparams, "average_last", 1) or 1))
-                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "epoch": epoch}, num_to_keep=keep)
+                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "epoch": epoch},
+                                                     num_to_keep=self.settings.average_last)
 
     @torch.no_grad()
     def reinitialise_prototypes(self) -> int:

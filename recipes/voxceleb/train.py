@@ -27,7 +27,7 @@ import speechbrain as sb
 import torch
 
 from spkver import distributed
-from spkver.brain import SpeakerBrain
+from spkver.brain import BrainSettings, SpeakerBrain
 from spkver.checkpoints import AVERAGED_MODEL, average_last_checkpoints
 from spkver.data.datasets import speaker_datasets
 from spkver.data.synth import synthesize_corpus
@@ -55,9 +55,10 @@ logger = logging.getLogger(__name__)
 
 def check_settings(hparams, hparams_file):
     """The user errors that can be caught before anything is written: one line naming the value."""
-    if not isinstance(hparams["average_last"], int) or hparams["average_last"] < 1:
-        raise HparamsError(f"{hparams_file}: average_last must be an integer >= 1 (1: no averaging), "
-                           f"got {hparams['average_last']!r}")
+    try:
+        BrainSettings.from_hparams(hparams)
+    except HparamsError as error:
+        raise HparamsError(f"{hparams_file}: {error}") from None
     if hparams["head"] not in ("dense", "streaming"):
         raise HparamsError(f"{hparams_file}: head must be 'dense' or 'streaming', got {hparams['head']!r}")
     if hparams["head"] == "streaming":
