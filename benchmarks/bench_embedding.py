@@ -10,7 +10,7 @@ import argparse
 import time
 
 import torch
-from measure import device_name, peak_bytes, sync
+from measure import Results, peak_bytes, sync
 
 from spkver.models import ecapa_tdnn
 
@@ -40,12 +40,13 @@ def main():
     rtf_single, rtf_batched = timed(1), timed(32)
     long = 0.1 * torch.randn(1, 60 * 16000, device=args.device)
     peak = peak_bytes(lambda: model(long, torch.ones(1, device=args.device)), args.device)
-    print(f"# ECAPA-TDNN C=1024 embedding extraction, {device_name(args.device)}, torch {torch.__version__}")
-    print("| mode | real-time factor | audio seconds per second |")
-    print("|---|---:|---:|")
-    print(f"| batch 1 (8 s utterances) | {rtf_single:.4f} | {1 / rtf_single:.0f} |")
-    print(f"| batch 32 (8 s utterances) | {rtf_batched:.4f} | {1 / rtf_batched:.0f} |")
-    print(f"\nPeak memory for one 60 s file: {peak / 2 ** 20:.0f} MiB")
+    results = Results("bench_embedding", args.device)
+    results.table("extraction", "ECAPA-TDNN C=1024 embedding extraction",
+                  ["mode", "real-time factor", "audio seconds per second", "peak memory for one 60 s file"], [
+                      ["batch 1 (8 s utterances)", f"{rtf_single:.4f}", f"{1 / rtf_single:.0f}",
+                       f"{peak / 2 ** 20:.0f} MiB"],
+                      ["batch 32 (8 s utterances)", f"{rtf_batched:.4f}", f"{1 / rtf_batched:.0f}", ""]])
+    results.save()
 
 
 if __name__ == "__main__":

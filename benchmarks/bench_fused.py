@@ -8,18 +8,15 @@ on the same logits, and a device-to-device copy of the logits. Medians of triton
 """
 import torch
 import torch.nn.functional as F
+from measure import Results
 from triton.testing import do_bench
 
 from spkver.losses import QMargin
-from spkver.losses.fused import fused_loss_rows
+from spkver.losses.engines.triton_kernel import fused_loss_rows
 
 
 def main():
-    device = torch.cuda.get_device_name()
-    print(f"# fused alpha-divergence kernel, {device}, torch {torch.__version__}")
-    print("| B x C | kernel (ms) | QMargin fwd+bwd (ms) | cross_entropy fwd+bwd (ms) | copy (ms) | "
-          "kernel / CE | kernel / copy | QMargin / CE |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for batch, classes in ((512, 5994), (512, 100_000)):
         torch.manual_seed(0)
         embeddings = F.normalize(torch.randn(batch, 256, device="cuda"), dim=1)
@@ -43,8 +40,13 @@ def main():
         full = do_bench(objective_step)
         cross_entropy = do_bench(cross_entropy_step)
         copy = do_bench(lambda: logits.clone())
-        print(f"| {batch} x {classes} | {kernel:.3f} | {full:.3f} | {cross_entropy:.3f} | {copy:.3f} | "
-              f"{kernel / cross_entropy:.2f}x | {kernel / copy:.2f}x | {full / cross_entropy:.2f}x |")
+        rows.append([f"{batch} x {classes}", f"{kernel:.3f}", f"{full:.3f}", f"{cross_entropy:.3f}", f"{copy:.3f}",
+                     f"{kernel / cross_entropy:.2f}x", f"{kernel / copy:.2f}x", f"{full / cross_entropy:.2f}x"])
+    results = Results("bench_fused", "cuda")
+    results.table("kernel", "the fused alpha-divergence kernel, medians of triton.testing.do_bench",
+                  ["B x C", "kernel (ms)", "QMargin fwd+bwd (ms)", "cross_entropy fwd+bwd (ms)", "copy (ms)",
+                   "kernel / CE", "kernel / copy", "QMargin / CE"], rows)
+    results.save()
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ import argparse
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile
+from measure import Results
 
 #: bench_training.py on an H100, ECAPA-TDNN C = 1024, batch 128 (docs/benchmarks.md, 2026-11-27).
 GPU_STEP_RATES = {"H100 fp32": 1714.0, "H100 bf16": 2014.0}
@@ -116,12 +116,7 @@ def main():
     from spkver.data.voxceleb import prepare_voxceleb
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"# training input pipeline: {args.files} files x {args.seconds:g} s, 2 s crops, batch "
-          f"{args.batch_size}; {cores} CPU cores (workers beyond them share cores)")
-    header = ("| format | loader | workers | utterances/s | per worker | vs seek-read | vs whole-file read |\n"
-              "|---|---|---:|---:|---:|---:|---:|")
-    print(header)
-    single_worker = {}
+    single_worker, rows = {}, []
     with tempfile.TemporaryDirectory() as folder:
         for audio_format in ("wav", "flac"):
             corpus, manifests = Path(folder) / audio_format, Path(folder) / f"{audio_format}-manifests"
@@ -129,24 +124,32 @@ def main():
             prepare_voxceleb(manifests, vox1=corpus, valid_fraction=0.02, progress=False)
             count = args.batches * args.batch_size
             seek, whole = seek_read_rate(manifests, count), whole_file_rate(manifests, count)
-            print(f"| {audio_format} | seek-read (soundfile, peer) | 0 | {seek:,.0f} | | 1.00x | "
-                  f"{seek / whole:.2f}x |")
-            print(f"| {audio_format} | whole-file read (peer) | 0 | {whole:,.0f} | | {whole / seek:.2f}x | 1.00x |")
+            rows.append([audio_format, "seek-read (soundfile, peer)", "0", f"{seek:,.0f}", "", "1.00x",
+                         f"{seek / whole:.2f}x"])
+            rows.append([audio_format, "whole-file read (peer)", "0", f"{whole:,.0f}", "", f"{whole / seek:.2f}x",
+                         "1.00x"])
             for label, perturb in (("recipe", None), ("recipe + speed perturbation", SpeedPerturbation())):
                 for workers in args.workers:
                     rate = loader_rate(manifests, workers, args.batch_size, args.batches, perturb)
                     per_worker = rate / max(workers, 1)
                     if workers == 1:
                         single_worker[(audio_format, label)] = rate
-                    print(f"| {audio_format} | {label} | {workers} | {rate:,.0f} | {per_worker:,.0f} | "
-                          f"{rate / seek:.2f}x | {rate / whole:.2f}x |", flush=True)
-    print("\n# workers one GPU needs (its step rate / one worker's rate, 1 worker per core)")
-    for (audio_format, label), rate in single_worker.items():
-        needs = ", ".join(f"{gpu}: {math.ceil(step / rate)}" for gpu, step in GPU_STEP_RATES.items())
-        verdict = "meets" if rate >= 250 else "misses"
-        print(f"- {audio_format}, {label}: {rate:,.0f} utterances/s per worker ({verdict} the 250 target) -> {needs}")
+                    rows.append([audio_format, label, str(workers), f"{rate:,.0f}", f"{per_worker:,.0f}",
+                                 f"{rate / seek:.2f}x", f"{rate / whole:.2f}x"])
+                    print(" | ".join(rows[-1]), flush=True)
+    results = Results("bench_input")
+    results.table("loader", f"training input pipeline: {args.files} files x {args.seconds:g} s, 2 s crops, batch "
+                            f"{args.batch_size}; {cores} CPU cores (workers beyond them share cores)",
+                  ["format", "loader", "workers", "utterances/s", "per worker", "vs seek-read", "vs whole-file read"],
+                  rows, align=["---", "---", "---:", "---:", "---:", "---:", "---:"])
+    needs = [[audio_format, label, f"{rate:,.0f}", "meets" if rate >= 250 else "misses",
+              *(str(math.ceil(step / rate)) for step in GPU_STEP_RATES.values())]
+             for (audio_format, label), rate in single_worker.items()]
+    results.table("workers", "workers one GPU needs (its step rate / one worker's rate, 1 worker per core)",
+                  ["format", "loader", "utterances/s per worker", "the 250 target", *GPU_STEP_RATES], needs,
+                  align=["---", "---", "---:", "---", "---:", "---:"])
+    results.save()
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     main()

@@ -7,7 +7,7 @@ repeats, printed as ratios to (a). A second table per size times Q-Margin and
 A3M at each of the papers' (s, alpha) pairs (and the mismatched (30, 1.5)) on
 cosines from four stages: random initialisation, mid-training, trained-like,
 and uniform in [-1, 1]; on the CPU, Q-Margin also on the pure-torch solver
-(``SPKVER_CPU_KERNEL=0``), the peer of the compiled kernel that the
+(``engine="torch"``), the peer of the compiled kernel that the
 objectives use there.  Peak memory is the extra memory of one
 forward+backward over the inputs: CUDA's allocator peak on a GPU, the peak
 resident-set growth on the CPU (Linux; measured in a child process where
@@ -31,7 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from measure import device_name, peak_bytes, sync
+from measure import Results, peak_bytes, sync
 
 #: The papers' settings: the baselines at WeSpeaker's s = 32, m = 0.2; the alpha objectives at (s, alpha) = (10, 1.5).
 BASELINE_SCALE, MARGIN, SCALE, ALPHA = 32.0, 0.2, 10.0, 1.5
@@ -68,28 +68,6 @@ def cross_entropy(cosine, targets):
     return F.cross_entropy(BASELINE_SCALE * cosine, targets)
 
 
-class OnTheTorchSolver:
-    """An objective run with the CPU kernel switched off: the pure-torch solver, as a peer of the kernel."""
-
-    def __init__(self, objective):
-        self.objective = objective
-
-    @property
-    def last_statistics(self):
-        return self.objective.last_statistics
-
-    def __call__(self, cosine, targets):
-        previous = os.environ.get("SPKVER_CPU_KERNEL")
-        os.environ["SPKVER_CPU_KERNEL"] = "0"
-        try:
-            return self.objective(cosine, targets)
-        finally:
-            if previous is None:
-                del os.environ["SPKVER_CPU_KERNEL"]
-            else:
-                os.environ["SPKVER_CPU_KERNEL"] = previous
-
-
 def make_pair_methods(device="cpu"):
     import warnings
 
@@ -102,8 +80,8 @@ def make_pair_methods(device="cpu"):
             methods[f"QMargin({scale:g}, {alpha:g})"] = QMargin(scale, MARGIN, alpha)
             methods[f"A3M({scale:g}, {alpha:g})"] = A3M(scale, MARGIN, alpha)
             if device == "cpu":  # what the compiled kernel replaces, measured in the same run
-                methods[f"QMargin({scale:g}, {alpha:g}), torch solver"] = OnTheTorchSolver(
-                    QMargin(scale, MARGIN, alpha))
+                methods[f"QMargin({scale:g}, {alpha:g}), torch solver"] = QMargin(scale, MARGIN, alpha,
+                                                                                  engine="torch")
     return methods
 
 
@@ -189,24 +167,20 @@ def main():
         print(json.dumps(peaks))
         return
     cpu_peaks = None if on_gpu else cpu_peak_memories()
-    print(f"# objective forward+backward on {device_name(args.device)}, torch {torch.__version__}; "
-          f"(a) and (b) at s={BASELINE_SCALE:g}, (c) and the alpha objectives at s={SCALE:g}, m={MARGIN}; "
-          f"medians of {repeats}")
+    results = Results("bench_losses", args.device)
     for batch, classes in CONFIGS:
         cosine, targets = make_inputs(batch, classes, args.device)
-        print(f"\n## B={batch}, C={classes}, trained-like cosines")
-        print("| method | time (ms) | vs (a) | vs (c) | peak extra memory (MiB) |")
-        print("|---|---:|---:|---:|---:|")
         times = time_methods(methods, cosine, targets, repeats, args.device)
+        rows = []
         for name, fn in methods.items():
             peak = peak_memory(fn, cosine, targets, args.device) if on_gpu else cpu_peaks[f"{batch}x{classes}"][name]
-            print(f"| {name} | {1e3 * times[name]:.2f} | {times[name] / times['(a) cross_entropy']:.2f}x | "
-                  f"{times[name] / times['(c) entmax bisect 1.5']:.3f}x | {peak / 2 ** 20:.1f} |", flush=True)
+            rows.append([name, f"{1e3 * times[name]:.2f}", f"{times[name] / times['(a) cross_entropy']:.2f}x",
+                         f"{times[name] / times['(c) entmax bisect 1.5']:.3f}x", f"{peak / 2 ** 20:.1f}"])
+        results.table(f"methods_{batch}x{classes}", f"B = {batch}, C = {classes:,}, trained-like cosines, medians "
+                                                    f"of {repeats}",
+                      ["method", "time (ms)", "vs (a)", "vs (c)", "peak extra memory (MiB)"], rows)
     pair_methods = make_pair_methods(args.device)
     for batch, classes in CONFIGS:
-        print(f"\n## B={batch}, C={classes}: the papers' pairs and every stage of training, as a ratio to (a)")
-        print("| method | " + " | ".join(FAMILIES) + " |")
-        print("|---|" + "---:|" * len(FAMILIES))
         ratios = {name: [] for name in pair_methods if name != "(a) cross_entropy"}
         supports = {name: [] for name in ratios}
         baseline = []
@@ -217,10 +191,12 @@ def main():
             for name in ratios:
                 ratios[name].append(times[name] / times["(a) cross_entropy"])
                 supports[name].append(pair_methods[name].last_statistics.support_size)
-        print("| (a) cross_entropy | " + " | ".join(f"{1e3 * t:.2f} ms" for t in baseline) + " |")
-        for name in ratios:
-            print(f"| {name} | " + " | ".join(f"{r:.2f}x (support {k:.0f})" for r, k in zip(ratios[name], supports[name]))
-                  + " |", flush=True)
+        rows = [["(a) cross_entropy", *(f"{1e3 * t:.2f} ms" for t in baseline)]]
+        rows += [[name, *(f"{r:.2f}x (support {k:.0f})" for r, k in zip(ratios[name], supports[name]))]
+                 for name in ratios]
+        results.table(f"pairs_{batch}x{classes}", f"B = {batch}, C = {classes:,}: the papers' pairs at every stage "
+                                                  "of training, as a ratio to (a)", ["method", *FAMILIES], rows)
+    results.save()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""End-to-end `spkver score` on a VoxCeleb1-H-sized job, and metrics against SpeechBrain's.
+"""End-to-end `spkver score` and `spkver calibrate` on a VoxCeleb1-H-sized job, and metrics against SpeechBrain's.
 
 1. Builds a synthetic job the size of VoxCeleb1-H: 550,894 trials over 150,000
-   utterances with 192-d embeddings (1,251 speakers), plus a 6,000-utterance cohort.
+   utterances with 192-d embeddings (1,251 speakers) and durations, plus a 6,000-utterance cohort.
 2. Runs the CLI end to end (parse + score + EER + two minDCFs + TAR@FAR) in a
    fresh process, reporting wall time and peak memory; then with AS-norm (top-300).
-3. Times `spkver.metrics` against SpeechBrain's `EER` and `minDCF` on 8,000
+3. Calibration against plain scoring of the same list (the peer, which every calibrated run
+   includes): `spkver calibrate --quality duration norm` (scores, four quality features, the
+   prior-weighted logistic regression) and `spkver score --calibration` (plus LLRs, Cllr, minCllr,
+   actual DCF). Target: calibration of the list in < 10 s and < 1 GB on 2 cores.
+4. Times `spkver.metrics` against SpeechBrain's `EER` and `minDCF` on 8,000
    scores (their O(n^2) algorithms cannot take the full list) and checks the values.
 
     python benchmarks/bench_scoring.py [--workdir DIR]
@@ -13,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from measure import Results, run_measured
 
 TRIALS, UTTERANCES, SPEAKERS, DIM, COHORT = 550_894, 150_000, 1_251, 192, 6_000
 
@@ -49,23 +53,10 @@ def build_job(folder: Path, seed: int = 0) -> None:
     test = np.where(is_target, same, rng.integers(0, UTTERANCES, TRIALS))
     labels = (speakers[enroll] == speakers[test]).astype(int)
     with open(folder / "veri_test_H.txt", "w") as out:
-        out.writelines(f"{l} {ids[e]} {ids[t]}\n" for l, e, t in zip(labels, enroll, test))
+        out.writelines(f"{label} {ids[e]} {ids[t]}\n" for label, e, t in zip(labels, enroll, test))
 
 
-def run_measured(args):
-    """Run a command in a fresh process; return (wall seconds, peak RSS in MiB, stdout)."""
-    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-             "sys.stdout.write(p.stdout + p.stderr); "
-             "print(f'@@ {time.perf_counter() - t} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}'); "
-             "sys.exit(p.returncode)")
-    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True).stdout
-    *text, last = out.rstrip("\n").split("\n")
-    _, wall, rss_kib = last.split()
-    return float(wall), int(rss_kib) / 1024, "\n".join(text)
-
-
-def compare_with_speechbrain(n: int = 8000, seed: int = 1) -> None:
+def compare_with_speechbrain(results: Results, n: int = 8000, seed: int = 1) -> None:
     import torch
     from speechbrain.utils.metric_stats import EER, minDCF
 
@@ -88,16 +79,17 @@ def compare_with_speechbrain(n: int = 8000, seed: int = 1) -> None:
     start = time.perf_counter()
     our_dcf, _ = metrics.min_dcf(scores, labels, p_target=0.01)
     timings["spkver min_dcf"] = time.perf_counter() - start
-    print(f"\n## metrics on {n:,} scores (SpeechBrain's are O(n^2))")
-    print("| metric | SpeechBrain | spkver | speed-up | SpeechBrain value | spkver value |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| EER | {timings['speechbrain EER']:.3f} s | {1e3 * timings['spkver eer']:.1f} ms | "
-          f"{timings['speechbrain EER'] / timings['spkver eer']:.0f}x | {float(sb_eer):.5f} | {our_eer:.5f} |")
     # SpeechBrain's minDCF uses c_miss = c_fa = 1 without the NIST normalisation.
     normalised = float(sb_dcf) / 0.01
-    print(f"| minDCF(0.01) | {timings['speechbrain minDCF']:.3f} s | {1e3 * timings['spkver min_dcf']:.1f} ms | "
-          f"{timings['speechbrain minDCF'] / timings['spkver min_dcf']:.0f}x | {normalised:.5f} (normalised) | "
-          f"{our_dcf:.5f} |")
+    results.table("metrics", f"metrics on {n:,} scores against SpeechBrain's (O(n^2))",
+                  ["metric", "SpeechBrain", "spkver", "speed-up", "SpeechBrain value", "spkver value"], [
+                      ["EER", f"{timings['speechbrain EER']:.3f} s", f"{1e3 * timings['spkver eer']:.1f} ms",
+                       f"{timings['speechbrain EER'] / timings['spkver eer']:.0f}x", f"{float(sb_eer):.5f}",
+                       f"{our_eer:.5f}"],
+                      ["minDCF(0.01)", f"{timings['speechbrain minDCF']:.3f} s",
+                       f"{1e3 * timings['spkver min_dcf']:.1f} ms",
+                       f"{timings['speechbrain minDCF'] / timings['spkver min_dcf']:.0f}x",
+                       f"{normalised:.5f} (normalised)", f"{our_dcf:.5f}"]])
 
 
 @contextlib.contextmanager
@@ -117,20 +109,38 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="where to build the job (default: a temporary folder)")
     args = parser.parse_args()
+    results = Results("bench_scoring")
     with prepared_job(args.workdir) as folder:
-        cli = [sys.executable, "-m", "spkver.cli", "score", "--trials", str(folder / "veri_test_H.txt"),
-               "--embeddings", str(folder / "emb.npz")]
-        print(f"# spkver score on a VoxCeleb1-H-sized job: {TRIALS:,} trials, {UTTERANCES:,} utterances, {DIM}-d")
-        print("| job | wall time | peak memory | target |")
-        print("|---|---:|---:|---|")
-        wall, rss, table = run_measured(cli)
-        print(f"| cosine scoring + EER + 2 minDCF + TAR@FAR | {wall:.2f} s | {rss:.0f} MiB | < 5 s, < 1 GB |")
-        wall_norm, rss_norm, table_norm = run_measured(cli + ["--cohort", str(folder / "cohort.npz"),
-                                                              "--asnorm-topk", "300"])
-        print(f"| same with AS-norm, {COHORT:,}-utterance cohort, top-300 | {wall_norm:.2f} s | {rss_norm:.0f} MiB "
-              f"| < 30 s |")
-        print("\n```\n" + table + "\n" + table_norm + "\n```")
-    compare_with_speechbrain()
+        trials, store = str(folder / "veri_test_H.txt"), str(folder / "emb.npz")
+        cli = [sys.executable, "-m", "spkver.cli"]
+        score = cli + ["score", "--trials", trials, "--embeddings", store]
+        wall, rss, _ = run_measured(score)
+        wall_norm, rss_norm, _ = run_measured(score + ["--cohort", str(folder / "cohort.npz"), "--asnorm-topk", "300"])
+        results.table("scoring", f"spkver score on a VoxCeleb1-H-sized job: {TRIALS:,} trials, {UTTERANCES:,} "
+                                 f"utterances, {DIM}-d", ["job", "wall time", "peak memory", "target"], [
+                          ["cosine scoring + EER + 2 minDCF + TAR@FAR", f"{wall:.2f} s", f"{rss:.0f} MiB",
+                           "< 5 s, < 1 GB"],
+                          [f"the same with AS-norm, {COHORT:,}-utterance cohort, top-300", f"{wall_norm:.2f} s",
+                           f"{rss_norm:.0f} MiB", "< 30 s"]], align=["---", "---:", "---:", "---"])
+        calibration = str(folder / "calibration.json")
+        jobs = [
+            ("spkver score (the peer)", score, ""),
+            ("spkver calibrate --quality duration norm", cli + [
+                "calibrate", "--trials", trials, "--embeddings", store, "--quality", "duration", "norm",
+                "--out", calibration], "< 10 s, < 1 GB"),
+            ("spkver score --calibration (+ LLR, Cllr, minCllr, actDCF)", score + ["--calibration", calibration], ""),
+        ]
+        rows, peer = [], None
+        for name, command, target in jobs:
+            wall, rss, text = run_measured(command)
+            peer = peer or wall
+            rows.append([name, f"{wall:.2f} s", f"{wall / peer:.2f}x", f"{rss:.0f} MiB", target])
+        print(text)
+        results.table("calibration", f"calibration of the same list ({TRIALS:,} trials)",
+                      ["job", "wall time", "vs the peer", "peak memory", "target"], rows,
+                      align=["---", "---:", "---:", "---:", "---"])
+    compare_with_speechbrain(results)
+    results.save()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from measure import device_name, peak_bytes, sync
+from measure import Results, peak_bytes, sync
 
 from spkver.losses import QMargin, StreamingSparseHead
 
@@ -46,13 +46,10 @@ def main():
     parser.add_argument("--alpha", type=float, default=1.5)
     parser.add_argument("--margin", type=float, default=0.2)
     args = parser.parse_args()
-    device = device_name(args.device)
     chunk = "" if args.chunk_size is None else f", chunk_size={args.chunk_size}"
     setting = f"QMargin({args.scale:g}, {args.margin:g}, {args.alpha:g})"
-    print(f"# exact sparse head vs dense head, B={args.batch}, D={args.dim}, {setting}, {args.embeddings} "
-          f"embeddings{chunk}, {device}")
-    print("| classes | head | step (ms) | peak extra memory (MiB) | x prototype matrix | time vs dense |")
-    print("|---:|---|---:|---:|---:|---:|")
+    results = Results("bench_sparse_head", args.device, variant=args.embeddings)
+    table = []
     for classes in args.classes:
         torch.manual_seed(0)
         options = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
@@ -87,10 +84,16 @@ def main():
             rows[name] = (median_seconds(step, args.repeats, args.device), peak)
         for name, (seconds, peak) in rows.items():
             ratio = f"{seconds / rows['dense'][0]:.2f}x" if "dense" in rows else "n/a"
-            print(f"| {classes:,} | {name} | {1e3 * seconds:.2f} | {peak / 2 ** 20:.0f} | "
-                  f"{(matrix + peak) / matrix:.2f} | {ratio} |", flush=True)
+            table.append([f"{classes:,}", name, f"{1e3 * seconds:.2f}", f"{peak / 2 ** 20:.0f}",
+                          f"{(matrix + peak) / matrix:.2f}", ratio])
+            print(" | ".join(table[-1]), flush=True)
         if classes == args.profile:
             profile(sparse_step, args.device)
+    results.table("heads", f"exact sparse head vs dense head, B={args.batch}, D={args.dim}, {setting}, "
+                           f"{args.embeddings} embeddings{chunk}, median of {args.repeats} steps",
+                  ["classes", "head", "step (ms)", "peak extra memory (MiB)", "x prototype matrix", "time vs dense"],
+                  table, align=["---:", "---", "---:", "---:", "---:", "---:"])
+    results.save()
 
 
 def median_seconds(step, repeats: int, device: str) -> float:

@@ -11,7 +11,7 @@ import statistics
 import time
 
 import torch
-from measure import device_name, sync
+from measure import Results, sync
 
 from spkver.losses import A3M, AlphaDiv, ArcFace, CosFace, QMargin, Softmax
 from spkver.models import CosineClassifier, ecapa_tdnn
@@ -63,14 +63,16 @@ def main():
             step(objective)
             sync(args.device)
             samples[name].append(time.perf_counter() - start)
-    print(f"# ECAPA-TDNN C={args.channels}, {args.speakers} speakers, batch {batch} x 2 s, {args.precision}, "
-          f"{device_name(args.device)}, torch {torch.__version__}")
-    print("| objective | step (ms) | utterances/s | step vs ArcFace |")
-    print("|---|---:|---:|---:|")
     reference = statistics.median(samples["ArcFace"])
+    rows = []
     for name, values in samples.items():
         median = statistics.median(values)
-        print(f"| {name} | {1e3 * median:.1f} | {batch / median:.1f} | {100 * (median / reference - 1):+.1f} % |")
+        rows.append([name, f"{1e3 * median:.1f}", f"{batch / median:.1f}", f"{100 * (median / reference - 1):+.1f} %"])
+    results = Results("bench_training", args.device, variant=args.precision)
+    results.table(f"step_{args.precision}", f"one training step: ECAPA-TDNN C={args.channels}, {args.speakers} "
+                                             f"speakers, batch {batch} x 2 s, {args.precision}",
+                  ["objective", "step (ms)", "utterances/s", "step vs ArcFace"], rows)
+    results.save()
 
 
 if __name__ == "__main__":

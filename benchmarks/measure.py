@@ -1,4 +1,12 @@
-"""Measurements shared by the benchmarks: the device's name, synchronisation, peak memory (Linux)."""
+"""Measurements shared by the benchmarks: the device's name, synchronisation, peak memory (Linux), a
+command timed in a fresh process, and :class:`Results`, through which every benchmark writes its figures."""
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
 import torch
 
 
@@ -35,3 +43,65 @@ def peak_bytes(run, device: str = "cpu") -> int:
     base = status_kib("VmRSS")
     run()
     return (status_kib("VmHWM") - base) * 1024
+
+
+#: Where every benchmark writes its figures; ``python benchmarks/report.py`` makes docs/benchmarks.md's tables.
+RESULTS_FOLDER = Path(__file__).resolve().parent / "results"
+
+
+class Results:
+    """One run's figures: each table printed as it is made, then written with the run's command, machine
+    and date to ``benchmarks/results/<name>.json`` (``<script>.<device>[.<variant>].json``), which
+    report.py reads.
+
+    >>> results = Results("bench_example", "cpu", argv=["bench_example.py", "--repeats", "3"])
+    >>> results.document["command"]
+    'python benchmarks/bench_example.py --repeats 3'
+    """
+
+    def __init__(self, script: str, device: str = "cpu", argv: Optional[Sequence[str]] = None, variant: str = ""):
+        argv = list(sys.argv if argv is None else argv)
+        self.name = ".".join([script, torch.device(device).type] + ([variant] if variant else []))
+        self.document = {
+            "benchmark": script,
+            "command": " ".join(["python", f"benchmarks/{Path(argv[0]).name}", *argv[1:]]),
+            "machine": device_name(device),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "tables": {},
+        }
+
+    def table(self, key: str, title: str, columns: Sequence[str], rows: Sequence[Sequence], align=None) -> None:
+        """Record (and print) a table: ``columns`` names, ``rows`` of already formatted cells."""
+        rows = [[str(cell) for cell in row] for row in rows]
+        align = align or ["---"] + ["---:"] * (len(columns) - 1)
+        self.document["tables"][key] = {"title": title, "columns": list(columns), "rows": rows, "align": list(align)}
+        print(f"\n## {title}\n{markdown(self.document['tables'][key])}", flush=True)
+
+    def save(self, folder: Optional[Path] = None) -> Path:
+        folder = Path(folder or RESULTS_FOLDER)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.name}.json"
+        path.write_text(json.dumps(self.document, indent=2) + "\n")
+        print(f"\nwritten to {path}")
+        return path
+
+
+def markdown(table: dict) -> str:
+    """A recorded table as Markdown."""
+    lines = ["| " + " | ".join(table["columns"]) + " |", "|" + "|".join(table["align"]) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+    return "\n".join(lines)
+
+
+def run_measured(args: Sequence[str]):
+    """Run a command in a fresh process; return (wall seconds, peak RSS in MiB, its output)."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "sys.stdout.write(p.stdout + p.stderr); "
+             "print(f'@@ {time.perf_counter() - t} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}'); "
+             "sys.exit(p.returncode)")
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True).stdout
+    *text, last = out.rstrip("\n").split("\n")
+    _, wall, rss_kib = last.split()
+    return float(wall), int(rss_kib) / 1024, "\n".join(text)

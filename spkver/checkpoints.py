@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
 from speechbrain.utils.distributed import if_main_process
 
@@ -105,7 +104,8 @@ class AtomicCheckpointer(Checkpointer):
                 if name not in checkpoint.paramfiles and not self.optional_recoverables.get(name, False)]
 
 
-def average_state_dicts(states: Sequence[Dict[str, torch.Tensor]], names: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+def average_state_dicts(states: Sequence[Dict[str, torch.Tensor]], names: Sequence[str] = ()
+                        ) -> Dict[str, torch.Tensor]:
     """The element-wise mean of floating-point entries (weights and BatchNorm statistics, in float64).
 
     Integer entries (BatchNorm's ``num_batches_tracked``) are the last state's. Every state must have

@@ -3,6 +3,8 @@
 * ``spkver score`` scores trial lists from an embedding store and prints EER,
   minDCF and TAR@FAR (and, with a calibration, Cllr, minCllr and actual DCF);
 * ``spkver calibrate`` trains a score-to-LLR map on a development list (:mod:`spkver.calibration`);
+* ``spkver evaluate`` evaluates a model folder in stages and writes its results and model card
+  (:mod:`spkver.evaluation`: the recipe's last stage, re-runnable);
 * ``spkver prepare voxceleb`` writes training manifests (:mod:`spkver.data.voxceleb`);
 * ``spkver convert-m4a`` decodes VoxCeleb2's m4a files (:mod:`spkver.data.convert`);
 * ``spkver synth`` generates the synthetic speaker corpus (:mod:`spkver.data.synth`);
@@ -19,6 +21,7 @@ status 2; any other error is a bug and propagates with its traceback (exit statu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,8 +31,9 @@ import numpy as np
 
 from spkver import metrics
 from spkver.errors import UserError, format_user_error
-from spkver.report import DEFAULT_FARS, calibration_report, text_table, verification_report
-from spkver.scoring import as_norm, cosine_scores, load_embeddings, read_trials, speaker_mean_cohort
+from spkver.report import DEFAULT_FARS, calibration_report, stage_rows, text_table
+from spkver.scoring import Stage, load_embeddings, read_trials, score_stages, speaker_mean_cohort
+
 
 class CommandError(UserError):
     """A command-line argument that cannot be used: printed without a traceback, exit status 2."""
@@ -59,19 +63,27 @@ def _load_cohort(args):
 
 def _score(store, trials, cohort, args, mean):
     """Cosine scores, or AS-norm scores with a cohort."""
-    if cohort is not None:
-        return as_norm(store, trials, cohort, top_k=args.asnorm_topk, mean=mean, allow_missing=args.allow_missing,
-                       progress=sys.stderr.isatty())
-    return cosine_scores(store, trials, mean=mean, allow_missing=args.allow_missing)
+    stage = Stage.COSINE if cohort is None else Stage.ASNORM
+    return score_stages(store, trials, [stage], mean, cohort, args.asnorm_topk, allow_missing=args.allow_missing,
+                        progress=sys.stderr.isatty())[stage]
 
 
 def _score_kind(cohort) -> str:
     return "cosine" if cohort is None else "as-norm"
 
 
+def _mean_of(args, store):
+    """``--mean``, else the model's mean recorded in the store by ``spkver embed`` (unless ``--no-mean``)."""
+    if args.mean is not None and args.no_mean:
+        raise CommandError("--mean and --no-mean exclude each other")
+    if args.mean is not None:
+        return _load_mean(args.mean)
+    return None if args.no_mean else store.mean
+
+
 def command_score(args) -> int:
     store = load_embeddings(args.embeddings)
-    mean = _load_mean(args.mean)
+    mean = _mean_of(args, store)
     cohort = _load_cohort(args)
     calibration = None
     if args.calibration:
@@ -88,21 +100,22 @@ def command_score(args) -> int:
         raise CommandError("--plot-calibration needs --calibration")
     several = len(args.trials) > 1
     rows, curves, bayes_curves = [], {}, {}
+    kind = Stage.COSINE if cohort is None else Stage.ASNORM
+    stages = [kind] + ([Stage.CALIBRATED] if calibration is not None else [])
     for trials_path in args.trials:
         trials = read_trials(trials_path)
-        scored = _score(store, trials, cohort, args, mean)
+        scored_stages = score_stages(store, trials, stages, mean, cohort, args.asnorm_topk, calibration,
+                                     allow_missing=args.allow_missing, progress=sys.stderr.isatty())
         name = Path(trials_path).name
+        row = stage_rows(name, scored_stages, stages, calibration, args.far)[stages[-1]]
+        scored = scored_stages[kind]
         labels = scored.trials.labels
-        row = {"name": name, **verification_report(scored.scores, labels, args.far)}
         llrs = None
         if calibration is not None:
-            llrs = calibration.scored_llrs(store, scored, cohort, mean, top_k=args.asnorm_topk,
-                                           progress=sys.stderr.isatty())
-            row.update(calibration_report(llrs, labels, calibration.prior))
+            llrs = scored_stages[Stage.CALIBRATED].scores
             if args.plot_calibration and row["cllr"] is not None:
                 bayes_curves[name] = metrics.bayes_error_curve(llrs, labels)
         if scored.num_skipped:
-            row["skipped_missing"] = scored.num_skipped
             print(f"{name}: skipped {scored.num_skipped} trials with missing embeddings", file=sys.stderr)
         rows.append(row)
         if args.scores_out:
@@ -145,7 +158,7 @@ def command_calibrate(args) -> int:
     from spkver.calibration import fit_calibration, quality_features
 
     store = load_embeddings(args.embeddings)
-    mean = _load_mean(args.mean)
+    mean = _mean_of(args, store)
     cohort = _load_cohort(args)
     trials = read_trials(args.trials)
     if trials.labels is None:
@@ -265,10 +278,8 @@ def _embedding_inputs(args):
 
 
 def command_embed(args) -> int:
-    from spkver.inference import SpeakerEmbedder
+    from spkver.inference import SpeakerEmbedder, audio_seconds, extractor_fingerprint
     from spkver.scoring import save_embeddings
-
-    from spkver.inference import audio_seconds, extractor_fingerprint
 
     embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device)
     fingerprint = extractor_fingerprint(embedder.extractor)
@@ -283,17 +294,20 @@ def command_embed(args) -> int:
             vectors = embedder.embed_files(paths[start:start + EMBED_PART], batch_size=args.batch_size,
                                            progress=sys.stderr.isatty())
             save_embeddings(part, ids[start:start + EMBED_PART], vectors,
-                            durations=audio_seconds(paths[start:start + EMBED_PART]), fingerprint=fingerprint)
+                            durations=audio_seconds(paths[start:start + EMBED_PART]), fingerprint=fingerprint,
+                            mean=embedder.mean)
         stores.append(load_embeddings(part))
     if any(store.fingerprint != fingerprint for store in stores):
         raise CommandError(f"{parts}: parts left by an interrupted run of another model (its fingerprint differs); "
                            "delete the folder")
     save_embeddings(out, [i for store in stores for i in store.ids], np.concatenate([s.embeddings for s in stores]),
-                    durations=np.concatenate([s.durations for s in stores]), fingerprint=fingerprint)
+                    durations=np.concatenate([s.durations for s in stores]), fingerprint=fingerprint,
+                    mean=embedder.mean)
     for part in parts.glob("part-*.npz"):
         part.unlink()
     parts.rmdir()
-    print(f"{len(ids)} embeddings ({stores[0].dim}-d) written to {out}")
+    recorded = "; with the model's mean embedding, which spkver score subtracts" if embedder.mean is not None else ""
+    print(f"{len(ids)} embeddings ({stores[0].dim}-d) written to {out}{recorded}")
     return 0
 
 
@@ -332,6 +346,26 @@ def command_average(args) -> int:
     if (folder / "calibration.json").exists():
         print(f"note: {folder / 'calibration.json'} belongs to the previous extractor and is now refused; "
               "calibrate again (spkver calibrate) on this one's scores", file=sys.stderr)
+    return 0
+
+
+def command_evaluate(args) -> int:
+    from spkver.evaluation import EvaluationSettings, evaluate_model
+    from spkver.inference import SpeakerEmbedder
+
+    folder = Path(args.model)
+    if (folder / EvaluationSettings.FILE).exists():
+        settings = EvaluationSettings.read(folder)
+    elif args.manifests is None or args.trials is None:
+        raise CommandError(f"{folder}: no {EvaluationSettings.FILE} (the recipe writes it): give --manifests "
+                           "(spkver prepare's folder) and --trials")
+    else:
+        settings = EvaluationSettings(manifest_folder=args.manifests, trial_lists=args.trials)
+    changes = {"manifest_folder": args.manifests, "trial_lists": args.trials, "stages": args.stages}
+    settings = dataclasses.replace(settings, **{key: value for key, value in changes.items() if value is not None})
+    embedder = SpeakerEmbedder.from_pretrained(folder, device=args.device)
+    evaluate_model(folder, embedder.extractor, settings, device=args.device, progress=sys.stderr.isatty())
+    print(f"\nresults written to {folder / 'results.md'} and results.json")
     return 0
 
 
@@ -405,7 +439,9 @@ def _add_scoring_inputs(parser: argparse.ArgumentParser, cohort_help: str) -> No
     parser.add_argument("--cohort-speaker-means", action="store_true",
                         help="average the cohort per speaker (first path component of the ID) first")
     parser.add_argument("--asnorm-topk", type=int, default=300, metavar="K", help="AS-norm top-K (default 300)")
-    parser.add_argument("--mean", metavar="NPY", help="mean embedding (.npy) subtracted before normalisation")
+    parser.add_argument("--mean", metavar="NPY", help="mean embedding (.npy) subtracted before normalisation "
+                                                      "(default: the model's, recorded in the store by spkver embed)")
+    parser.add_argument("--no-mean", action="store_true", help="subtract no mean embedding, not even the store's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,6 +561,20 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("--model", required=True, metavar="EXP_FOLDER")
     average.add_argument("--last", type=int, default=10, metavar="N", help="checkpoints to average (default 10)")
     average.set_defaults(handler=command_average)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a model folder on trial lists: cosine, AS-norm and calibrated LLRs, "
+                         "results.md/json and the model card (the recipe's last stage, re-runnable)",
+        description="Average the experiment's last checkpoints, subtract the training mean, score the trial lists "
+                    "in stages, calibrate on the development pairs, and write results.md/json, cohort.npz, "
+                    "calibration.json and spkver.json, with the settings of the folder's evaluation.json.")
+    evaluate.add_argument("--model", required=True, metavar="FOLDER", help="an experiment or model folder")
+    evaluate.add_argument("--trials", nargs="+", metavar="FILE", help="trial lists (default: the recipe's)")
+    evaluate.add_argument("--stages", nargs="+", choices=[stage.value for stage in Stage],
+                          help="stages to report (default: all)")
+    evaluate.add_argument("--manifests", metavar="DIR", help="prepared manifests (default: the recipe's)")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(handler=command_evaluate)
 
     export = commands.add_parser("export", help="write a SpeechBrain-compatible pretrained folder")
     export.add_argument("--model", required=True, metavar="EXP_FOLDER")

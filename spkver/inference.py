@@ -19,15 +19,16 @@ import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from spkver.errors import UserError
 
-__all__ = ["AudioError", "ModelFolderError", "SpeakerEmbedder", "Verification", "read_audio", "trimmed_length", "length_batches", "embed_files",
-           "embed_waveform", "audio_seconds", "extractor_fingerprint", "MIN_SECONDS"]
+__all__ = ["AudioError", "ModelFolderError", "SpeakerEmbedder", "Verification", "read_audio", "trimmed_length",
+           "length_batches", "embed_files", "embed_waveform", "audio_seconds", "extractor_fingerprint",
+           "MIN_SECONDS"]
 
 SAMPLE_RATE = 16000
 
@@ -279,7 +280,7 @@ class SpeakerEmbedder:
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
     def verify(self, path_a, path_b, prior: Optional[float] = None) -> Verification:
-        """Score a pair of files and decide (see :class:`Verification`).
+        r"""Score a pair of files and decide (see :class:`Verification`).
 
         With a calibration the decision is Bayes's: accept when the LLR is at
         least :math:`\log((1-p)/p)` for the target prior ``p`` (by default the

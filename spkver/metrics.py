@@ -1,6 +1,7 @@
 r"""Verification metrics on the exact ROC: EER, minDCF, TAR at FAR, DET curves; and of calibration.
 
-Numpy (minCllr's pool-adjacent-violators is scikit-learn's isotonic regression); every ROC metric sorts the scores once (:math:`O(n \log n)`) and reads
+Numpy (minCllr's pool-adjacent-violators is scikit-learn's isotonic regression); every ROC metric
+sorts the scores once (:math:`O(n \log n)`) and reads
 the error rates at every distinct threshold — no sampling of thresholds, ties
 handled as groups.  A trial is accepted when its score is ``>= threshold``:
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from spkver.errors import UserError
 
-__all__ = ["ModelError", "FilterbankFrontend", "EmbeddingExtractor", "CosineClassifier", "ecapa_tdnn", "resnet34", "build_extractor"]
+__all__ = ["ModelError", "FilterbankFrontend", "EmbeddingExtractor", "CosineClassifier", "ecapa_tdnn", "resnet34",
+           "build_extractor"]
 
 
 class ModelError(UserError, ValueError):

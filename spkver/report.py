@@ -1,13 +1,14 @@
 """Verification reports: the figures of a scored trial list, as a table, Markdown or JSON."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from spkver import metrics
+from spkver.scoring import ScoredTrials, Stage, mapped_stage
 
-__all__ = ["DEFAULT_FARS", "verification_report", "calibration_report", "text_table", "markdown_table"]
+__all__ = ["DEFAULT_FARS", "verification_report", "calibration_report", "stage_rows", "text_table", "markdown_table"]
 
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4, 1e-5)
 
@@ -125,3 +126,26 @@ def markdown_table(rows: List[dict], fars=DEFAULT_FARS) -> str:
                                        + [cell(row["tar_at_far"].get(f"{f:g}"), 100, 2) for f in fars]
                                        + extra_cells) + " |")
     return "\n".join(lines)
+
+
+def stage_rows(name: str, scored: Dict[Stage, ScoredTrials], stages: Sequence[Stage],
+               calibration=None, fars=DEFAULT_FARS) -> Dict[Stage, dict]:
+    """The report row of each of ``stages`` for one list scored by :func:`score_stages`: EER, minDCF and
+    TAR@FAR; the calibrated row has those of the scores it maps, with Cllr, minCllr and actual DCF."""
+    reports: Dict[Stage, dict] = {}
+
+    def report(stage):  # each list's EER and the rest, computed once per stage
+        if stage not in reports:
+            result = scored[stage]
+            reports[stage] = {"name": name, **verification_report(result.scores, result.trials.labels, fars)}
+            if result.num_skipped:
+                reports[stage]["skipped_missing"] = result.num_skipped
+        return dict(reports[stage])
+
+    rows = {}
+    for stage in stages:
+        rows[stage] = report(mapped_stage(calibration) if stage is Stage.CALIBRATED else stage)
+        if stage is Stage.CALIBRATED:
+            llrs = scored[Stage.CALIBRATED]
+            rows[stage].update(calibration_report(llrs.scores, llrs.trials.labels, calibration.prior))
+    return rows

@@ -22,6 +22,8 @@ each utterance :math:`u` the mean :math:`\mu_u` and standard deviation
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,9 @@ from spkver.errors import UserError
 
 __all__ = [
     "ScoringError",
+    "Stage",
+    "score_stages",
+    "mapped_stage",
     "EmbeddingStore",
     "Trials",
     "utterance_key",
@@ -85,6 +90,9 @@ class EmbeddingStore:
         Seconds of audio behind each embedding (a calibration quality measure).
     fingerprint : str, optional
         The extractor that made the embeddings (``spkver.inference.extractor_fingerprint``).
+    mean : ndarray (D,) float32, optional
+        The extractor's mean embedding (its folder's ``mean_embedding.npy``), recorded by
+        ``spkver embed``: ``spkver score`` subtracts it, as the recipe's evaluation does.
     """
 
     ids: List[str]
@@ -92,6 +100,7 @@ class EmbeddingStore:
     source: str = "<memory>"
     durations: Optional[np.ndarray] = None
     fingerprint: Optional[str] = None
+    mean: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -105,6 +114,11 @@ class EmbeddingStore:
             if self.durations.shape != (len(self.ids),):
                 raise ScoringError(f"{self.source}: durations must be one per ID; got {self.durations.shape} "
                                    f"for {len(self.ids)} IDs")
+        if self.mean is not None:
+            self.mean = np.asarray(self.mean, dtype=np.float32)
+            if self.mean.shape != (self.embeddings.shape[1],):
+                raise ScoringError(f"{self.source}: the mean embedding has shape {self.mean.shape}, the embeddings "
+                                   f"{self.embeddings.shape[1]} dimensions")
         self._index: Optional[Dict[str, int]] = None
 
     @property
@@ -151,15 +165,19 @@ class EmbeddingStore:
                                f"(first: {', '.join(bad)}); cosine scoring needs a direction")
 
 
-def save_embeddings(path, ids: Sequence[str], embeddings, durations=None, fingerprint: Optional[str] = None) -> None:
-    """Write an embedding store (``.npz`` with ``ids`` and ``embeddings``; ``durations``, ``fingerprint`` if given)."""
-    store = EmbeddingStore(list(ids), embeddings, str(path), durations, fingerprint)  # checks the shapes
+def save_embeddings(path, ids: Sequence[str], embeddings, durations=None, fingerprint: Optional[str] = None,
+                    mean=None) -> None:
+    """Write an embedding store (``.npz`` with ``ids`` and ``embeddings``; ``durations``, ``fingerprint`` and the
+    extractor's ``mean`` embedding if given)."""
+    store = EmbeddingStore(list(ids), embeddings, str(path), durations, fingerprint, mean)  # checks the shapes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     extra = {} if durations is None else {"durations": store.durations}
     if fingerprint is not None:
         extra["fingerprint"] = np.asarray(fingerprint)
+    if mean is not None:
+        extra["mean"] = store.mean
     np.savez(tmp, ids=np.asarray(store.ids, dtype=str), embeddings=store.embeddings, **extra)
     os.replace(tmp, path)
 
@@ -195,11 +213,12 @@ def load_embeddings(path) -> EmbeddingStore:
             embeddings = archive["embeddings"]
             durations = archive["durations"] if "durations" in archive else None
             fingerprint = str(archive["fingerprint"]) if "fingerprint" in archive else None
+            mean = archive["mean"] if "mean" in archive else None
     except (OSError, ValueError) as error:
         if isinstance(error, ScoringError):
             raise
         raise ScoringError(f"{path}: not a readable .npz embedding store ({error})") from None
-    return EmbeddingStore(ids, embeddings, source=str(path), durations=durations, fingerprint=fingerprint)
+    return EmbeddingStore(ids, embeddings, source=str(path), durations=durations, fingerprint=fingerprint, mean=mean)
 
 
 @dataclass
@@ -415,3 +434,50 @@ def as_norm(store: EmbeddingStore, trials: Trials, cohort: EmbeddingStore, top_k
     used = np.unique(np.concatenate([enroll_rows, test_rows]))
     stats = adaptive_normalisation_stats(store, cohort, top_k, rows=used, mean=mean, progress=progress)
     return cosine_scores(store, trials, mean=mean, allow_missing=allow_missing, normalisation=stats)
+
+
+class Stage(enum.Enum):
+    """A kind of score reported for each trial list."""
+
+    COSINE = "cosine"          #: cosine of the centred embeddings
+    ASNORM = "asnorm"          #: adaptive symmetric normalisation against the cohort's top-k
+    CALIBRATED = "calibrated"  #: the scores mapped to log-likelihood ratios (Cllr, actual DCF)
+
+    def title(self, calibrated_scores: str = "as-norm") -> str:
+        """The heading of the stage's table (``calibrated_scores``: the kind of scores the calibration maps)."""
+        if self is Stage.CALIBRATED:
+            return f"{'AS-norm' if calibrated_scores == 'as-norm' else 'cosine'} + calibration"
+        return "AS-norm" if self is Stage.ASNORM else "cosine"
+
+
+def score_stages(store: EmbeddingStore, trials: Trials, stages: Sequence[Stage], mean=None,
+                 cohort: Optional[EmbeddingStore] = None, top_k: int = 300,
+                 calibration=None, allow_missing: bool = False, progress: bool = False
+                 ) -> Dict[Stage, ScoredTrials]:
+    """One trial list scored in each of ``stages`` (and in the stage the calibration maps, which it needs).
+
+    AS-norm needs ``cohort``; the calibrated stage needs ``calibration`` (and
+    ``cohort`` when it maps AS-norm scores), and its ``scores`` are LLRs: the one
+    implementation behind ``spkver score``, ``spkver evaluate`` and the recipe.  ``calibration`` is a
+    :class:`spkver.calibration.Calibration`.
+    """
+    mapped = mapped_stage(calibration) if Stage.CALIBRATED in stages else None
+    scored: Dict[Stage, ScoredTrials] = {}
+    if Stage.COSINE in stages or mapped is Stage.COSINE:
+        scored[Stage.COSINE] = cosine_scores(store, trials, mean=mean, allow_missing=allow_missing)
+    if Stage.ASNORM in stages or mapped is Stage.ASNORM:
+        if cohort is None:
+            raise ScoringError("AS-norm scores need a cohort" + (" (the calibration maps them)" if mapped else ""))
+        scored[Stage.ASNORM] = as_norm(store, trials, cohort, top_k, mean=mean, allow_missing=allow_missing,
+                                       progress=progress)
+    if mapped is not None:
+        llrs = calibration.scored_llrs(store, scored[mapped], cohort, mean, top_k=top_k, progress=progress)
+        scored[Stage.CALIBRATED] = dataclasses.replace(scored[mapped], scores=llrs)
+    return scored
+
+
+def mapped_stage(calibration) -> Stage:
+    """The stage whose scores ``calibration`` maps to LLRs."""
+    if calibration is None:
+        raise ScoringError("the calibrated stage needs a calibration")
+    return Stage.ASNORM if calibration.trained_on.get("scores", "cosine") == "as-norm" else Stage.COSINE

@@ -65,8 +65,8 @@ def test_as_norm_and_det_plot(corpus, capsys):
 
 
 def test_two_column_list_is_scored_without_metrics(corpus, capsys):
-    (corpus / "plain.txt").write_text("".join(" ".join(l.split()[1:]) + "\n"
-                                              for l in (corpus / "O.txt").read_text().splitlines()[:10]))
+    (corpus / "plain.txt").write_text("".join(" ".join(line.split()[1:]) + "\n"
+                                              for line in (corpus / "O.txt").read_text().splitlines()[:10]))
     assert main(["score", "--trials", str(corpus / "plain.txt"), "--embeddings", str(corpus / "emb.npz"),
                  "--scores-out", str(corpus / "s.txt")]) == 0
     assert "no labels" in capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_two_column_list_is_scored_without_metrics(corpus, capsys):
 
 
 def test_a_list_without_non_targets_reports_metrics_undefined(corpus, capsys):
-    target_lines = [l for l in (corpus / "O.txt").read_text().splitlines() if l.startswith("1")]
+    target_lines = [line for line in (corpus / "O.txt").read_text().splitlines() if line.startswith("1")]
     (corpus / "T.txt").write_text("\n".join(target_lines) + "\n")
     assert main(["score", "--trials", str(corpus / "T.txt"), "--embeddings", str(corpus / "emb.npz")]) == 0
     assert "metrics undefined" in capsys.readouterr().out

@@ -33,8 +33,9 @@ def test_without_spkvers_pins_the_fix_keeps_the_installed_torch():
 
 
 def test_a_speechbrain_outside_the_supported_range_is_an_error():
-    with pytest.raises(EnvironmentMismatch, match=r"speechbrain 1.0.3 is outside the range spkver supports "
-                                                  r"\(>=1.1,<1.2\); fix: python -m pip install \"speechbrain>=1.1,<1.2\""):
+    with pytest.raises(EnvironmentMismatch,
+                       match=r"speechbrain 1.0.3 is outside the range spkver supports "
+                             r"\(>=1.1,<1.2\); fix: python -m pip install \"speechbrain>=1.1,<1.2\""):
         check_versions({**GOOD, "speechbrain": "1.0.3"}, PINS)
 
 

@@ -317,7 +317,8 @@ def test_objectives_use_the_fused_kernel_on_cuda_and_agree_with_the_cpu():
 def _compile_for_h100(dtype: str, **constants) -> dict:
     """Compile the kernel ahead of time for sm_90 (Triton's bundled ptxas: no GPU needed); return its assembly."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as compile_kernel
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as compile_kernel
 
     from spkver.losses.engines import triton_kernel
 

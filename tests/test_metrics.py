@@ -1,7 +1,8 @@
 """Specification of the verification metrics, checked against scikit-learn's ROC."""
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from spkver import metrics

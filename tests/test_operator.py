@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from spkver.losses import alpha_divergence_loss, alpha_softargmax
-from spkver.losses import engines, loss as operator, softargmax
+from spkver.losses import alpha_divergence_loss, alpha_softargmax, engines, softargmax
+from spkver.losses import loss as operator
 from tests import reference
 
 SETTINGS = settings(max_examples=40, deadline=None)

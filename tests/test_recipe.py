@@ -38,6 +38,12 @@ def _run_in_process(arguments, monkeypatch):
     runpy.run_path(str(RECIPE), run_name="__main__")
 
 
+def _after_training(results: dict, stage: str) -> list:
+    """The rows of ``stage`` after training in a results.json (schema version 1)."""
+    assert results["version"] == 1
+    return results["stages"][stage]["after_training"]
+
+
 def _user_error_line(arguments, monkeypatch, capsys) -> str:
     """The recipe's one-line message for a user error (status 2; the subprocess test below checks that no
     traceback is printed, which in-process capture cannot: SpeechBrain's log handler keeps an old stream)."""
@@ -57,14 +63,15 @@ def test_recipe_trains_checkpoints_and_scores_with_every_objective(objective, ti
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert list((output / "save").glob("CKPT+*"))
     results = json.loads((output / "results.json").read_text())
-    row = results["after training: cosine"][0]
+    row = _after_training(results, "cosine")[0]
     assert row["name"] == "trials.txt" and 0.0 <= row["eer"] <= 1.0
     assert "| trials.txt |" in (output / "results.md").read_text()
     # The staged table, as WeSpeaker's: cosine, AS-norm, AS-norm calibrated to LLRs on validation pairs.
-    assert list(results) == ["after training: cosine", "after training: AS-norm",
-                             "after training: AS-norm + calibration"]
-    calibrated = results["after training: AS-norm + calibration"][0]
-    assert calibrated["eer"] == results["after training: AS-norm"][0]["eer"] and calibrated["cllr"] > 0
+    assert list(results["stages"]) == ["cosine", "asnorm", "calibrated"]
+    assert re.findall(r"^### (.*)$", (output / "results.md").read_text(), re.M) == \
+        ["after training: cosine", "after training: AS-norm", "after training: AS-norm + calibration"]
+    calibrated = _after_training(results, "calibrated")[0]
+    assert calibrated["eer"] == _after_training(results, "asnorm")[0]["eer"] and calibrated["cllr"] > 0
     assert calibrated["min_cllr"] <= calibrated["cllr"] + 1e-9
     assert (output / "cohort.npz").exists() and (output / "calibration.json").exists()
     # The evaluated extractor is the mean of the last average_last (10: here all 3) epochs' checkpoints.
@@ -74,6 +81,46 @@ def test_recipe_trains_checkpoints_and_scores_with_every_objective(objective, ti
     _run_in_process(_arguments(tiny_corpus, output, objective, epochs=4, extra=["--valid_fraction=0.25"]),
                     monkeypatch)
     assert len(_train_losses(output)) == 4
+
+
+def test_spkver_evaluate_reruns_the_recipes_evaluation_and_embed_then_score_gives_the_same_figures(
+        tiny_corpus, tmp_path, monkeypatch, capsys):
+    """Evaluation is one stage: `spkver evaluate` on the experiment rewrites the same results.md (the
+    before-training table kept), and the CLI road (embed, then score) subtracts the model's mean too."""
+    from spkver import cli
+
+    output = tmp_path / "run"
+    _run_in_process(_arguments(tiny_corpus, output, "qmargin", epochs=2,
+                               extra=["--valid_fraction=0.25", "--evaluate_before_training=True",
+                                      "--average_last=2"]), monkeypatch)
+    first = (output / "results.md").read_text()
+    assert first.startswith("### before training: cosine")
+    settings = json.loads((output / "evaluation.json").read_text())
+    assert settings["trial_lists"] == [f"{tiny_corpus}/trials.txt"] and settings["average_last"] == 2
+    (output / "results.md").unlink()
+    assert cli.main(["evaluate", "--model", str(output)]) == 0
+    assert (output / "results.md").read_text() == first
+    results = json.loads((output / "results.json").read_text())
+    assert list(results["stages"]["cosine"]) == ["before_training", "after_training"]
+    # A subset of the stages, on the same folder.
+    assert cli.main(["evaluate", "--model", str(output), "--stages", "cosine"]) == 0
+    assert list(json.loads((output / "results.json").read_text())["stages"]) == ["cosine"]
+    # The CLI road: the store records the model's mean embedding and `spkver score` subtracts it.
+    listing = tmp_path / "files.txt"
+    files = sorted({line.split()[i] for line in (tiny_corpus / "trials.txt").read_text().splitlines() for i in (1, 2)})
+    listing.write_text("".join(f"{file}\n" for file in files))
+    store = tmp_path / "trials.npz"
+    assert cli.main(["embed", "--model", str(output), "--list", str(listing), "--root", str(tiny_corpus / "wav"),
+                     "--out", str(store)]) == 0
+    scores = tmp_path / "scores.json"
+    capsys.readouterr()
+    assert cli.main(["score", "--embeddings", str(store), "--trials", str(tiny_corpus / "trials.txt"),
+                     "--json", str(scores)]) == 0
+    recipe_eer = _after_training(results, "cosine")[0]["eer"]
+    assert json.loads(scores.read_text())["lists"][0]["eer"] == pytest.approx(recipe_eer, abs=1e-12)
+    assert cli.main(["score", "--embeddings", str(store), "--trials", str(tiny_corpus / "trials.txt"),
+                     "--json", str(scores), "--no-mean"]) == 0
+    assert json.loads(scores.read_text())["lists"][0]["trials"] == _after_training(results, "cosine")[0]["trials"]
 
 
 def test_recipe_trains_with_speed_perturbation_on_three_times_the_classes(tiny_corpus, tmp_path, monkeypatch):
@@ -119,7 +166,7 @@ def test_recipe_trains_with_the_streaming_head(objective, tiny_corpus, tmp_path,
     assert "train accuracy:" in log and "valid accuracy:" in log
     assert ("a3m_i_fired" in log) == (objective == "a3m_i")
     results = json.loads((output / "results.json").read_text())
-    assert 0.0 <= results["after training: cosine"][0]["eer"] <= 1.0
+    assert 0.0 <= _after_training(results, "cosine")[0]["eer"] <= 1.0
     _run_in_process(_arguments(tiny_corpus, output, objective, epochs=4, extra=streaming), monkeypatch)
     assert len(_train_losses(output)) == 4
 
@@ -127,8 +174,8 @@ def test_recipe_trains_with_the_streaming_head(objective, tiny_corpus, tmp_path,
 def test_a_single_trial_list_may_be_given_as_a_plain_path(tiny_corpus, tmp_path, monkeypatch):
     arguments = [a for a in _arguments(tiny_corpus, tmp_path, epochs=1) if not a.startswith("--trial_lists")]
     _run_in_process([*arguments, "--trial_lists", f"{tiny_corpus}/trials.txt"], monkeypatch)
-    assert [row["name"] for row in json.loads((tmp_path / "results.json").read_text())["after training: cosine"]] == \
-        ["trials.txt"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row["name"] for row in _after_training(results, "cosine")] == ["trials.txt"]
 
 
 USER_ERRORS = {  # argument replaced or added -> the one line that names it
@@ -246,7 +293,7 @@ def test_finetuning_on_other_speakers_takes_the_extractor_and_fresh_prototypes(t
                     monkeypatch)
     assert (f"fine-tuning from {source}: extractor only; prototypes freshly initialised (its speakers differ "
             "from this experiment's)") in (tmp_path / "finetuned" / "log.txt").read_text()
-    assert json.loads((tmp_path / "finetuned" / "results.json").read_text())["after training: cosine"]
+    assert _after_training(json.loads((tmp_path / "finetuned" / "results.json").read_text()), "cosine")
 
 
 def test_finetuning_from_another_architecture_or_a_missing_folder_is_one_line(tiny_corpus, tmp_path, monkeypatch,

@@ -157,7 +157,8 @@ def test_only_the_rows_whose_certificate_failed_are_streamed_again(monkeypatch):
 
     weight = head.weight.detach().clone().requires_grad_(True)
     reference = embeddings.clone().requires_grad_(True)
-    dense = QMargin(30.0, 0.2, 1.5, form="exp_alpha")(F.normalize(reference, dim=1) @ F.normalize(weight, dim=1).T, targets)
+    cosine = F.normalize(reference, dim=1) @ F.normalize(weight, dim=1).T
+    dense = QMargin(30.0, 0.2, 1.5, form="exp_alpha")(cosine, targets)
     dense.backward()
     torch.testing.assert_close(loss, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, reference.grad, atol=1e-5, rtol=1e-4)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from spkver.losses import alpha_divergence_loss, alpha_softargmax
-from spkver.losses import engines, softargmax as operator
+from spkver.losses import alpha_divergence_loss, alpha_softargmax, engines
+from spkver.losses import softargmax as operator
 from tests import reference
 
 

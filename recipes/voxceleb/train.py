@@ -5,11 +5,11 @@
         --vox2_folder=/data/voxceleb2 [--number_of_epochs=40] [--device=cuda] [--precision=bf16]
 
 Stages, each restartable: (1) synthesise the corpus if the hparams ask for it and it is missing,
-(2) prepare manifests unless present, (3) train (resuming from the last checkpoint), (4) embed the
-trial utterances with the average of the last `average_last` epochs' extractors, subtract the
-training mean, and score every trial list in stages (cosine, AS-norm
-against the training speakers' means, AS-norm calibrated to LLRs on the calibration speakers' pairs), writing
-results.md/json, cohort.npz and calibration.json.
+(2) prepare manifests unless present, (3) train (resuming from the last checkpoint), (4) evaluate:
+spkver.evaluation.evaluate_model, the stage `spkver evaluate --model <output_folder>` runs again
+(average the last `average_last` epochs' extractors, subtract the training mean, score every trial
+list as cosine, AS-norm and calibrated LLRs, write results.md/json, cohort.npz, calibration.json,
+the model card and evaluation.json).
 Multi-process: torchrun --nproc_per_node=N recipes/voxceleb/train.py ... (DDP: NCCL on GPUs, gloo on
 CPUs; rank 0 alone prepares, checkpoints, evaluates and writes; docs/recipes.md#multi-process-training).
 Fine-tuning: --init_from=FOLDER (an experiment or exported folder) starts from its extractor, and
@@ -22,33 +22,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-import spkver  # noqa: F401  (first: checks that torch, torchaudio and SpeechBrain match before they load)
 import speechbrain as sb
 import torch
 
+import spkver  # noqa: F401  (first: checks that torch, torchaudio and SpeechBrain match before they load)
 from spkver import distributed
 from spkver.brain import BrainSettings, SpeakerBrain
-from spkver.checkpoints import AVERAGED_MODEL, average_last_checkpoints
 from spkver.data.datasets import speaker_datasets
 from spkver.data.synth import synthesize_corpus
-from spkver.data.voxceleb import PreparationError, prepare_voxceleb
+from spkver.data.voxceleb import prepare_voxceleb
 from spkver.errors import UserError, format_user_error
-from spkver.evaluation import (
-    calibrate_on_development,
-    calibrate_threshold,
-    development_files,
-    evaluate_trial_lists,
-    training_sample,
-    write_model_card,
-    write_results,
-)
-from spkver.finetune import ONE_HOT_WARNING, FineTuningError, initialise_from, one_hot_fraction
+from spkver.evaluation import EvaluationSettings, evaluate_model, score_before_training
+from spkver.finetune import ONE_HOT_WARNING, initialise_from, one_hot_fraction
 from spkver.hparams import HparamsError, load, path_list
 from spkver.losses import StreamingSparseHead
 from spkver.models import CosineClassifier
-from spkver.report import text_table
-from spkver.calibration import CalibrationError
-from spkver.scoring import ScoringError, read_trials, save_embeddings, speaker_mean_cohort
+from spkver.scoring import ScoringError, read_trials
 
 logger = logging.getLogger(__name__)
 
@@ -121,64 +110,6 @@ def report_one_hot_fraction(brain, hparams, train_set):
         logger.info(message)
 
 
-def average_extractor(brain, hparams):
-    """Evaluate, export and reuse the mean of the last ``average_last`` epochs' extractors (WeSpeaker's 10)."""
-    averaged = Path(hparams["output_folder"]) / AVERAGED_MODEL
-    if hparams["average_last"] <= 1:
-        averaged.unlink(missing_ok=True)  # not a stale average of an earlier run
-        return
-    state, used = average_last_checkpoints(hparams["save_folder"], hparams["average_last"])
-    brain.extractor.load_state_dict(state)
-    torch.save(state, averaged)
-    logger.info(f"averaged the extractor over the last {len(used)} checkpoints ({used[0].name} to "
-                f"{used[-1].name}) into {averaged}")
-
-
-def evaluate(brain, hparams, stage, development=None):
-    """Score the trial lists; return ``({stage: rows}, mean)``.
-
-    With ``development`` files (:func:`~spkver.evaluation.development_files`): also AS-norm against
-    the training sample's speaker means and LLRs calibrated on their pairs, the cohort and the
-    calibration being written to the output folder for reuse.
-    """
-    extractor = brain.extractor
-    extractor.eval()
-    sample = training_sample(extractor, hparams["manifest_folder"], hparams["mean_utterances"], device=brain.device)
-    mean = sample.embeddings.mean(axis=0)
-    cohort = calibration = None
-    if development is not None:
-        output = Path(hparams["output_folder"])
-        cohort = speaker_mean_cohort(sample)
-        save_embeddings(output / "cohort.npz", cohort.ids, cohort.embeddings)
-        calibration, description = calibrate_on_development(
-            extractor, development, mean, cohort, hparams["asnorm_topk"], prior=hparams["calibration_prior"],
-            short_seconds=hparams["calibration_short_seconds"], device=brain.device)
-        logger.info(f"calibration: {description}")
-        if calibration is not None:
-            calibration.save(output / "calibration.json")
-    stages = evaluate_trial_lists(extractor, hparams["manifest_folder"], hparams["trial_lists"], mean=mean,
-                                  batch_size=hparams["embedding_batch_size"], device=brain.device, cohort=cohort,
-                                  top_k=hparams["asnorm_topk"], calibration=calibration)
-    named = {f"{stage}: {scores}": rows for scores, rows in stages.items()}
-    for name, rows in named.items():
-        print(f"\n{name}\n{text_table(rows)}")
-    return named, mean
-
-
-def finish(brain, hparams, results):
-    """Rank 0's work after training: average, evaluate in stages, write the results and the model card."""
-    average_extractor(brain, hparams)
-    # Embedded once: their pairs train the LLR calibration and set spkver.json's threshold.
-    development = development_files(brain.extractor, hparams["manifest_folder"], hparams["calibration_utterances"],
-                                    device=brain.device)
-    after, mean = evaluate(brain, hparams, "after training", development)
-    results.update(after)
-    write_results(hparams["output_folder"], results)
-    # What `spkver embed/verify/export` and SpeakerEmbedder.from_pretrained need to reuse the extractor.
-    threshold, calibration = calibrate_threshold(development, mean, far=hparams["calibration_far"])
-    write_model_card(hparams["output_folder"], brain.extractor, mean, threshold, calibration)
-
-
 def main():
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
     backend_note = None
@@ -217,17 +148,19 @@ def main():
                          checkpointer=hparams["checkpointer"])
     if fine_tuning:
         report_one_hot_fraction(brain, hparams, train_set)
-    results = {}
     # Evaluation and everything written after training are rank 0's; the other ranks wait for it.
+    settings = EvaluationSettings.from_hparams(hparams)
+    before = None
     if hparams["evaluate_before_training"] and not hparams["checkpointer"].list_checkpoints():
         if distributed.rank() == 0:
-            results.update(evaluate(brain, hparams, "before training")[0])
+            before = score_before_training(brain.extractor, settings, device=brain.device)
         distributed.barrier()
     brain.fit(hparams["epoch_counter"], train_set, valid_set,
               train_loader_kwargs=hparams["train_dataloader_options"],
               valid_loader_kwargs=hparams["valid_dataloader_options"])
-    if distributed.rank() == 0:
-        finish(brain, hparams, results)
+    if distributed.rank() == 0:  # the same stage as `spkver evaluate --model <output_folder>`
+        evaluate_model(hparams["output_folder"], brain.extractor, settings, device=brain.device,
+                       before_training=before)
     distributed.barrier()
 
 

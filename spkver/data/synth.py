@@ -47,7 +47,8 @@ from scipy import signal
 
 from spkver.errors import UserError
 
-__all__ = ["SynthesisError", "SAMPLE_RATE", "Voice", "Channel", "synthesize_corpus", "make_voice", "make_channel", "render_utterance"]
+__all__ = ["SynthesisError", "SAMPLE_RATE", "Voice", "Channel", "synthesize_corpus", "make_voice", "make_channel",
+           "render_utterance"]
 
 SAMPLE_RATE = 16000
 _VIDEO_ALPHABET = np.array(list(string.ascii_letters + string.digits + "-_"))

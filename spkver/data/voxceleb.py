@@ -38,9 +38,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from spkver.scoring import read_trials, utterance_key
-
 from spkver.errors import UserError
+from spkver.scoring import read_trials, utterance_key
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,9 @@ streaming head for very many classes (:mod:`.sparse_head`) and A3M-I
 >>> objective.last_statistics.target_zero_fraction
 0.0
 """
+from spkver.losses.engines import ENGINE_NAMES, EngineChoice, EngineError
+from spkver.losses.engines.base import SparsityStatistics
+from spkver.losses.loss import alpha_divergence_loss
 from spkver.losses.objectives import (
     A3M,
     AlphaDiv,
@@ -27,16 +30,13 @@ from spkver.losses.objectives import (
     qmargin_log_q_target,
     qmargin_zero_loss_gap,
 )
-from spkver.losses.engines import ENGINE_NAMES, EngineChoice, EngineError
-from spkver.losses.engines.base import SparsityStatistics
-from spkver.losses.loss import alpha_divergence_loss
-from spkver.losses.softargmax import alpha_softargmax
-from spkver.losses.sparse_head import StreamingSparseHead
 from spkver.losses.reinit import (
     ClassMeanAccumulator,
     ReinitializationPolicy,
     reinitialize_prototypes,
 )
+from spkver.losses.softargmax import alpha_softargmax
+from spkver.losses.sparse_head import StreamingSparseHead
 
 __all__ = [
     "alpha_softargmax",

@@ -29,8 +29,8 @@ import torch
 from spkver.errors import UserError
 
 __all__ = ["LossInputError", "REDUCTIONS", "check_alpha", "check_reduction", "check_scale", "check_targets",
-           "check_logits_structure", "row_max", "check_log_q", "check_log_q_y", "check_log_q_target", "check_target_overrides",
-           "InputCheck", "to_host"]
+           "check_logits_structure", "row_max", "check_log_q", "check_log_q_y", "check_log_q_target",
+           "check_target_overrides", "InputCheck", "to_host"]
 
 REDUCTIONS = ("mean", "sum", "none")
 

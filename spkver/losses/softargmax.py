@@ -235,7 +235,8 @@ _EXACT_STEP = 1e-12
 
 
 def _exact_root(bound, steepness, alpha, degree):
-    r"""The root of :math:`\sum_j [1 + (\alpha-1) a_j (b_j - \tau)]_+^k = 1` for an integer :math:`k`, without iterating over the columns.
+    r"""The root of :math:`\sum_j [1 + (\alpha-1) a_j (b_j - \tau)]_+^k = 1` for an integer :math:`k`,
+    without iterating over the columns.
 
     Column :math:`j` enters the support below its threshold :math:`t_j = b_j + 1/((\alpha-1)a_j)`,
     and there :math:`p_j = w_j (t_j - \tau)^k` with :math:`w_j = ((\alpha-1)a_j)^k`. With the
@@ -425,7 +426,8 @@ def solve_alpha_softargmax(
             continue
         # A few rows: only they are solved again (they certify at that width), so that one
         # row with a wide support does not widen the topk of the whole batch.
-        pick = (lambda x: None if x is None else x[failed])
+        def pick(x):
+            return (None if x is None else x[failed])
         redo, redo_certified, _ = _attempt(theta[failed], wider, pick(targets), pick(theta_y),
                                            None if log_q is None else log_q[failed], pick(log_q_target),
                                            tau_lo[failed], row_max[failed], alpha, reach, logit_scale)

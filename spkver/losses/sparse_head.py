@@ -130,7 +130,8 @@ class StreamingSparseHead(nn.Module):
 
     @staticmethod
     def check_objective(objective: CosineMarginObjective) -> None:
-        """Raise a ``ValueError`` (:class:`~spkver.losses.checks.LossInputError`) unless the head can be exact for ``objective`` (it needs alpha > 1)."""
+        """Raise a ``ValueError`` (:class:`~spkver.losses.checks.LossInputError`) unless the head can be exact
+        for ``objective`` (it needs alpha > 1)."""
         if objective.alpha <= 1.0:
             raise LossInputError("the sparse head needs alpha > 1 (softmax posteriors are dense); "
                              f"got {type(objective).__name__} with alpha={objective.alpha}")

@@ -24,10 +24,10 @@ may choose it).
 >>> choice = select_engine("auto", call)
 >>> choice.name
 'dense'
->>> select_engine("torch", call)
+>>> select_engine("torch", call).name
 Traceback (most recent call last):
 ...
-spkver.losses.engines.EngineError: engine 'torch' cannot serve this call: alpha = 1 is the softmax cross-entropy (engine 'dense')
+spkver.losses.engines.EngineError: engine 'torch' cannot serve this call: alpha = 1 is the softmax ...
 """
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ def check_engine_name(engine: str) -> str:
 
 
 def select_engine(engine: str, call: LossCall) -> EngineChoice:
-    """The engine that runs ``call``: the one named, or with ``"auto"`` the first of :data:`AUTO_PREFERENCE` that serves it."""
+    """The engine that runs ``call``: the one named, or with ``"auto"`` the first of
+    :data:`AUTO_PREFERENCE` that serves it."""
     check_engine_name(engine)
     if engine != "auto":
         reason = ENGINES[engine].unsupported(call, automatic=False)

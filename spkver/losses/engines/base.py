@@ -79,7 +79,8 @@ class LossCall:
         return self.targets.clamp(0, self.classes - 1)
 
     def with_target_logits(self) -> "LossCall":
-        r"""The call with ``margin`` applied: the target's logit :math:`s\psi(\cos_y)` and its slope :math:`s\psi'(\cos_y)`.
+        r"""The call with ``margin`` applied: the target's logit :math:`s\psi(\cos_y)` and its slope
+        :math:`s\psi'(\cos_y)`.
 
         The margin's value and derivative are formed on (B,) numbers, with no
         (B, C) work; an engine either sends the target's gradient to its
@@ -151,7 +152,8 @@ class SparsityStatistics:
     @classmethod
     def on_device(cls, sums: torch.Tensor, rows: int, candidates: int,
                   check: Optional[InputCheck] = None) -> "SparsityStatistics":
-        """Statistics from ``sums`` (3,): the batch sums of the support sizes, of :math:`[p_y = 0]` and of :math:`p_y`."""
+        """Statistics from ``sums`` (3,): the batch sums of the support sizes, of :math:`[p_y = 0]` and of
+        :math:`p_y`."""
         statistics = cls(math.nan, math.nan, math.nan, candidates)
         statistics._values, statistics._sums, statistics._rows, statistics._check = None, sums, rows, check
         return statistics

@@ -182,9 +182,9 @@ class CpuAlphaDivergenceLoss(torch.autograd.Function):
     ``apply(logits, targets, alpha, log_q_target, target_logits, logit_scale, target_logit_slope)``
     returns ``(loss, p_y, support, row_max)`` (``row_max`` of ``logits``, NaN
     where a row has one: the caller's input check).  Forward saves only per-row numbers (and
-    the logits, by reference); backward writes :math:`g\,s(p - e_y)` in one
+    the logits, by reference); backward writes :math:`g\\,s(p - e_y)` in one
     pass, and ``target_logits`` receives :math:`g(p_y - 1)`; with
-    ``target_logit_slope`` (B,), :math:`\partial\theta_y/\partial x_y` of a margin,
+    ``target_logit_slope`` (B,), :math:`\\partial\theta_y/\\partial x_y` of a margin,
     the target logit is a function of its column and :math:`g(p_y - 1)` times the
     slope goes to the column instead (no (B, C) gradient is made for the margin).
     """

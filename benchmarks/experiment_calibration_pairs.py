@@ -12,17 +12,25 @@ scores, the duration measure, prior 0.01) on
 and reports, on the experiment's trial list and on random subsets of 3,200 trials of it (the
 demo's former list size), actual DCF at 0.01 against the minimum DCF of the same LLRs, and Cllr.
 
-    python benchmarks/calibration_pairs.py --model results/demo/ecapa_small_qmargin/1986
+    python benchmarks/experiment_calibration_pairs.py --model results/demo/ecapa_small_qmargin/1986
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from measure import Results
+
+from spkver import metrics
+from spkver.calibration import CalibrationError, fit_calibration, quality_features
+from spkver.data.datasets import manifest_roots
+from spkver.evaluation import calibrate_on_development, development_files, resolve_wav, training_sample
+from spkver.inference import SpeakerEmbedder, audio_seconds, embed_files
+from spkver.scoring import EmbeddingStore, as_norm, read_trials, speaker_mean_cohort
 
 
 def main():
@@ -31,17 +39,6 @@ def main():
     parser.add_argument("--trials", help="the trial list (default: trials.txt of the corpus, as the demo's)")
     parser.add_argument("--subsets", type=int, default=20, help="random 3,200-trial subsets to report")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-    import csv
-
-    from spkver import metrics
-    from spkver.calibration import fit_calibration, quality_features
-    from spkver.data.datasets import manifest_roots
-    from spkver.evaluation import calibrate_on_development, development_files, resolve_wav, training_sample
-    from spkver.inference import SpeakerEmbedder, audio_seconds, embed_files
-    from spkver.scoring import EmbeddingStore, as_norm, read_trials, speaker_mean_cohort
-
     folder = Path(args.model)
     manifests = folder / "manifests"
     extractor = SpeakerEmbedder.from_pretrained(folder).extractor.eval()
@@ -68,17 +65,16 @@ def main():
             if name.startswith("calibration") and not (manifests / "calibration.csv").exists():
                 continue
             development = development_files(extractor, source, max_utterances=400, progress=False)
-            calibration, _ = calibrate_on_development(extractor, development, mean, cohort, 300, progress=False)
-            if calibration is not None:
-                calibrations[name] = calibration
+            try:
+                calibrations[name] = calibrate_on_development(extractor, development, mean, cohort, 300,
+                                                              progress=False)
+            except CalibrationError as error:
+                print(f"{name}: not calibrated ({error})")
     calibrations["the evaluation list itself (peer)"] = fit_calibration(scored.scores, labels, quality, prior=0.01)
 
     rng = np.random.default_rng(0)
     subsets = [rng.choice(labels.size, 3200, replace=False) for _ in range(args.subsets)]
-    print(f"# {folder}: {labels.size:,} trials ({int(labels.sum()):,} targets), AS-norm, prior 0.01")
-    print("| calibrated on | pairs | Cllr | actDCF(0.01) | minDCF(0.01) | act/min | act/min on 3,200-trial subsets "
-          "(median, range) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    rows = []
     for name, calibration in calibrations.items():
         llrs = calibration.llr(scored.scores, {k: v for k, v in quality.items() if k in calibration.features})
         act, minimum = metrics.actual_dcf(llrs, labels, 0.01), metrics.min_dcf(llrs, labels, 0.01)[0]
@@ -86,9 +82,14 @@ def main():
                   for s in subsets]
         trained = calibration.trained_on
         pairs = f"{trained['trials']:,} ({trained['targets']:,} targets)"
-        print(f"| {name} | {pairs} | "
-              f"{metrics.cllr(llrs, labels):.3f} | {act:.4f} | {minimum:.4f} | {act / minimum:.2f} | "
-              f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
+        rows.append([name, pairs, f"{metrics.cllr(llrs, labels):.3f}", f"{act:.4f}", f"{minimum:.4f}",
+                     f"{act / minimum:.2f}", f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"])
+    results = Results("experiment_calibration_pairs")
+    results.table("sources", f"{folder}: {labels.size:,} trials ({int(labels.sum()):,} targets), AS-norm, prior 0.01",
+                  ["calibrated on", "pairs", "Cllr", "actDCF(0.01)", "minDCF(0.01)", "act/min",
+                   f"act/min on 3,200-trial subsets (median, range of {args.subsets})"], rows,
+                  align=["---", "---", "---:", "---:", "---:", "---:", "---:"])
+    results.save()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ is a sanity check of the toolkit on synthetic voices, not a VoxCeleb result. Abo
 run on 2 cores (``--jobs 2`` runs two at a time on one core each); runs whose results exist are
 read, not repeated.
 
-    python benchmarks/synthetic_objectives.py [--objectives qmargin a3m ...] [--seeds 1986 7 42] [--jobs 2]
+    python benchmarks/experiment_objectives.py [--objectives qmargin a3m ...] [--seeds 1986 7 42] [--jobs 2]
 """
 import argparse
 import json
@@ -19,6 +19,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from measure import Results
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTIVES = ["softmax", "cosface", "arcface", "alphadiv", "qmargin", "a3m", "a3m_i"]
@@ -33,10 +35,10 @@ def run(objective: str, seed: int, threads: int) -> dict:
                         str(ROOT / "hparams" / f"demo_{objective}.yaml"), f"--seed={seed}"],
                        cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"{objective}, seed {seed}: {time.time() - started:.0f} s", file=sys.stderr)
-    results = json.loads((output / "results.json").read_text())
-    after = results["after training: cosine"][0]
+    cosine = json.loads((output / "results.json").read_text())["stages"]["cosine"]
+    after = cosine["after_training"][0]
     tar = after["tar_at_far"].get("0.001")
-    return {"objective": objective, "seed": seed, "untrained_eer": results["before training: cosine"][0]["eer"],
+    return {"objective": objective, "seed": seed, "untrained_eer": cosine["before_training"][0]["eer"],
             "eer": after["eer"], "min_dcf_0_01": after["min_dcf_0_01"], "tar_1e-3": tar,
             "miss_at_far_1e-3": None if tar is None else 1.0 - tar,
             "a3m_i_firings": (output / "train_log.txt").read_text().count("a3m_i_fired")}
@@ -65,22 +67,24 @@ def main():
     runs = [run(*cells[0], threads * args.jobs)]
     with ThreadPoolExecutor(args.jobs) as pool:
         runs += list(pool.map(lambda cell: run(*cell, threads), cells[1:]))
-    print("| objective | EER % | minDCF(0.01) | TAR@FAR=1e-3 % | miss % at FAR 0.1 % | untrained EER % | "
-          "A3M-I firings |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    table = []
     for objective in args.objectives:
         rows = [r for r in runs if r["objective"] == objective]
         firings = " / ".join(str(r["a3m_i_firings"]) for r in rows) if objective == "a3m_i" else "-"
-        print(f"| {objective} | {mean_spread([r['eer'] for r in rows], 100)} | "
-              f"{mean_spread([r['min_dcf_0_01'] for r in rows], digits=4)} | "
-              f"{mean_spread([r['tar_1e-3'] for r in rows], 100)} | "
-              f"{mean_spread([r['miss_at_far_1e-3'] for r in rows], 100)} | "
-              f"{mean_spread([r['untrained_eer'] for r in rows], 100)} | {firings} |")
+        table.append([objective, mean_spread([r["eer"] for r in rows], 100),
+                      mean_spread([r["min_dcf_0_01"] for r in rows], digits=4),
+                      mean_spread([r["tar_1e-3"] for r in rows], 100),
+                      mean_spread([r["miss_at_far_1e-3"] for r in rows], 100),
+                      mean_spread([r["untrained_eer"] for r in rows], 100), firings])
         halved = all(r["eer"] <= 0.5 * r["untrained_eer"] for r in rows)
         print(f"{objective}: every seed {'halves' if halved else 'does NOT halve'} the untrained EER",
               file=sys.stderr)
-    print(f"\nSeeds {', '.join(map(str, args.seeds))}; 3,200 held-out trials (1,600 non-targets) each; "
-          "mean ± half the range over seeds.")
+    results = Results("experiment_objectives")
+    results.table("objectives", f"every objective on the demo's recipe, seeds {', '.join(map(str, args.seeds))}: "
+                                "mean ± half the range over seeds",
+                  ["objective", "EER %", "minDCF(0.01)", "TAR@FAR=1e-3 %", "miss % at FAR 0.1 %", "untrained EER %",
+                   "A3M-I firings"], table)
+    results.save()
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ and ``heatmaps.png``: the EER and the miss rate at FAR = 0.1 % over margin x alp
 scale, as the papers' Figures 1-2 do. At alpha = 1 Q-Margin is CosFace. Runs whose results exist
 are read, not repeated, so an interrupted sweep resumes.
 
-    python benchmarks/sweep_objectives.py                                  # the papers' pairs, m in {0.1, 0.2}
-    python benchmarks/sweep_objectives.py --pairs 10:1.5 5:2 --margins 0.1 0.2 0.3 --seeds 1986 7
-    python benchmarks/sweep_objectives.py --scales 5 10 20 --alphas 1.25 1.5 2 --margins 0.1 0.2   # a grid
+    python benchmarks/experiment_sweep_qmargin.py                                  # the papers' pairs, m in {0.1, 0.2}
+    python benchmarks/experiment_sweep_qmargin.py --pairs 10:1.5 5:2 --margins 0.1 0.2 0.3 --seeds 1986 7
+    python benchmarks/experiment_sweep_qmargin.py --scales 5 10 20 --alphas 1.25 1.5 2 --margins 0.1 0.2   # a grid
 
 About 5 minutes a run on 2 cores (``--jobs 2`` runs two at a time on one core each); a larger grid
 is for a GPU (``--device cuda``).
@@ -24,6 +24,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from measure import Results
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The papers' (s, alpha) pairs, CosFace's first, and the mismatched pair spkver used before them.
@@ -69,7 +71,7 @@ def run(scale, alpha, margin, seed, out: Path, device: str, threads: int) -> dic
             raise SystemExit(f"run s={scale:g} alpha={alpha:g} m={margin:g} seed={seed} failed:\n"
                              f"{completed.stderr[-2000:]}")
         print(f"s={scale:g} alpha={alpha:g} m={margin:g} seed={seed}: {time.time() - started:.0f} s", file=sys.stderr)
-    after = json.loads((folder / "results.json").read_text())["after training: cosine"][0]
+    after = json.loads((folder / "results.json").read_text())["stages"]["cosine"]["after_training"][0]
     tar = after["tar_at_far"].get(FAR)
     return {"scale": scale, "alpha": alpha, "margin": margin, "seed": seed, "eer": after["eer"],
             "min_dcf_0_01": after["min_dcf_0_01"], "miss_at_far_1e-3": None if tar is None else 1.0 - tar}
@@ -164,12 +166,14 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep.json").write_text(json.dumps({"runs": runs, "cells": rows}, indent=2) + "\n")
     plot_heatmaps(rows, args.out / "heatmaps.png")
-    print("| s | alpha | m | seeds | EER % | minDCF(0.01) | miss % at FAR 0.1 % |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        miss = "n/a" if r["miss_at_far_1e-3"] is None else f"{100 * r['miss_at_far_1e-3']:.2f}"
-        print(f"| {r['scale']:g} | {r['alpha']:g} | {r['margin']:g} | {r['seeds']} | {100 * r['eer']:.2f} | "
-              f"{r['min_dcf_0_01']:.4f} | {miss} |")
+    results = Results("experiment_sweep_qmargin", args.device)
+    results.table("cells", "Q-Margin on the demo's recipe over (s, alpha, m), means over the seeds",
+                  ["s", "alpha", "m", "seeds", "EER %", "minDCF(0.01)", "miss % at FAR 0.1 %"],
+                  [[f"{r['scale']:g}", f"{r['alpha']:g}", f"{r['margin']:g}", str(r["seeds"]), f"{100 * r['eer']:.2f}",
+                    f"{r['min_dcf_0_01']:.4f}",
+                    "n/a" if r["miss_at_far_1e-3"] is None else f"{100 * r['miss_at_far_1e-3']:.2f}"] for r in rows],
+                  align=["---:"] * 7)
+    results.save()
     print(f"\n{args.out / 'sweep.json'}, {args.out / 'heatmaps.png'}")
 
 
