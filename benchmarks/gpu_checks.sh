@@ -16,5 +16,5 @@ export PYTHONUNBUFFERED=1
 python3 benchmarks/bench_losses.py --device cuda
 python3 benchmarks/bench_fused.py
 python3 benchmarks/bench_sparse_head.py --device cuda --classes 10000 100000 1000000 10000000 --repeats 10 --profile 100000
-python3 -m pytest -o addopts="" -p no:cacheprovider -q tests/test_cuda.py tests/test_fused.py tests/test_sparse_head.py
+python3 -m pytest -o addopts="" -p no:cacheprovider -q tests/test_cuda.py tests/test_fused.py tests/test_engines.py tests/test_sparse_head.py
 python3 benchmarks/bench_training.py --device cuda

@@ -95,6 +95,8 @@ def test_spkver_evaluate_reruns_the_recipes_evaluation_and_embed_then_score_give
                                       "--average_last=2"]), monkeypatch)
     first = (output / "results.md").read_text()
     assert first.startswith("### before training: cosine")
+    engine_lines = [line for line in (output / "log.txt").read_text().splitlines() if "loss engine:" in line]
+    assert len(engine_lines) == 1 and "loss engine: 'cpu' (the compiled CPU kernel" in engine_lines[0]
     settings = json.loads((output / "evaluation.json").read_text())
     assert settings["trial_lists"] == [f"{tiny_corpus}/trials.txt"] and settings["average_last"] == 2
     (output / "results.md").unlink()
@@ -190,6 +192,8 @@ USER_ERRORS = {  # argument replaced or added -> the one line that names it
     "a schedule of no epochs": ("--number_of_epochs=0", r".*ecapa512_qmargin.yaml: need 0 < final <= peak and "
                                                         r"0 <= warmup_epochs <= epochs; .* epochs=0"),
     "unknown head": ("--head=sparse", r".*ecapa512_qmargin.yaml: head must be 'dense' or 'streaming', got 'sparse'"),
+    "an engine that cannot serve the objective": ("--loss_engine=dense", r"loss_engine: engine 'dense' cannot serve "
+                                                                         r"this call: cross-entropy is the alpha = 1"),
 }
 
 

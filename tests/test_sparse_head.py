@@ -1,4 +1,6 @@
 """The streaming sparse head equals the dense objective, without (B, C) logits or gradients."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ OBJECTIVES = {
     "alphadiv-1.5": lambda: AlphaDiv(30.0, 1.5), "qmargin-1.5": lambda: QMargin(30.0, 0.2, 1.5),
     "a3m-1.5": lambda: A3M(30.0, 0.2, 1.5), "qmargin-1.2": lambda: QMargin(30.0, 0.2, 1.2),
     "a3m-2.0": lambda: A3M(30.0, 0.3, 2.0), "alphadiv-1.8": lambda: AlphaDiv(20.0, 1.8),
+    "qmargin-papers": lambda: QMargin(10.0, 0.2, 1.5),
 }
 
 
@@ -213,16 +216,26 @@ def test_targets_out_of_range_and_wrong_shapes_are_errors(bad):
         head(torch.randn(3, 8), torch.tensor([0, 1, 2]))
 
 
-def _sharded_worker(rank, world, port, name, candidates, result_path):
+def _sharded_problem(classes, spread, dim=16, batch=24):
+    """Prototypes (C, D), targets and embeddings at ``spread`` around their prototypes, seeded; with few
+    classes the prototypes crowd around one direction (an untrained head: every class in reach)."""
+    torch.manual_seed(0)
+    full = torch.nn.init.xavier_uniform_(torch.empty(classes, dim))
+    if classes < 10:
+        full = full.mean(0, keepdim=True) + 0.05 * full
+    targets = torch.randint(0, classes, (batch,))
+    embeddings = full[targets] + spread * torch.randn(batch, dim) / dim ** 0.5
+    return full, targets, embeddings
+
+
+def _sharded_worker(rank, world, port, name, candidates, classes, spread, result_path):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        classes, dim, batch = 301, 16, 24  # an odd count: the shards differ in size
-        full = torch.nn.init.xavier_uniform_(torch.empty(classes, dim))
-        targets = torch.randint(0, classes, (batch,))
-        embeddings = (full[targets] + 0.5 * torch.randn(batch, dim) / dim ** 0.5).requires_grad_(True)
+        full, targets, embeddings = _sharded_problem(classes, spread)
+        dim = full.shape[1]
+        embeddings.requires_grad_(True)
         head = StreamingSparseHead(classes, dim, OBJECTIVES[name](), chunk_size=32, candidates=candidates,
                                    process_group=dist.group.WORLD)
         with torch.no_grad():
@@ -235,10 +248,15 @@ def _sharded_worker(rank, world, port, name, candidates, result_path):
         dist.destroy_process_group()
 
 
-# candidates=151: more than the second shard's 150 classes, so the ranks must agree on one width
-@pytest.mark.parametrize("name, candidates", [("qmargin-1.5", 1), ("a3m-1.5", 1), ("alphadiv-1.8", 1),
-                                              ("qmargin-1.5", 151)])
-def test_sharded_head_over_two_gloo_processes_equals_the_dense_objective(name, candidates, tmp_path):
+# 301 classes (an odd count: the shards differ in size); candidates=151: more than the second shard's
+# 150 classes, so the ranks must agree on one width. 7 crowded classes with 4 candidates: a shard
+# keeps all its classes, every one in reach, so nothing certifies the rows whose target the other
+# shard holds, but nothing is left out of them either (they restreamed forever before).
+@pytest.mark.parametrize("name, candidates, classes, spread", [
+    ("qmargin-1.5", 1, 301, 0.5), ("a3m-1.5", 1, 301, 0.5), ("alphadiv-1.8", 1, 301, 0.5),
+    ("qmargin-1.5", 151, 301, 0.5), ("qmargin-papers", 4, 7, 0.5)])
+def test_sharded_head_over_two_gloo_processes_equals_the_dense_objective(name, candidates, classes, spread,
+                                                                         tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -246,14 +264,19 @@ def test_sharded_head_over_two_gloo_processes_equals_the_dense_objective(name, c
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_sharded_worker, args=(2, port, name, candidates, str(tmp_path / "r")), nprocs=2, join=True)
+    context = mp.spawn(_sharded_worker, args=(2, port, name, candidates, classes, spread, str(tmp_path / "r")),
+                       nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the sharded head did not finish in 120 s (ranks waiting on each other)")
     results = [torch.load(tmp_path / f"r.{rank}") for rank in range(2)]
 
-    torch.manual_seed(0)
-    classes, dim, batch = 301, 16, 24
-    weight = torch.nn.init.xavier_uniform_(torch.empty(classes, dim)).requires_grad_(True)
-    targets = torch.randint(0, classes, (batch,))
-    embeddings = (weight.detach()[targets] + 0.5 * torch.randn(batch, dim) / dim ** 0.5).requires_grad_(True)
+    weight, targets, embeddings = _sharded_problem(classes, spread)
+    weight.requires_grad_(True)
+    embeddings.requires_grad_(True)
     dense = OBJECTIVES[name]()(F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=1).T, targets)
     dense.backward()
     for result in results:

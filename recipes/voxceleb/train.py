@@ -35,19 +35,23 @@ from spkver.errors import UserError, format_user_error
 from spkver.evaluation import EvaluationSettings, evaluate_model, score_before_training
 from spkver.finetune import ONE_HOT_WARNING, initialise_from, one_hot_fraction
 from spkver.hparams import HparamsError, load, path_list
-from spkver.losses import StreamingSparseHead
+from spkver.losses import EngineError, StreamingSparseHead
 from spkver.models import CosineClassifier
 from spkver.scoring import ScoringError, read_trials
 
 logger = logging.getLogger(__name__)
 
 
-def check_settings(hparams, hparams_file):
+def check_settings(hparams, hparams_file, device="cpu"):
     """The user errors that can be caught before anything is written: one line naming the value."""
     try:
         BrainSettings.from_hparams(hparams)
     except HparamsError as error:
         raise HparamsError(f"{hparams_file}: {error}") from None
+    try:
+        hparams["objective"].check_engine(device)
+    except EngineError as error:
+        raise HparamsError(f"loss_engine: {error}") from None
     if hparams["head"] not in ("dense", "streaming"):
         raise HparamsError(f"{hparams_file}: head must be 'dense' or 'streaming', got {hparams['head']!r}")
     if hparams["head"] == "streaming":
@@ -117,7 +121,7 @@ def main():
         run_opts, backend_note = distributed.choose_backend(run_opts)
     sb.utils.distributed.ddp_init_group(run_opts)  # a no-op unless launched by torchrun
     hparams, composed = load(hparams_file, overrides)
-    check_settings(hparams, hparams_file)
+    check_settings(hparams, hparams_file, run_opts.device)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as resolved:
         resolved.write(composed)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],

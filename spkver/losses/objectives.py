@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from spkver.losses.checks import LossInputError, check_alpha, check_reduction
-from spkver.losses.engines import EngineChoice, check_engine_name
+from spkver.losses.engines import EngineChoice, check_engine_name, select_engine
 from spkver.losses.engines.base import SparsityStatistics, TargetMargin
 from spkver.losses.engines.triton_kernel import MARGIN_ANGULAR, MARGIN_COSINE, MARGIN_NONE
 from spkver.losses.loss import build_call, run_call
@@ -231,6 +231,13 @@ class CosineMarginObjective(nn.Module):
         (:math:`\alpha > 1`), and the lower bound of :math:`\tau` it contributes."""
         log_q = self.target_log_q()
         return target_logit if log_q is None else target_logit - log_alpha_of_inverse(log_q, self.alpha)
+
+    def check_engine(self, device="cpu") -> EngineChoice:
+        """The engine this objective's calls on ``device`` will run on, or the :class:`EngineError` saying
+        why the one it names cannot (checked before training, on a (2, 2) call of the same kind)."""
+        call = build_call(torch.zeros(2, 2, device=device), torch.zeros(2, dtype=torch.long, device=device),
+                          self.alpha, log_q_target=self.target_log_q(), logit_scale=self.scale)
+        return select_engine(self.engine, call)
 
     def forward(self, cosine: torch.Tensor, targets: torch.Tensor, engine: Optional[str] = None) -> torch.Tensor:
         """The loss of ``cosine`` (B, C) against ``targets`` (B,), on ``engine`` (default: this objective's)."""

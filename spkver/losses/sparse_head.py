@@ -261,8 +261,12 @@ class StreamingSparseHead(nn.Module):
                 top = self._all_reduce(best[:, 0].clone(), dist.ReduceOp.MAX) if sharded else best[:, 0]
                 target_logit = scale * objective.target_cosine(target_cosine.detach())
                 tau_lo = torch.maximum(scale * top, objective.target_bound(target_logit))
-                # A row is certified when its smallest kept logit is out of reach (a padding slot is -inf).
+                # A row is certified when its smallest kept logit is out of reach (a padding slot is -inf),
+                # or when this rank kept every class it holds: nothing was left out to certify (a shard
+                # of k classes or fewer would otherwise fail forever, however wide the stream).
                 failed = scale * best[:, -1] >= tau_lo - reach
+                if k >= local_classes:
+                    failed = torch.zeros_like(failed)
                 if sharded:  # a row that fails on any rank is redone on every rank
                     failed = self._all_reduce(failed.to(torch.int32), dist.ReduceOp.MAX).bool()
                 lowest, highest, failures = torch.cat([extremes, failed.sum()[None]]).tolist()
