@@ -37,6 +37,7 @@ import speechbrain as sb
 import torch
 
 from spkver import distributed
+from spkver.checkpoints import load_weights
 from spkver.hparams import HparamsError
 from spkver.losses import (
     ClassMeanAccumulator,
@@ -276,7 +277,7 @@ class SpeakerBrain(sb.Brain):
             checkpointer.add_recoverable(
                 "reinit_policy", policy,
                 custom_save_hook=lambda obj, path: torch.save(obj.state_dict(), path),
-                custom_load_hook=lambda obj, path, end_of_epoch=None: obj.load_state_dict(torch.load(path)),
+                custom_load_hook=lambda obj, path, end_of_epoch=None: obj.load_state_dict(load_weights(path)),
             )
         super().on_fit_start()
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -40,8 +42,8 @@ from spkver.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "AtomicCheckpointer", "STAGED_METAFNAME", "AVERAGED_MODEL", "average_state_dicts",
-           "average_last_checkpoints"]
+__all__ = ["CheckpointError", "load_weights", "AtomicCheckpointer", "STAGED_METAFNAME", "AVERAGED_MODEL",
+           "average_state_dicts", "average_last_checkpoints"]
 
 STAGED_METAFNAME = METAFNAME + ".partial"
 #: The averaged extractor in an experiment folder: what is evaluated, exported and reused when present.
@@ -50,6 +52,26 @@ AVERAGED_MODEL = "embedding_model.averaged.ckpt"
 
 class CheckpointError(UserError, ValueError):
     """Checkpoints that cannot be averaged or found: names the folder and the entry."""
+
+
+def load_weights(path):
+    """The contents of a checkpoint file (tensors in plain containers), read with torch's weights-only unpickler.
+
+    A file that holds anything else (a pickled object, whose loading would run code from the file) is
+    refused with a :class:`CheckpointError` naming it, and nothing in it is executed; so is a file that
+    is not a checkpoint at all.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        if found is None:  # the unpickler stopped on something that is not a pickle of objects
+            raise CheckpointError(f"{path}: not a readable checkpoint (torch's weights-only unpickler could not "
+                                  "read it)") from None
+        raise CheckpointError(f"{path}: refused: not a plain checkpoint of tensors; loading it would call "
+                              f"{found.group(1)} from the file") from None
+    except (OSError, RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from None
 
 
 class AtomicCheckpointer(Checkpointer):
@@ -154,5 +176,5 @@ def average_last_checkpoints(save_folder, last: int, recoverable: str = "embeddi
     if not checkpoints:
         raise CheckpointError(f"{folder}: no complete checkpoint holds {recoverable!r}")
     chosen = sorted(checkpoints, key=lambda c: c.meta["unixtime"])[-last:]
-    states = [torch.load(c.paramfiles[recoverable], map_location="cpu") for c in chosen]
+    states = [load_weights(c.paramfiles[recoverable]) for c in chosen]
     return average_state_dicts(states, [str(c.path) for c in chosen]), [c.path for c in chosen]

@@ -333,7 +333,7 @@ def _parameter_index(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) 
 
 def load_sharded_rows(head, optimizer: Optional[torch.optim.Optimizer], path) -> None:
     """Load a checkpoint written by :func:`save_sharded_rows`: each rank keeps its own rows."""
-    state = torch.load(path, map_location="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: never runs code from the file
     start, stop = head.class_offset, head.class_offset + head.weight.shape[0]
     if optimizer is None:
         weight = state["weight"]

@@ -52,13 +52,13 @@ def prototypes_of(folder) -> Optional[torch.Tensor]:
     save = Path(folder) / "save"
     if not save.is_dir():
         return None
-    from spkver.checkpoints import AtomicCheckpointer
+    from spkver.checkpoints import AtomicCheckpointer, load_weights
 
     checkpoint = AtomicCheckpointer(save).find_checkpoint(
         ckpt_predicate=lambda candidate: "classifier" in candidate.paramfiles)
     if checkpoint is None:
         return None
-    return torch.load(checkpoint.paramfiles["classifier"], map_location="cpu")["weight"]
+    return load_weights(checkpoint.paramfiles["classifier"])["weight"]
 
 
 def initialise_from(folder, extractor, classifier, speakers: dict) -> str:

@@ -224,11 +224,11 @@ class SpeakerEmbedder:
             raise ModelFolderError(f"{folder}: no spkver.json: not a trained experiment or exported model folder")
         card = json.loads(card_path.read_text())
         extractor = build_extractor(**card["extractor"])
-        from spkver.checkpoints import AVERAGED_MODEL
+        from spkver.checkpoints import AVERAGED_MODEL, load_weights
 
         weights = folder / "embedding_model.ckpt"
         if (folder / AVERAGED_MODEL).exists():  # an experiment folder whose last checkpoints were averaged
-            extractor.load_state_dict(torch.load(folder / AVERAGED_MODEL, map_location="cpu"))
+            extractor.load_state_dict(load_weights(folder / AVERAGED_MODEL))
         elif not weights.exists():  # an experiment folder: the latest complete checkpoint
             checkpoint = None
             if (folder / "save").is_dir():
@@ -238,9 +238,9 @@ class SpeakerEmbedder:
                     ckpt_predicate=lambda candidate: "embedding_model" in candidate.paramfiles)
             if checkpoint is None:
                 raise ModelFolderError(f"{folder}: no embedding_model.ckpt and no checkpoint under save/")
-            extractor.load_state_dict(torch.load(checkpoint.paramfiles["embedding_model"], map_location="cpu"))
+            extractor.load_state_dict(load_weights(checkpoint.paramfiles["embedding_model"]))
         else:  # exported: SpeechBrain's layout holds the backbone's weights
-            extractor.backbone.load_state_dict(torch.load(weights, map_location="cpu"))
+            extractor.backbone.load_state_dict(load_weights(weights))
         mean = np.load(folder / "mean_embedding.npy") if (folder / "mean_embedding.npy").exists() else None
         llr_calibration = cohort = None
         if (folder / "calibration.json").exists():

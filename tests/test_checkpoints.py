@@ -148,3 +148,28 @@ def test_checkpoints_of_different_models_are_not_averaged(tmp_path):
         average_last_checkpoints(tmp_path, 0)
     with pytest.raises(ValueError, match="no checkpoint folder"):
         average_last_checkpoints(tmp_path / "missing", 2)
+
+
+class _RunsCodeWhenLoaded:
+    """A pickle whose loading would create ``marker``: what a hostile checkpoint file does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_executed(tmp_path):
+    from spkver.checkpoints import CheckpointError, load_weights
+
+    marker = tmp_path / "executed"
+    torch.save({"weight": torch.zeros(2), "payload": _RunsCodeWhenLoaded(marker)}, tmp_path / "hostile.ckpt")
+    with pytest.raises(CheckpointError, match=r"hostile.ckpt: refused: not a plain checkpoint of tensors"):
+        load_weights(tmp_path / "hostile.ckpt")
+    assert not marker.exists()
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"garbage.ckpt: not a readable checkpoint"):
+        load_weights(tmp_path / "garbage.ckpt")
+    torch.save({"weight": torch.ones(2)}, tmp_path / "plain.ckpt")
+    assert torch.equal(load_weights(tmp_path / "plain.ckpt")["weight"], torch.ones(2))
