@@ -127,11 +127,10 @@ def check_log_q_y(log_q_y) -> float:
 
 
 def check_log_q_target(log_q_target, logits: torch.Tensor) -> Optional[torch.Tensor]:
-    """A (B,) float32 tensor; finiteness is checked with the rows (or here, for a number)."""
+    """A (B,) float32 tensor of per-row values, finiteness checked with the rows (one number for every
+    row is :func:`check_log_q_y`'s)."""
     if log_q_target is None:
         return None
-    if isinstance(log_q_target, (int, float)):
-        return torch.full((logits.shape[0],), check_log_q_y(log_q_target), device=logits.device)
     log_q_target = torch.as_tensor(log_q_target, dtype=torch.float32, device=logits.device)
     if log_q_target.dim() == 0:
         log_q_target = log_q_target.expand(logits.shape[0])
