@@ -19,10 +19,11 @@ from pathlib import Path
 
 from measure import Results
 
+from spkver.scoring import Stage
+
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["stage", "EER %", "minDCF(0.01)", "minDCF(0.05)", "TAR@FAR=1e-2 %", "TAR@FAR=1e-3 %", "TAR@FAR=1e-4 %",
            "miss@FAR=0.1 %", "Cllr", "minCllr", "actDCF(0.01)", "minDCF(0.01) of the LLRs"]
-TITLES = {"cosine": "cosine", "asnorm": "AS-norm", "calibrated": "AS-norm + calibration"}
 
 
 def cell(value, scale=1.0, digits=2) -> str:
@@ -52,7 +53,7 @@ def main():
                         str(ROOT / "hparams" / f"demo_{args.objective}.yaml")], cwd=ROOT, check=True)
         seconds = time.perf_counter() - started
     stages = json.loads((folder / "results.json").read_text())["stages"]
-    rows = [row(f"{moment.replace('_', ' ')}: {TITLES[name]}", stage[moment][0])
+    rows = [row(f"{moment.replace('_', ' ')}: {Stage(name).title(stage.get('scores', 'as-norm'))}", stage[moment][0])
             for moment in ("before_training", "after_training") for name, stage in stages.items() if moment in stage]
     trials = stages["cosine"]["after_training"][0]
     results = Results("experiment_demo", variant=args.objective)

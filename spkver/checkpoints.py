@@ -43,7 +43,7 @@ from spkver.errors import UserError
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "load_weights", "AtomicCheckpointer", "STAGED_METAFNAME", "AVERAGED_MODEL",
-           "average_state_dicts", "average_last_checkpoints"]
+           "average_state_dicts", "average_last_checkpoints", "write_average"]
 
 STAGED_METAFNAME = METAFNAME + ".partial"
 #: The averaged extractor in an experiment folder: what is evaluated, exported and reused when present.
@@ -178,3 +178,12 @@ def average_last_checkpoints(save_folder, last: int, recoverable: str = "embeddi
     chosen = sorted(checkpoints, key=lambda c: c.meta["unixtime"])[-last:]
     states = [load_weights(c.paramfiles[recoverable]) for c in chosen]
     return average_state_dicts(states, [str(c.path) for c in chosen]), [c.path for c in chosen]
+
+
+def write_average(folder, last: int) -> Tuple[Dict[str, torch.Tensor], List[Path]]:
+    """Average the experiment ``folder``'s last ``last`` checkpoints (under ``save/``) into
+    ``embedding_model.averaged.ckpt`` beside them: what ``SpeakerEmbedder`` then loads. Returns the averaged
+    state and the checkpoint folders used (see :func:`average_last_checkpoints`)."""
+    state, used = average_last_checkpoints(Path(folder) / "save", last)
+    torch.save(state, Path(folder) / AVERAGED_MODEL)
+    return state, used

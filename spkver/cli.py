@@ -331,13 +331,10 @@ def command_verify(args) -> int:
 
 
 def command_average(args) -> int:
-    import torch
-
-    from spkver.checkpoints import AVERAGED_MODEL, average_last_checkpoints
+    from spkver.checkpoints import AVERAGED_MODEL, write_average
 
     folder = Path(args.model)
-    state, used = average_last_checkpoints(folder / "save", args.last)
-    torch.save(state, folder / AVERAGED_MODEL)
+    _, used = write_average(folder, args.last)
     print(f"averaged the extractor of {len(used)} checkpoints ({', '.join(p.name for p in used)}) into "
           f"{folder / AVERAGED_MODEL}")
     if len(used) < args.last:

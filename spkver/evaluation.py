@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-import torch
 
 from spkver import metrics
 from spkver.calibration import Calibration, CalibrationError, fit_calibration, quality_features
-from spkver.checkpoints import AVERAGED_MODEL, average_last_checkpoints
+from spkver.checkpoints import AVERAGED_MODEL, write_average
 from spkver.data.datasets import manifest_roots
 from spkver.errors import UserError
 from spkver.inference import audio_seconds, embed_files, extractor_fingerprint
@@ -356,9 +355,8 @@ def average_experiment(folder, extractor, average_last: int) -> None:
     if average_last <= 1:
         averaged.unlink(missing_ok=True)  # not a stale average of an earlier run
         return
-    state, used = average_last_checkpoints(folder / "save", average_last)
+    state, used = write_average(folder, average_last)
     extractor.load_state_dict(state)
-    torch.save(state, averaged)
     logger.info(f"averaged the extractor over the last {len(used)} checkpoints ({used[0].name} to "
                 f"{used[-1].name}) into {averaged}")
 
