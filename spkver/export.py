@@ -1,21 +1,24 @@
-"""Exporting a trained extractor as a SpeechBrain pretrained folder (and ONNX).
+"""Exporting any model folder spkver reads as a SpeechBrain pretrained folder (and ONNX).
 
-``spkver export --model EXP_FOLDER --out PRETRAINED_FOLDER [--onnx]`` writes
-SpeechBrain's pretrained-model layout, loadable with SpeechBrain alone:
+``spkver export --model FOLDER --out PRETRAINED_FOLDER [--onnx]`` takes any layout of
+:data:`spkver.models.LAYOUTS` (a spkver experiment, a SpeechBrain hub folder, a WeSpeaker folder) and
+writes SpeechBrain's pretrained-model layout, which both toolkits load:
 
-* ``hyperparams.yaml`` — ``compute_features`` (80-dim ``Fbank``), ``mean_var_norm``
-  (sentence mean normalisation), ``embedding_model`` (SpeechBrain's ECAPA-TDNN or
-  ResNet), ``label_encoder`` and a ``pretrainer``, so that
-  ``EncoderClassifier.from_hparams(source=folder)`` and
-  ``SpeakerRecognition.verify_files`` work on it;
-* ``embedding_model.ckpt`` (the backbone's weights), ``label_encoder.txt``
-  (the training speakers), ``spkver.json``, ``mean_embedding.npy``, and when the
-  experiment has them ``calibration.json`` and ``cohort.npz`` (the threshold,
-  mean, LLR map and AS-norm cohort :class:`~spkver.inference.SpeakerEmbedder` uses);
-* with ``--onnx``, ``embedding_model.onnx``: the backbone with a dynamic time
-  axis.  The filterbank frontend is **not** in the ONNX graph: its input is
-  mean-normalised 80-dim log-Mel features ``(batch, frames, 80)``, as
-  ``compute_features`` + ``mean_var_norm`` produce them.
+* ``hyperparams.yaml`` -- ``compute_features``, ``mean_var_norm`` (sentence mean normalisation),
+  ``embedding_model``, ``label_encoder`` and a ``pretrainer``, so that
+  ``EncoderClassifier.from_hparams(source=folder)`` and ``SpeakerRecognition.verify_files`` work on
+  it. spkver's and SpeechBrain's extractors are SpeechBrain classes (``Fbank``, ``ECAPA_TDNN``,
+  ``ResNet``): SpeechBrain alone loads them. WeSpeaker's name spkver's classes (the Kaldi
+  front-end and the backbone), so loading them with SpeechBrain needs spkver installed;
+* ``embedding_model.ckpt`` (the backbone's weights), the embedding mean subtracted before scoring
+  (``mean_embedding.npy`` for spkver, ``mean_var_norm_emb.ckpt`` for SpeechBrain's
+  ``encode_batch(normalize=True)``) when the source has one, ``label_encoder.txt`` (the
+  prototypes' classes, when known), ``spkver.json`` (the extractor's spec, and the threshold), and
+  when the source has them ``calibration.json`` and ``cohort.npz`` (what
+  :class:`~spkver.inference.SpeakerEmbedder` reuses);
+* with ``--onnx``, ``embedding_model.onnx``: the backbone with a dynamic
+  time axis.  The front-end is **not** in the ONNX graph: its input is the mean-normalised
+  filterbanks ``(batch, frames, n_mels)`` that ``compute_features`` + ``mean_var_norm`` produce.
 """
 from __future__ import annotations
 
@@ -23,91 +26,111 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 
 from spkver.inference import SpeakerEmbedder
 
-__all__ = ["export_pretrained", "export_onnx"]
+__all__ = ["export_pretrained", "export_onnx", "speechbrain_objects"]
 
-_BACKBONES = {
-    "ecapa_tdnn": """embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
-    input_size: {n_mels}
-    channels: [{c}, {c}, {c}, {c}, {c3}]
-    lin_neurons: {embedding_dim}""",
-    "resnet34": """embedding_model: !new:speechbrain.lobes.models.ResNet.ResNet
-    input_size: {n_mels}
-    channels: [{b}, {b2}, {b4}, {b8}]
-    block_sizes: [3, 4, 6, 3]
-    strides: [1, 2, 2, 2]
-    lin_neurons: {embedding_dim}""",
-}
-
-_HYPERPARAMS = """# Exported by spkver: a speaker-embedding extractor in SpeechBrain's pretrained layout.
+_HEADER = """# Exported by spkver: a speaker-embedding extractor in SpeechBrain's pretrained layout.
 # EncoderClassifier.from_hparams(source=<this folder>) loads it; see spkver.json for the
 # verification threshold and score scale used by spkver.
-pretrained_path: {folder}
-sample_rate: 16000
-n_mels: {n_mels}
+"""
 
-compute_features: !new:speechbrain.lobes.features.Fbank
-    n_mels: !ref <n_mels>
-
-mean_var_norm: !new:speechbrain.processing.features.InputNormalization
-    norm_type: sentence
-    std_norm: False
-
-{backbone}
-
+_PRETRAINED = """
 label_encoder: !new:speechbrain.dataio.encoder.CategoricalEncoder
 
 modules:
     compute_features: !ref <compute_features>
     mean_var_norm: !ref <mean_var_norm>
-    embedding_model: !ref <embedding_model>
+    embedding_model: !ref <embedding_model>{embedding_norm_module}
 
 pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
     loadables:
         embedding_model: !ref <embedding_model>
-        label_encoder: !ref <label_encoder>
+        label_encoder: !ref <label_encoder>{embedding_norm_loadable}
     paths:
         embedding_model: !ref <pretrained_path>/embedding_model.ckpt
-        label_encoder: !ref <pretrained_path>/label_encoder.txt
+        label_encoder: !ref <pretrained_path>/label_encoder.txt{embedding_norm_path}
 """
 
 
-def _backbone_yaml(spec: dict) -> str:
-    if spec["architecture"] == "ecapa_tdnn":
+def _tagged(tag: str, arguments: dict) -> str:
+    body = yaml.safe_dump(arguments, default_flow_style=None, sort_keys=False).rstrip("\n")
+    return f"{tag}\n" + "\n".join("    " + line for line in body.splitlines())
+
+
+def speechbrain_objects(spec: dict) -> dict:
+    """``compute_features`` and ``embedding_model`` of an extractor spec, as HyperPyYAML tagged objects."""
+    architecture = spec["architecture"]
+    if architecture == "ecapa_tdnn":
         c = spec["channels"]
-        return _BACKBONES["ecapa_tdnn"].format(n_mels=spec["n_mels"], c=c, c3=3 * c,
-                                               embedding_dim=spec["embedding_dim"])
-    b = spec["base_channels"]
-    return _BACKBONES["resnet34"].format(n_mels=spec["n_mels"], b=b, b2=2 * b, b4=4 * b, b8=8 * b,
-                                         embedding_dim=spec["embedding_dim"])
+        return {"compute_features": _tagged("!new:speechbrain.lobes.features.Fbank", {"n_mels": spec["n_mels"]}),
+                "embedding_model": _tagged("!new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN", {
+                    "input_size": spec["n_mels"], "channels": [c] * 4 + [3 * c],
+                    "lin_neurons": spec["embedding_dim"]})}
+    if architecture == "resnet34":
+        b = spec["base_channels"]
+        return {"compute_features": _tagged("!new:speechbrain.lobes.features.Fbank", {"n_mels": spec["n_mels"]}),
+                "embedding_model": _tagged("!new:speechbrain.lobes.models.ResNet.ResNet", {
+                    "input_size": spec["n_mels"], "channels": [b, 2 * b, 4 * b, 8 * b], "block_sizes": [3, 4, 6, 3],
+                    "strides": [1, 2, 2, 2], "lin_neurons": spec["embedding_dim"]})}
+    if architecture == "speechbrain":
+        return {"compute_features": _tagged("!new:speechbrain.lobes.features.Fbank", spec["fbank"]),
+                "embedding_model": _tagged(f"!new:{spec['backbone']}", spec["arguments"])}
+    if architecture == "wespeaker":
+        n_mels = int(spec["model_args"].get("feat_dim", 80))
+        return {"compute_features": _tagged("!new:spkver.models.extractors.KaldiFilterbank", {"n_mels": n_mels}),
+                "embedding_model": _tagged("!apply:spkver.models.wespeaker.wespeaker_backbone",
+                                           {"model": spec["model"], "model_args": spec["model_args"]})}
+    raise ValueError(f"no SpeechBrain layout for architecture {architecture!r}")
 
 
-def _write_label_encoder(path: Path, speakers) -> None:
-    lines = [f"'{speaker}' => {index}" for speaker, index in sorted(speakers.items(), key=lambda item: item[1])]
-    path.write_text("\n".join(lines) + "\n================\n'starting_index' => 0\n")
+def _write_label_encoder(path: Path, classes) -> None:
+    lines = [f"'{name}' => {index}" for index, name in enumerate(classes)]
+    path.write_text("\n".join(lines + ["================", "'starting_index' => 0"]) + "\n")
 
 
-def export_pretrained(experiment, out, onnx: bool = False) -> Path:
-    """Write the pretrained folder for an experiment folder; return its path."""
-    experiment, out = Path(experiment), Path(out).resolve()
-    embedder = SpeakerEmbedder.from_pretrained(experiment)
-    spec = embedder.extractor.spec
+def export_pretrained(model_folder, out, onnx: bool = False) -> Path:
+    """Write the pretrained folder for any model folder spkver reads; return its path."""
+    from spkver.models import load_model
+
+    model_folder, out = Path(model_folder), Path(out).resolve()
+    model = load_model(model_folder)
+    embedder = SpeakerEmbedder.from_pretrained(model_folder)
+    extractor = embedder.extractor
+    spec = extractor.spec
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(embedder.extractor.backbone.state_dict(), out / "embedding_model.ckpt")
-    speakers_path = experiment / "manifests" / "speakers.json"
-    speakers = json.loads(speakers_path.read_text()) if speakers_path.exists() else {}
-    _write_label_encoder(out / "label_encoder.txt", speakers)
-    (out / "hyperparams.yaml").write_text(
-        _HYPERPARAMS.format(folder=out, n_mels=spec["n_mels"], backbone=_backbone_yaml(spec)))
-    shutil.copy(experiment / "spkver.json", out / "spkver.json")
-    for name in ("mean_embedding.npy", "calibration.json", "cohort.npz"):  # what verify and score reuse
-        if (experiment / name).exists():
-            shutil.copy(experiment / name, out / name)
+    torch.save(extractor.backbone.state_dict(), out / "embedding_model.ckpt")
+    _write_label_encoder(out / "label_encoder.txt", model.classes or [])
+    objects = speechbrain_objects(spec)
+    embedding_norm = {"embedding_norm_module": "", "embedding_norm_loadable": "", "embedding_norm_path": ""}
+    text = (_HEADER + f"pretrained_path: {out}\nsample_rate: 16000\n\n"
+            f"compute_features: {objects['compute_features']}\n\n"
+            "mean_var_norm: !new:speechbrain.processing.features.InputNormalization\n"
+            "    norm_type: sentence\n    std_norm: False\n\n"
+            f"embedding_model: {objects['embedding_model']}\n")
+    if embedder.mean is not None:  # SpeechBrain's global embedding normalisation (encode_batch(normalize=True))
+        mean = torch.from_numpy(embedder.mean).reshape(-1)
+        np.save(out / "mean_embedding.npy", embedder.mean)
+        torch.save({"count": 1, "glob_mean": mean, "glob_std": torch.ones_like(mean)}, out / "mean_var_norm_emb.ckpt")
+        text += ("\nmean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization\n"
+                 "    norm_type: global\n    std_norm: False\n")
+        embedding_norm = {"embedding_norm_module": "\n    mean_var_norm_emb: !ref <mean_var_norm_emb>",
+                          "embedding_norm_loadable": "\n        mean_var_norm_emb: !ref <mean_var_norm_emb>",
+                          "embedding_norm_path":
+                              "\n        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt"}
+    (out / "hyperparams.yaml").write_text(text + _PRETRAINED.format(**embedding_norm))
+    card = dict(model.card) or {"extractor": spec, "threshold": None,
+                                "calibration": f"none: exported from a {model.layout} ({model_folder})"}
+    (out / "spkver.json").write_text(json.dumps(card, indent=2) + "\n")
+    for name in ("calibration.json", "cohort.npz"):  # what verify and score reuse
+        if (model_folder / name).exists():
+            shutil.copy(model_folder / name, out / name)
     if onnx:
-        export_onnx(embedder.extractor, out / "embedding_model.onnx")
+        export_onnx(extractor, out / "embedding_model.onnx")
     return out
 
 
@@ -128,7 +151,7 @@ def export_onnx(extractor, path) -> Path:
             return embeddings.reshape(embeddings.shape[0], -1)
 
     model = Backbone(extractor.backbone).eval().cpu()
-    example = torch.randn(1, 200, extractor.spec["n_mels"])
+    example = torch.randn(1, 200, extractor.frontend.n_mels)
     torch.onnx.export(model, (example,), str(path), input_names=["features"], output_names=["embeddings"],
                       dynamic_axes={"features": {0: "batch", 1: "frames"}, "embeddings": {0: "batch"}},
                       opset_version=17, dynamo=False)

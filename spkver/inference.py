@@ -14,7 +14,6 @@ utterances of exactly equal trimmed length, so no batch is padded.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections import defaultdict
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from spkver.errors import UserError
+from spkver.models.folders import ModelFolderError
 
 __all__ = ["AudioError", "ModelFolderError", "SpeakerEmbedder", "Verification", "read_audio", "trimmed_length",
            "length_batches", "embed_files", "embed_waveform", "audio_seconds", "extractor_fingerprint",
@@ -35,10 +35,6 @@ SAMPLE_RATE = 16000
 
 class AudioError(UserError, ValueError):
     """An audio file cannot be embedded: the message names it."""
-
-
-class ModelFolderError(UserError, FileNotFoundError):
-    """A model folder lacks what it must hold (``spkver.json``, weights, the cohort its calibration needs)."""
 
 
 #: Shortest audio accepted for an embedding (ECAPA's frame layers see about 0.3 s of context).
@@ -211,37 +207,18 @@ class SpeakerEmbedder:
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu") -> "SpeakerEmbedder":
-        """Load from an experiment folder or an exported pretrained folder (both hold ``spkver.json``).
+        """Load from any model folder spkver reads (:func:`spkver.models.load_model`).
 
-        In an experiment folder: the averaged extractor (``embedding_model.averaged.ckpt``, written by
-        the recipe's ``average_last`` or ``spkver average``) when there is one, else the latest checkpoint.
+        spkver's experiment folders (the averaged extractor when there is one, else the latest
+        checkpoint) and exported folders bring their threshold, training mean, calibration and cohort;
+        SpeechBrain hub folders bring the extractor and their global embedding mean; WeSpeaker folders
+        the extractor.
         """
-        from spkver.models import build_extractor
+        from spkver.models import load_model
 
-        folder = Path(folder)
-        card_path = folder / "spkver.json"
-        if not card_path.exists():
-            raise ModelFolderError(f"{folder}: no spkver.json: not a trained experiment or exported model folder")
-        card = json.loads(card_path.read_text())
-        extractor = build_extractor(**card["extractor"])
-        from spkver.checkpoints import AVERAGED_MODEL, load_weights
-
-        weights = folder / "embedding_model.ckpt"
-        if (folder / AVERAGED_MODEL).exists():  # an experiment folder whose last checkpoints were averaged
-            extractor.load_state_dict(load_weights(folder / AVERAGED_MODEL))
-        elif not weights.exists():  # an experiment folder: the latest complete checkpoint
-            checkpoint = None
-            if (folder / "save").is_dir():
-                from spkver.checkpoints import AtomicCheckpointer
-
-                checkpoint = AtomicCheckpointer(folder / "save").find_checkpoint(
-                    ckpt_predicate=lambda candidate: "embedding_model" in candidate.paramfiles)
-            if checkpoint is None:
-                raise ModelFolderError(f"{folder}: no embedding_model.ckpt and no checkpoint under save/")
-            extractor.load_state_dict(load_weights(checkpoint.paramfiles["embedding_model"]))
-        else:  # exported: SpeechBrain's layout holds the backbone's weights
-            extractor.backbone.load_state_dict(load_weights(weights))
-        mean = np.load(folder / "mean_embedding.npy") if (folder / "mean_embedding.npy").exists() else None
+        model = load_model(folder)
+        folder, card, extractor = Path(folder), model.card, model.extractor
+        mean = model.mean
         llr_calibration = cohort = None
         if (folder / "calibration.json").exists():
             from spkver.calibration import load_calibration
