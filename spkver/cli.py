@@ -5,7 +5,9 @@
 * ``spkver calibrate`` trains a score-to-LLR map on a development list (:mod:`spkver.calibration`);
 * ``spkver evaluate`` evaluates a model folder in stages and writes its results and model card
   (:mod:`spkver.evaluation`: the recipe's last stage, re-runnable);
-* ``spkver prepare voxceleb`` writes training manifests (:mod:`spkver.data.voxceleb`);
+* ``spkver prepare voxceleb|folder|kaldi|cnceleb`` writes training manifests (:mod:`spkver.data.voxceleb`,
+  :mod:`~spkver.data.folder`, :mod:`~spkver.data.kaldi`, :mod:`~spkver.data.cnceleb`); ``spkver trials``
+  pairs a manifest's utterances into a trial list (:mod:`spkver.data.manifests`);
 * ``spkver convert-m4a`` decodes VoxCeleb2's m4a files (:mod:`spkver.data.convert`);
 * ``spkver synth`` generates the synthetic speaker corpus (:mod:`spkver.data.synth`);
 * ``spkver embed`` / ``verify`` / ``export`` reuse a trained extractor (:mod:`spkver.inference`,
@@ -210,16 +212,69 @@ def command_prepare_voxceleb(args) -> int:
                                min_seconds=args.min_seconds, valid_fraction=args.valid_fraction,
                                calibration_speakers=args.calibration_speakers, workers=args.workers,
                                progress=sys.stderr.isatty())
+    return _print_preparation(summary, args.out)
+
+
+def _print_preparation(summary: dict, out) -> int:
     train = summary["train"]
+    excluded = f"; excluded speakers: {summary['excluded_speakers']}" if "excluded_speakers" in summary else ""
     print(f"train: {train['speakers']} speakers, {train['utterances']} utterances, {train['rows']} chunks "
           f"({train['hours']} h); valid: {summary['valid']['rows']} chunks; "
-          f"trial utterances: {summary['trial_utterances']}; excluded speakers: {summary['excluded_speakers']}")
+          f"trial utterances: {summary['trial_utterances']}{excluded}; skipped files: {summary['skipped']}")
+    if summary.get("cache", {}).get("converted"):
+        print(f"resampled / down-mixed to 16 kHz mono once: {summary['cache']['converted']} files, into {out}/cache")
+    for name, counts in summary.get("trials", {}).items():
+        if "targets" in counts:
+            print(f"{name}: {counts['trials']} trials ({counts['targets']} targets) over {counts['utterances']} "
+                  f"utterances of {counts['speakers']} held-out speakers")
     if summary["calibration"]["speakers"]:
         print(f"calibration: {summary['calibration']['speakers']} speakers held out of training, "
               f"{summary['calibration']['utterances']} utterances")
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"manifests in {args.out}")
+    print(f"manifests in {out}")
+    return 0
+
+
+def _corpus_settings(args) -> dict:
+    return {"chunk_seconds": args.chunk_seconds, "min_seconds": args.min_seconds,
+            "valid_fraction": args.valid_fraction, "calibration_speakers": args.calibration_speakers,
+            "seed": args.seed, "workers": args.workers, "progress": sys.stderr.isatty()}
+
+
+def command_prepare_folder(args) -> int:
+    from spkver.data.folder import prepare_folder
+
+    summary = prepare_folder(args.root, args.out, test_speakers=args.test_speakers,
+                             trials_per_utterance=args.trials_per_utterance, **_corpus_settings(args))
+    return _print_preparation(summary, args.out)
+
+
+def command_prepare_kaldi(args) -> int:
+    from spkver.data.kaldi import prepare_kaldi
+
+    summary = prepare_kaldi(args.directory, args.out, test_speakers=args.test_speakers,
+                            trials_per_utterance=args.trials_per_utterance, **_corpus_settings(args))
+    return _print_preparation(summary, args.out)
+
+
+def command_prepare_cnceleb(args) -> int:
+    from spkver.data.cnceleb import prepare_cnceleb
+
+    summary = prepare_cnceleb(args.roots, args.out, **_corpus_settings(args))
+    return _print_preparation(summary, args.out)
+
+
+def command_trials(args) -> int:
+    from spkver.data.manifests import cross_session_trials, manifest_records, write_trials
+
+    records = manifest_records(Path(args.manifest))
+    trials = cross_session_trials(records, args.per_utterance, args.seed)
+    if not trials:
+        raise CommandError(f"{args.manifest}: no pairs: it lists fewer than two speakers")
+    write_trials(Path(args.out), trials)
+    print(f"{args.out}: {len(trials)} trials ({sum(t[0] for t in trials)} targets, cross-session) over "
+          f"{len(records)} utterances of {len({r[1] for r in records})} speakers")
     return 0
 
 
@@ -503,6 +558,54 @@ def build_parser() -> argparse.ArgumentParser:
                           "default 0: calibrate on the training speakers' held-out files)")
     vox.add_argument("--workers", type=int, default=8, help="parallel header readers")
     vox.set_defaults(handler=command_prepare_voxceleb)
+
+    def corpus_options(parser, held_out_test: bool = True):
+        parser.add_argument("--out", required=True, metavar="DIR", help="manifest folder (the recipe's data_folder)")
+        if held_out_test:
+            parser.add_argument("--test-speakers", type=int, default=0, metavar="N",
+                                help="hold N speakers out of training as a test set: their files, paired "
+                                     "across sessions, make DIR/trials.txt (default 0)")
+            parser.add_argument("--trials-per-utterance", type=_count_or_all, default=8, metavar="K",
+                                help="trials each test file enrols, half cross-session targets ('all': every "
+                                     "pair; default 8)")
+        parser.add_argument("--calibration-speakers", type=int, default=0, metavar="N",
+                            help="hold N speakers out of training for score calibration (calibration.csv)")
+        parser.add_argument("--chunk-seconds", type=float, default=3.0, help="training chunk length (default 3 s)")
+        parser.add_argument("--min-seconds", type=float, default=1.0,
+                            help="shorter files are skipped and listed (default 1 s)")
+        parser.add_argument("--valid-fraction", type=float, default=0.01, help="utterances held for validation")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the held-out choices")
+        parser.add_argument("--workers", type=int, default=8, help="parallel header readers")
+
+    for name, positional, handler, summary, description in (
+            ("folder", ("root", "ROOT", None), command_prepare_folder,
+             "a folder of speakers: ROOT/<speaker>/**/<audio file>",
+             "Each top-level folder of ROOT is a speaker, a sub-folder the session; any format soundfile reads. "
+             "Files that are not 16 kHz mono are converted once into DIR/cache; unreadable, empty and too-short "
+             "files are listed in DIR/skipped.tsv."),
+            ("kaldi", ("directory", "KALDI_DIR", None), command_prepare_kaldi,
+             "a Kaldi data directory: wav.scp + utt2spk (+ segments)",
+             "wav.scp entries may be files or pipes ('... |'); segments cut recordings into utterances. Pipes, "
+             "segments and audio that is not 16 kHz mono are decoded once into DIR/cache."),
+            ("cnceleb", ("roots", "ROOT", "+"), command_prepare_cnceleb,
+             "CN-Celeb1/2: ROOT/data/<speaker>/, ROOT/eval/{enroll,test,lists}",
+             "Every root's data/ trains (but the evaluation speakers); CN-Celeb1's eval/lists give DIR/trials.txt "
+             "with DIR/enroll.map (score with --enroll) and DIR/trials_concat.txt.")):
+        layout = corpora.add_parser(name, help=summary, description=description)
+        layout.add_argument(positional[0], metavar=positional[1], nargs=positional[2])
+        corpus_options(layout, held_out_test=name != "cnceleb")
+        layout.set_defaults(handler=handler)
+
+    trials = commands.add_parser(
+        "trials", help="a trial list from a manifest: cross-session pairs",
+        description="Pairs the utterances of a whole-file manifest (a prepared folder's trial_utterances.csv or "
+                    "calibration.csv): every cross-session pair, or K per utterance drawn with a seed.")
+    trials.add_argument("--manifest", required=True, metavar="CSV")
+    trials.add_argument("--out", required=True, metavar="FILE")
+    trials.add_argument("--per-utterance", type=_count_or_all, default=None, metavar="K",
+                        help="trials per enrolling utterance (default: every pair)")
+    trials.add_argument("--seed", type=int, default=0)
+    trials.set_defaults(handler=command_trials)
 
     convert = commands.add_parser("convert-m4a", help="decode VoxCeleb2 m4a to 16 kHz mono wav/flac (resumable)")
     convert.add_argument("source", metavar="SRC")

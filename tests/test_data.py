@@ -162,7 +162,7 @@ def test_prepare_lists_corrupt_files_and_missing_trial_utterances_without_crashi
     assert summary["unreadable"] == 1
     assert summary["trials"]["trials.txt"]["missing_utterances"] == 1
     assert any("id10012/nope0000000/00001.wav" in w for w in summary["warnings"])
-    assert str(corrupt) in (tmp_path / "out" / "unreadable.txt").read_text()
+    assert str(corrupt) in (tmp_path / "out" / "skipped.tsv").read_text()
 
 
 def test_training_on_voxceleb2_only_is_one_flag_away(tiny_corpus, tmp_path):

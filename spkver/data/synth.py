@@ -45,6 +45,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from scipy import signal
 
+from spkver.data.manifests import cross_session_trials
 from spkver.errors import UserError
 
 __all__ = ["SynthesisError", "SAMPLE_RATE", "Voice", "Channel", "synthesize_corpus", "make_voice", "make_channel",
@@ -384,25 +385,8 @@ def synthesize_corpus(out, speakers: int = 100, utterances: int = 20, seed: int 
         with ProcessPoolExecutor(max_workers=workers) as pool:
             list(tqdm(pool.map(_render_job, pending, chunksize=4), total=len(pending), desc="synthesising",
                       unit="utt", disable=not progress))
-    trials = _make_trials(records, speakers - test_speakers, trials_per_utterance, seed)
+    trials = cross_session_trials([r for r in records if r[1] >= speakers - test_speakers], trials_per_utterance,
+                                  seed)
     (out / "trials.txt").write_text("".join(f"{label} {a} {b}\n" for label, a, b in trials))
     return {"speakers": speakers, "utterances": len(records), "test_speakers": test_speakers,
             "trials": len(trials), "targets": sum(t[0] for t in trials), "out": str(out)}
-
-
-def _make_trials(records, first_test_speaker, per_utterance, seed):
-    test = [r for r in records if r[1] >= first_test_speaker]
-    if per_utterance is None:  # every pair once; a same-session target pair would share the channel
-        return [(int(a[1] == b[1]), a[0], b[0]) for i, a in enumerate(test) for b in test[i + 1:]
-                if a[1] != b[1] or a[2] != b[2]]
-    rng = np.random.default_rng([seed, 1])
-    trials = []
-    for utterance_id, speaker, session in test:
-        same = [r[0] for r in test if r[1] == speaker and r[2] != session]
-        other = [r[0] for r in test if r[1] != speaker]
-        for k in range(per_utterance):
-            if k % 2 == 0 and same:
-                trials.append((1, utterance_id, same[rng.integers(len(same))]))
-            else:
-                trials.append((0, utterance_id, other[rng.integers(len(other))]))
-    return trials
