@@ -34,7 +34,15 @@ import numpy as np
 from spkver import metrics
 from spkver.errors import UserError, format_user_error
 from spkver.report import DEFAULT_FARS, calibration_report, stage_rows, text_table
-from spkver.scoring import Stage, load_embeddings, read_trials, score_stages, speaker_mean_cohort
+from spkver.scoring import (
+    Stage,
+    load_embeddings,
+    read_enrolment_map,
+    read_trials,
+    score_stages,
+    speaker_mean_cohort,
+    with_enrolment,
+)
 
 
 class CommandError(UserError):
@@ -86,6 +94,8 @@ def _mean_of(args, store):
 def command_score(args) -> int:
     store = load_embeddings(args.embeddings)
     mean = _mean_of(args, store)
+    if args.enroll:
+        store = with_enrolment(store, read_enrolment_map(args.enroll), mean, source=args.enroll)
     cohort = _load_cohort(args)
     calibration = None
     if args.calibration:
@@ -519,6 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="false-acceptance rates for TAR@FAR (default 1e-2 1e-3 1e-4 1e-5)")
     score.add_argument("--allow-missing", action="store_true",
                        help="skip trials whose utterances have no embedding (and report how many)")
+    score.add_argument("--enroll", metavar="MAP",
+                       help="an enrolment map ('speaker file file ...' lines, CN-Celeb's enroll.map): a trial's "
+                            "enrolment side may name a speaker, scored by the mean of its files' normalised "
+                            "embeddings")
     score.set_defaults(handler=command_score)
 
     calibrate = commands.add_parser(

@@ -26,8 +26,8 @@ import torch
 from spkver.errors import UserError
 from spkver.models.folders import ModelFolderError
 
-__all__ = ["AudioError", "ModelFolderError", "SpeakerEmbedder", "Verification", "read_audio", "trimmed_length",
-           "length_batches", "embed_files", "embed_waveform", "audio_seconds", "extractor_fingerprint",
+__all__ = ["AudioError", "ModelFolderError", "SpeakerEmbedder", "Verification", "Identification", "read_audio",
+           "trimmed_length", "length_batches", "embed_files", "embed_waveform", "audio_seconds", "extractor_fingerprint",
            "MIN_SECONDS"]
 
 SAMPLE_RATE = 16000
@@ -169,6 +169,14 @@ class Verification(NamedTuple):
     threshold: Optional[float] = None
 
 
+class Identification(NamedTuple):
+    """One candidate of :meth:`SpeakerEmbedder.identify`: an enrolled speaker, its score and calibrated LLR."""
+
+    speaker: str
+    score: float
+    llr: Optional[float] = None
+
+
 class SpeakerEmbedder:
     """A trained extractor with its training-mean embedding and verification threshold.
 
@@ -200,6 +208,8 @@ class SpeakerEmbedder:
         #: this extractor's fingerprint; and the AS-norm cohort (``cohort.npz``) its scores may need.
         self.llr_calibration = llr_calibration
         self.cohort = cohort
+        #: Enrolled speakers (:meth:`enroll`): name -> (embedding, seconds of audio).
+        self.enrolled: Dict[str, tuple] = {}
         if llr_calibration is not None:
             llr_calibration.check_fingerprint(extractor_fingerprint(extractor), "this extractor")
             if llr_calibration.trained_on.get("scores") == "as-norm" and cohort is None:
@@ -256,29 +266,66 @@ class SpeakerEmbedder:
             a, b = a - self.mean, b - self.mean
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
-    def verify(self, path_a, path_b, prior: Optional[float] = None) -> Verification:
-        r"""Score a pair of files and decide (see :class:`Verification`).
+    def enroll(self, name: str, files: Sequence) -> None:
+        r"""Enrol a speaker from several files: the mean of their normalised embeddings (as ``spkver score --enroll``).
+
+        ``verify(name, file)`` then scores against it, and ``identify`` ranks it.
+        """
+        from spkver.scoring import EmbeddingStore, with_enrolment
+
+        if not files:
+            raise AudioError(f"enrol {name!r}: no files")
+        keys = [f"file{index}" for index in range(len(files))]
+        store = EmbeddingStore(keys, self.embed_files(files, progress=False), durations=audio_seconds(files))
+        enrolled = with_enrolment(store, {name: keys}, self.mean, source=f"enrolment of {name!r}")
+        self.enrolled[name] = (enrolled.embeddings[-1], float(enrolled.durations[-1]))
+
+    def _entry(self, name_or_path):
+        """(embedding, seconds) of an enrolled speaker, or of a file."""
+        if isinstance(name_or_path, str) and name_or_path in self.enrolled:
+            return self.enrolled[name_or_path]
+        return self.embed_file(name_or_path), float(audio_seconds([name_or_path])[0])
+
+    def _score(self, entries, enroll_rows, test_rows):
+        """Scores (and LLRs with a calibration) of trials between stored entries, as the folder's evaluation scores."""
+        from spkver.scoring import EmbeddingStore, Trials, as_norm, cosine_scores
+
+        ids = [f"entry{index}" for index in range(len(entries))]
+        store = EmbeddingStore(ids, np.stack([vector for vector, _ in entries]),
+                               durations=np.array([seconds for _, seconds in entries]))
+        trials = Trials([ids[i] for i in enroll_rows], [ids[i] for i in test_rows], None)
+        calibration = self.llr_calibration
+        if calibration is not None and calibration.trained_on.get("scores") == "as-norm":
+            scored = as_norm(store, trials, self.cohort, calibration.trained_on.get("asnorm_topk", 300), mean=self.mean)
+        else:
+            scored = cosine_scores(store, trials, mean=self.mean)
+        llrs = None if calibration is None else calibration.scored_llrs(store, scored, self.cohort, self.mean)
+        return scored.scores, llrs
+
+    def verify(self, enrolled_or_path, path, prior: Optional[float] = None) -> Verification:
+        r"""Score a file against an enrolled speaker (:meth:`enroll`) or another file, and decide.
 
         With a calibration the decision is Bayes's: accept when the LLR is at
         least :math:`\log((1-p)/p)` for the target prior ``p`` (by default the
         calibration's); without one, when the score reaches the stored threshold.
         """
-        a, b = self.embed_file(path_a), self.embed_file(path_b)
-        if self.llr_calibration is None:
-            score = self.score_embeddings(a, b)
+        scores, llrs = self._score([self._entry(enrolled_or_path), self._entry(path)], [0], [1])
+        score = float(scores[0])
+        if llrs is None:
             return Verification(score, None if self.threshold is None else score >= self.threshold, None,
                                 self.threshold)
         from spkver import metrics
-        from spkver.scoring import EmbeddingStore, Trials, as_norm, cosine_scores
 
-        calibration = self.llr_calibration
-        store = EmbeddingStore(["a", "b"], np.stack([a, b]), durations=audio_seconds([path_a, path_b]))
-        pair = Trials(["a"], ["b"], None)
-        if calibration.trained_on.get("scores") == "as-norm":
-            scored = as_norm(store, pair, self.cohort, calibration.trained_on.get("asnorm_topk", 300), mean=self.mean)
-        else:
-            scored = cosine_scores(store, pair, mean=self.mean)
-        score = float(scored.scores[0])
-        llr = float(calibration.scored_llrs(store, scored, self.cohort, self.mean)[0])
-        threshold = metrics.bayes_threshold(calibration.prior if prior is None else prior)
-        return Verification(score, llr >= threshold, llr, threshold)
+        threshold = metrics.bayes_threshold(self.llr_calibration.prior if prior is None else prior)
+        return Verification(score, float(llrs[0]) >= threshold, float(llrs[0]), threshold)
+
+    def identify(self, path, top_k: int = 5) -> List[Identification]:
+        """The ``top_k`` enrolled speakers closest to a file, best first, with calibrated LLRs when the folder has
+        a calibration (an LLR for each speaker on its own: they are not posteriors over the enrolled set)."""
+        if not self.enrolled:
+            raise AudioError("identify: no speaker is enrolled (embedder.enroll(name, files) first)")
+        names = list(self.enrolled)
+        entries = [self.enrolled[name] for name in names] + [self._entry(path)]
+        scores, llrs = self._score(entries, list(range(len(names))), [len(names)] * len(names))
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [Identification(names[i], float(scores[i]), None if llrs is None else float(llrs[i])) for i in order]

@@ -37,6 +37,8 @@ __all__ = [
     "ScoringError",
     "Stage",
     "score_stages",
+    "read_enrolment_map",
+    "with_enrolment",
     "mapped_stage",
     "EmbeddingStore",
     "Trials",
@@ -219,6 +221,61 @@ def load_embeddings(path) -> EmbeddingStore:
             raise
         raise ScoringError(f"{path}: not a readable .npz embedding store ({error})") from None
     return EmbeddingStore(ids, embeddings, source=str(path), durations=durations, fingerprint=fingerprint, mean=mean)
+
+
+def read_enrolment_map(path) -> Dict[str, List[str]]:
+    """An enrolment map: ``speaker file file ...`` lines (CN-Celeb's ``enroll.map``), speaker -> utterance IDs.
+
+    Errors name the file and line; a speaker listed twice is an error, not a silent merge.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ScoringError(f"{path}: cannot read the enrolment map ({error.strerror})") from None
+    enrolment: Dict[str, List[str]] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 2:
+            raise ScoringError(f"{path}:{number}: expected 'speaker file [file ...]', got {line!r}")
+        if fields[0] in enrolment:
+            raise ScoringError(f"{path}:{number}: speaker {fields[0]!r} is listed twice")
+        enrolment[fields[0]] = fields[1:]
+    if not enrolment:
+        raise ScoringError(f"{path}: the enrolment map is empty")
+    return enrolment
+
+
+def with_enrolment(store: EmbeddingStore, enrolment: Dict[str, List[str]], mean=None,
+                   source: str = "the enrolment map") -> EmbeddingStore:
+    r"""The store with one entry per enrolled speaker: the mean of its files' normalised embeddings.
+
+    .. math:: e_s = \frac{1}{|F_s|} \sum_{f \in F_s} \frac{x_f - \mu}{\lVert x_f - \mu \rVert}
+
+    stored as :math:`e_s + \mu`, so that every scoring stage, which subtracts :math:`\mu`, scores
+    :math:`e_s` (cosine, AS-norm and calibration alike); its duration, for calibration's quality
+    measure, is the sum of its files'. A speaker name that is also an utterance ID, or a file
+    without an embedding, is an error naming both.
+    """
+    mean = _check_mean(mean, store.dim)
+    names = list(enrolment)
+    clashes = [name for name in names if utterance_key(name) in store.index]
+    if clashes:
+        raise ScoringError(f"{source}: speaker {clashes[0]!r} is also an utterance ID of {store.source}")
+    vectors, durations = [], []
+    for name in names:
+        rows, missing = store.rows(enrolment[name])
+        if missing:
+            raise ScoringError(f"{source}: speaker {name!r}: {len(missing)} files have no embedding in "
+                               f"{store.source} (first: {', '.join(missing[:3])})")
+        enrolled = _normalised(store.embeddings[rows], mean, store, rows).mean(axis=0)
+        vectors.append(enrolled if mean is None else enrolled + mean)
+        durations.append(float(store.durations[rows].sum()) if store.durations is not None else 0.0)
+    return EmbeddingStore(store.ids + names, np.concatenate([store.embeddings, np.stack(vectors)]), store.source,
+                          None if store.durations is None else np.concatenate([store.durations, durations]),
+                          store.fingerprint, store.mean)
 
 
 @dataclass

@@ -66,6 +66,36 @@ def test_embedder_embeds_files_batches_and_verifies(experiment):
     assert score == pytest.approx(1.0, abs=1e-5) and same is True and llr is None
 
 
+def test_enrolled_speakers_are_verified_and_identified_by_the_mean_of_normalised_embeddings(experiment):
+    output, corpus = experiment
+    embedder = SpeakerEmbedder.from_pretrained(output)
+    by_speaker = {}
+    for path in _wavs(corpus):
+        by_speaker.setdefault(path.parent.parent.name, []).append(path)
+    speakers = sorted(by_speaker)[:3]
+    for speaker in speakers:
+        embedder.enroll(speaker, by_speaker[speaker][:3])
+    probe = by_speaker[speakers[1]][3]
+
+    def unit(vector):
+        centred = vector - embedder.mean
+        return centred / np.linalg.norm(centred)
+
+    models = {s: np.mean([unit(embedder.embed_file(f)) for f in by_speaker[s][:3]], axis=0) for s in speakers}
+    independent = {s: float(models[s] @ unit(embedder.embed_file(probe)) / np.linalg.norm(models[s])) for s in speakers}
+    result = embedder.verify(speakers[1], probe)
+    assert result.llr is not None  # AS-norm + LLR: the folder's calibration applies to enrolled speakers too
+    plain = SpeakerEmbedder(embedder.extractor, mean=embedder.mean, threshold=embedder.threshold)
+    plain.enrolled = embedder.enrolled
+    assert plain.verify(speakers[1], probe).score == pytest.approx(independent[speakers[1]], abs=1e-5)
+    ranked = plain.identify(probe, top_k=2)
+    assert [r.speaker for r in ranked] == sorted(speakers, key=lambda s: -independent[s])[:2]
+    assert all(r.llr is None for r in ranked)
+    calibrated = embedder.identify(probe, top_k=3)
+    assert len(calibrated) == 3 and all(r.llr is not None for r in calibrated)
+    assert [r.score for r in calibrated] == sorted((r.score for r in calibrated), reverse=True)
+
+
 def test_an_unfinished_checkpoint_save_is_not_loaded(experiment, tmp_path):
     """A run killed while saving leaves a newer folder without CKPT.yaml: the embedder ignores it."""
     output, corpus = experiment
