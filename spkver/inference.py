@@ -27,7 +27,8 @@ from spkver.errors import UserError
 from spkver.models.folders import ModelFolderError
 
 __all__ = ["AudioError", "ModelFolderError", "SpeakerEmbedder", "Verification", "Identification", "read_audio",
-           "trimmed_length", "length_batches", "embed_files", "embed_waveform", "audio_seconds", "extractor_fingerprint",
+           "trimmed_length", "length_batches", "embed_files", "embed_waveform", "audio_seconds",
+           "extractor_fingerprint",
            "MIN_SECONDS"]
 
 SAMPLE_RATE = 16000
