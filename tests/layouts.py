@@ -184,8 +184,11 @@ VOXCELEB_CLASSES = 7205  # the hub models' out_n_neurons: VoxCeleb2 dev + VoxCel
 
 
 def write_speechbrain_hub_folder(folder: Path, kind: str = "ecapa", classes: int = VOXCELEB_CLASSES,
-                                 seed: int = 0) -> Path:
-    """A hub folder with random weights at the real sizes: SpeechBrain's own modules, saved as its checkpointer does."""
+                                 seed: int = 0, channels: int = 1024) -> Path:
+    """A hub folder with random weights at the real sizes: SpeechBrain's own modules, saved as its checkpointer does.
+
+    ``channels`` (ECAPA only) below the published 1024 makes a smaller model in the same layout, for training.
+    """
     from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
     from speechbrain.lobes.models.ECAPA_TDNN import Classifier as ECAPAClassifier
     from speechbrain.lobes.models.ResNet import Classifier as ResNetClassifier
@@ -194,9 +197,11 @@ def write_speechbrain_hub_folder(folder: Path, kind: str = "ecapa", classes: int
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "ecapa":
-        backbone = ECAPA_TDNN(80, channels=[1024, 1024, 1024, 1024, 3072], kernel_sizes=[5, 3, 3, 3, 1],
-                              dilations=[1, 2, 3, 4, 1], attention_channels=128, lin_neurons=192)
-        classifier, dim, text = ECAPAClassifier(192, out_neurons=classes), 192, ECAPA_HUB_HYPERPARAMS
+        widths = [channels] * 4 + [3 * channels]
+        backbone = ECAPA_TDNN(80, channels=widths, kernel_sizes=[5, 3, 3, 3, 1], dilations=[1, 2, 3, 4, 1],
+                              attention_channels=128, lin_neurons=192)
+        classifier, dim = ECAPAClassifier(192, out_neurons=classes), 192
+        text = ECAPA_HUB_HYPERPARAMS.replace("[1024, 1024, 1024, 1024, 3072]", str(widths))
     else:
         backbone = ResNet(80, channels=[128, 128, 256, 256], strides=[1, 2, 2, 2], block_sizes=[3, 4, 6, 3],
                           lin_neurons=256)
@@ -212,7 +217,7 @@ def write_speechbrain_hub_folder(folder: Path, kind: str = "ecapa", classes: int
                 "spk_dict_mean": {}, "spk_dict_std": {}, "spk_dict_count": {}}, folder / "mean_var_norm_emb.ckpt")
     labels = [f"'id{index:05d}' => {index}" for index in range(classes)]
     (folder / "label_encoder.txt").write_text("\n".join(labels + ["================", "'starting_index' => 0"]) + "\n")
-    (folder / "hyperparams.yaml").write_text(text)
+    (folder / "hyperparams.yaml").write_text(text.replace("out_n_neurons: 7205", f"out_n_neurons: {classes}"))
     (folder / "config.json").write_text('{"speechbrain_interface": "SpeakerRecognition"}\n')
     return folder
 

@@ -8,16 +8,13 @@ from spkver.checkpoints import AtomicCheckpointer
 from spkver.hparams import HparamsError, compose, load, path_list
 
 HPARAMS = Path(__file__).resolve().parent.parent / "hparams"
-# Experiment files are <model>_<objective>.yaml (and finetune_*.yaml); recipe.yaml and demo.yaml are shared pieces.
+# Experiment files are <model>_<objective>.yaml (fine-tuning files: finetune/); recipe.yaml and demo.yaml are pieces.
 EXPERIMENTS = sorted(p.name for p in HPARAMS.glob("*_*.yaml"))
 
 
 def _required(name, tmp_path):
     """The keys an experiment file leaves to the command line."""
-    keys = {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")}
-    if name.startswith("finetune"):
-        keys["init_from"] = str(tmp_path / "trained")
-    return keys
+    return {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")}
 
 
 def test_there_is_one_experiment_file_per_model_and_objective():
@@ -106,7 +103,7 @@ def test_every_experiment_uses_the_papers_settings_without_a_warning(name, tmp_p
     objective = hparams["objective"]
     if objective.alpha > 1:
         assert (objective.scale, objective.alpha) == (10.0, 1.5)
-        if hparams["objective_name"] != "alphadiv" and not name.startswith("finetune_qmargin_large"):
+        if hparams["objective_name"] != "alphadiv":
             assert objective.base_margin == (0.1 if hparams["model_name"] == "resnet34" else 0.2)
     else:
         assert objective.scale == 32.0 and objective.base_margin in (0.0, 0.2)
@@ -123,16 +120,33 @@ def test_the_papers_other_pairs_are_one_override_away(tmp_path):
         assert (hparams["objective"].scale, hparams["objective"].alpha) == (scale, alpha)
 
 
-def test_finetuning_follows_the_papers_schedule(tmp_path):
-    """10 epochs at 1e-4 -> 5e-5, the margin fixed from the first step; the large-margin variant on 6 s crops."""
-    hparams, _ = load(HPARAMS / "finetune_qmargin.yaml", _required("finetune_qmargin.yaml", tmp_path))
+@pytest.fixture(scope="module")
+def wespeaker_folder(tmp_path_factory):
+    from tests.layouts import write_wespeaker_folder
+
+    return write_wespeaker_folder(tmp_path_factory.mktemp("ws") / "model", "ResNet18",
+                                  {"feat_dim": 80, "embed_dim": 256, "pooling_func": "TSTP", "two_emb_layer": False},
+                                  classes=4)
+
+
+@pytest.mark.parametrize("name, margin, crop", [("qmargin.yaml", 0.1, 2.0), ("wespeaker_resnet34.yaml", 0.1, 2.0),
+                                                ("speechbrain_ecapa.yaml", 0.2, 2.0), ("large_margin.yaml", 0.5, 6.0)])
+def test_finetuning_follows_the_papers_schedule_from_the_starting_models_own_extractor(name, margin, crop, tmp_path,
+                                                                                      wespeaker_folder):
+    """10 epochs at 1e-4 -> 5e-5, Q-Margin (10, 1.5), the margin fixed from the first step, no speed
+    perturbation; the extractor (and its front-end) is the starting model's; the data a prepared corpus."""
+    hparams, _ = load(HPARAMS / "finetune" / name, {**_required(name, tmp_path), "init_from": str(wespeaker_folder)})
     schedule = hparams["lr_schedule"]
     assert (schedule.peak, schedule.final, schedule.warmup, schedule.epochs) == (1e-4, 5e-5, 0, 10)
-    assert hparams["margin_warmup"].fraction(0.0) == 1.0 and hparams["init_from"] == str(tmp_path / "trained")
-    assert hparams["experiment_name"] == "resnet34_finetune_qmargin"
-    large, _ = load(HPARAMS / "finetune_qmargin_large_margin.yaml", _required("finetune_qmargin.yaml", tmp_path))
-    assert large["crop_seconds"] == 6.0 and large["objective"].base_margin == 0.3
-    assert large["lr_schedule"].epochs == 10
-    with pytest.raises(HparamsError, match=r"finetune_qmargin.yaml: 'init_from' is a !PLACEHOLDER and must be "
-                                           r"replaced"):  # the starting model must be named
-        load(HPARAMS / "finetune_qmargin.yaml", {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")})
+    assert hparams["margin_warmup"].fraction(0.0) == 1.0 and hparams["speed_perturb"] is None
+    objective = hparams["objective"]
+    assert (objective.scale, objective.alpha, objective.base_margin) == (10.0, 1.5, margin)
+    assert hparams["crop_seconds"] == crop
+    assert hparams["embedding_model"].spec["architecture"] == "wespeaker"
+    assert hparams["embedding_model"].frontend.kind == "kaldi"
+    assert hparams["manifest_folder"] == str(tmp_path) and hparams["trial_lists"] == [f"{tmp_path}/trials.txt"]
+
+
+def test_finetuning_names_its_missing_starting_model(tmp_path):
+    with pytest.raises(HparamsError, match=r"qmargin.yaml: 'init_from' is a !PLACEHOLDER and must be replaced"):
+        load(HPARAMS / "finetune" / "qmargin.yaml", _required("qmargin.yaml", tmp_path))

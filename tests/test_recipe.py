@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -261,11 +262,10 @@ def test_a_killed_run_resumes_mid_epoch_and_finishes(tiny_corpus, tmp_path):
 
 
 def _parameters(folder):
-    from spkver.finetune import prototypes_of
-    from spkver.inference import SpeakerEmbedder
+    from spkver.models import load_model
 
-    return [p.detach().clone() for p in SpeakerEmbedder.from_pretrained(folder).extractor.parameters()], \
-        prototypes_of(folder)
+    model = load_model(folder)
+    return [p.detach().clone() for p in model.extractor.parameters()], model.prototypes
 
 
 def test_finetuning_starts_from_the_trained_extractor_and_prototypes_of_the_same_speakers(
@@ -276,7 +276,7 @@ def test_finetuning_starts_from_the_trained_extractor_and_prototypes_of_the_same
     frozen = ["--peak_lr=1e-9", "--final_lr=1e-9", "--lr_warmup_epochs=0", f"--init_from={source}"]
     _run_in_process(_arguments(tiny_corpus, target, epochs=1, extra=frozen), monkeypatch)
     log = (target / "log.txt").read_text()
-    assert f"fine-tuning from {source}: extractor and the prototypes of its 7 speakers" in log
+    assert f"fine-tuning from {source} (spkver experiment): extractor; the prototypes of its 7 speakers" in log
     assert re.search(r"[\d.]+ % of training examples are already one-hot \(zero loss, zero gradient\) under "
                      r"QMargin\(scale=10.0", log)
     (before, prototypes), (after, finetuned_prototypes) = _parameters(source), _parameters(target)
@@ -285,19 +285,71 @@ def test_finetuning_starts_from_the_trained_extractor_and_prototypes_of_the_same
     torch.testing.assert_close(prototypes, finetuned_prototypes, atol=1e-6, rtol=0)
 
 
-def test_finetuning_on_other_speakers_takes_the_extractor_and_fresh_prototypes(tiny_corpus, tmp_path, monkeypatch):
+def test_finetuning_on_other_speakers_starts_the_prototypes_at_class_means(tiny_corpus, tmp_path, monkeypatch):
     from spkver.data.synth import synthesize_corpus
 
     source = tmp_path / "cosface"
     _run_in_process(_arguments(tiny_corpus, source, "cosface", epochs=1), monkeypatch)
-    other = tmp_path / "other_corpus"  # 6 training speakers instead of 7
+    other = tmp_path / "other_corpus"  # 6 training speakers instead of 7, all of other names
     synthesize_corpus(other, speakers=9, utterances=4, seed=8, min_seconds=1.2, max_seconds=1.6, test_speakers=3,
                       progress=False)
+    for folder in sorted((other / "wav").iterdir()):
+        folder.rename(folder.with_name("id2" + folder.name[3:]))
+    (other / "trials.txt").write_text((other / "trials.txt").read_text().replace(" id1", " id2"))
     _run_in_process(_arguments(other, tmp_path / "finetuned", epochs=1, extra=[f"--init_from={source}"]),
                     monkeypatch)
-    assert (f"fine-tuning from {source}: extractor only; prototypes freshly initialised (its speakers differ "
-            "from this experiment's)") in (tmp_path / "finetuned" / "log.txt").read_text()
+    log = (tmp_path / "finetuned" / "log.txt").read_text()
+    assert (f"fine-tuning from {source} (spkver experiment): extractor; prototypes start at the normalised "
+            "class-mean embeddings under the starting model (6 of 6 classes seen") in log
     assert _after_training(json.loads((tmp_path / "finetuned" / "results.json").read_text()), "cosine")
+
+
+@pytest.fixture(scope="module")
+def prepared_folder(tiny_corpus, tmp_path_factory):
+    """The tiny corpus as a user's folder of speakers (ROOT/<speaker>/<session>/<file>), prepared."""
+    from spkver.cli import main
+
+    root = tmp_path_factory.mktemp("own_data")
+    for path in sorted((tiny_corpus / "wav").glob("*/*/*.wav")):
+        target = root / "speakers" / path.relative_to(tiny_corpus / "wav")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path)
+    assert main(["prepare", "folder", str(root / "speakers"), "--out", str(root / "prepared"), "--test-speakers", "3",
+                 "--min-seconds", "0.5", "--valid-fraction", "0.3"]) == 0
+    return root / "prepared"
+
+
+@pytest.mark.parametrize("layout", ["WeSpeaker folder", "SpeechBrain hub folder"])
+def test_finetuning_a_public_model_on_a_prepared_folder_keeps_its_front_end_and_exports(layout, prepared_folder,
+                                                                                      tmp_path, monkeypatch):
+    from spkver.inference import SpeakerEmbedder
+    from spkver.models import load_model
+    from tests.layouts import write_speechbrain_hub_folder, write_wespeaker_folder
+
+    if layout == "WeSpeaker folder":
+        start = write_wespeaker_folder(tmp_path / "start", "ResNet18", {"feat_dim": 80, "embed_dim": 256,
+                                                                        "pooling_func": "TSTP", "two_emb_layer": False},
+                                       classes=20)
+    else:
+        start = write_speechbrain_hub_folder(tmp_path / "start", "ecapa", classes=20, channels=64)
+    output = tmp_path / "finetuned"
+    _run_in_process([str(ROOT / "hparams" / "finetune" / "qmargin.yaml"), f"--init_from={start}",
+                     f"--data_folder={prepared_folder}", f"--output_folder={output}", "--number_of_epochs=1",
+                     "--batch_size=8", "--num_workers=0", "--crop_seconds=1.0", "--mean_utterances=10",
+                     "--average_last=1"], monkeypatch)
+    log = (output / "log.txt").read_text()
+    assert f"fine-tuning from {start} ({layout}): extractor; prototypes start at the normalised class-mean" in log
+    assert "the zero-loss cosine lead is 0.33: reachable" in log
+    assert _after_training(json.loads((output / "results.json").read_text()), "cosine")[0]["trials"] > 0
+    finetuned = load_model(output).extractor
+    assert finetuned.spec == load_model(start).extractor.spec  # the starting model's architecture and front-end
+    exported = tmp_path / "exported"
+    from spkver.cli import main
+
+    assert main(["export", "--model", str(output), "--out", str(exported)]) == 0
+    a, b = SpeakerEmbedder.from_pretrained(output), SpeakerEmbedder.from_pretrained(exported)
+    wav = next(iter(sorted(prepared_folder.parent.rglob("*.wav"))))
+    np.testing.assert_allclose(a.embed_file(wav), b.embed_file(wav), rtol=1e-5, atol=1e-5)
 
 
 def test_finetuning_from_another_architecture_or_a_missing_folder_is_one_line(tiny_corpus, tmp_path, monkeypatch,
@@ -329,5 +381,6 @@ def test_spkver_sparsity_measures_the_one_hot_fraction_of_an_experiment(tiny_cor
         assert match, line
         fractions.append(float(match.group(1)))
     assert fractions[1] <= fractions[0]  # a larger margin leaves fewer examples with nothing to learn
+    assert "(spkver experiment; the prototypes of its 7 speakers (matched by name))" in line
     assert main(["sparsity", "--model", str(tmp_path), "--alpha", "1.5", "--scale", "10"]) == 2
-    assert "needs an experiment folder, with its checkpoints under save/" in capsys.readouterr().err
+    assert "no prepared training manifests (train.csv): give --manifests" in capsys.readouterr().err

@@ -12,8 +12,10 @@ list as cosine, AS-norm and calibrated LLRs, write results.md/json, cohort.npz, 
 the model card and evaluation.json).
 Multi-process: torchrun --nproc_per_node=N recipes/voxceleb/train.py ... (DDP: NCCL on GPUs, gloo on
 CPUs; rank 0 alone prepares, checkpoints, evaluates and writes; docs/recipes.md#multi-process-training).
-Fine-tuning: --init_from=FOLDER (an experiment or exported folder) starts from its extractor, and
-from its prototypes when it trained on the same speakers (hparams/finetune_qmargin.yaml).
+Fine-tuning: --init_from=FOLDER (any model folder spkver reads: a spkver experiment or export, a
+SpeechBrain hub folder, a WeSpeaker folder) starts from its extractor, and from its prototypes when it
+trained on the same speakers, else from the training speakers' class means (hparams/finetune/).
+A data_folder that holds prepared manifests (spkver prepare ... --out DATA) is used as it is.
 """
 import json
 import logging
@@ -33,7 +35,7 @@ from spkver.data.synth import synthesize_corpus
 from spkver.data.voxceleb import prepare_voxceleb
 from spkver.errors import UserError, format_user_error
 from spkver.evaluation import EvaluationSettings, evaluate_model, score_before_training
-from spkver.finetune import ONE_HOT_WARNING, initialise_from, one_hot_fraction
+from spkver.finetune import ONE_HOT_WARNING, PROTOTYPE_STARTS, initialise_from, one_hot_fraction, zero_loss_lead
 from spkver.hparams import HparamsError, load, path_list
 from spkver.losses import EngineError, StreamingSparseHead
 from spkver.models import CosineClassifier
@@ -60,12 +62,19 @@ def check_settings(hparams, hparams_file, device="cpu"):
         except ValueError as error:
             raise HparamsError(f"head: {error}") from None
     hparams["trial_lists"] = path_list(hparams["trial_lists"], "trial_lists")
+    manifests = Path(hparams["manifest_folder"])
+    if manifests == Path(hparams["data_folder"]) and not (manifests / "counts.json").exists():
+        raise HparamsError(f"data_folder: {manifests} holds no prepared corpus (counts.json): prepare it first with "
+                           f"spkver prepare folder|kaldi|cnceleb|voxceleb ... --out {manifests}")
     if not hparams["synthetic_corpus"] and not Path(hparams["data_folder"]).is_dir():
         raise HparamsError(f"data_folder: {hparams['data_folder']} is not a folder (a VoxCeleb1 layout with wav/)")
     if hparams["vox2_folder"] is not None and not Path(hparams["vox2_folder"]).is_dir():
         raise HparamsError(f"vox2_folder: {hparams['vox2_folder']} is not a folder (VoxCeleb2 dev with aac/ or wav/)")
     if hparams["init_from"] is not None and not Path(hparams["init_from"]).is_dir():
         raise HparamsError(f"init_from: {hparams['init_from']} is not a folder (an experiment or exported model)")
+    if hparams["init_prototypes"] not in PROTOTYPE_STARTS:
+        raise HparamsError(f"init_prototypes must be one of {', '.join(PROTOTYPE_STARTS)}, got "
+                           f"{hparams['init_prototypes']!r}")
 
 
 def check_trial_lists(paths):
@@ -112,6 +121,9 @@ def report_one_hot_fraction(brain, hparams, train_set):
                        "(a larger margin, or a smaller alpha, gives those examples a loss again)")
     else:
         logger.info(message)
+    lead = zero_loss_lead(hparams["objective"])
+    if lead is not None:
+        (logger.warning if lead[0] > 1.0 else logger.info)(lead[1])
 
 
 def main():
@@ -146,7 +158,11 @@ def main():
     fine_tuning = hparams["init_from"] is not None and not hparams["checkpointer"].list_checkpoints()
     if fine_tuning:  # a fresh start from a trained extractor (a resumed run has its own checkpoint)
         speakers = json.loads((Path(hparams["manifest_folder"]) / "speakers.json").read_text())
-        logger.info(initialise_from(hparams["init_from"], hparams["embedding_model"], classifier, speakers))
+        device = torch.device(run_opts.get("device") or "cpu")
+        hparams["embedding_model"].to(device)  # the class means are one pass of the starting extractor
+        loader = sb.dataio.dataloader.make_dataloader(train_set, batch_size=hparams["batch_size"], shuffle=True)
+        logger.info(initialise_from(hparams["init_from"], hparams["embedding_model"], classifier, speakers,
+                                    hparams["init_prototypes"], loader, device, hparams["prototype_init_examples"]))
     brain = SpeakerBrain(modules={"embedding_model": hparams["embedding_model"], "classifier": classifier},
                          opt_class=hparams["opt_class"], hparams=hparams, run_opts=run_opts,
                          checkpointer=hparams["checkpointer"])
