@@ -1,6 +1,6 @@
-"""Make docs/benchmarks.md's tables from the runs' JSON files (benchmarks/results/*.json).
+"""Make the docs' tables from the runs' JSON files (benchmarks/results/*.json).
 
-Every benchmark writes its figures through measure.Results. In docs/benchmarks.md a block
+Every benchmark writes its figures through measure.Results. In a page of docs/ a block
 
     <!-- results: bench_losses.cpu methods_256x5994 -->
     ...
@@ -9,7 +9,7 @@ Every benchmark writes its figures through measure.Results. In docs/benchmarks.m
 is replaced by one header line (the run's command, machine and date, and the table's title) and
 the table as recorded, so that a figure in the docs cannot drift from its run.
 
-    python benchmarks/report.py           # rewrite docs/benchmarks.md
+    python benchmarks/report.py           # rewrite the pages of docs/ that hold blocks
     python benchmarks/report.py --check   # exit 1, naming the blocks, if the docs differ from the runs
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from measure import RESULTS_FOLDER, markdown
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"(<!-- results: (\S+) (\S+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
 
@@ -32,7 +32,7 @@ def render(run: dict, key: str) -> str:
     return f"{header}\n\n{markdown(table)}\n"
 
 
-def regenerate(text: str, folder: Path = RESULTS_FOLDER) -> str:
+def regenerate(text: str, folder: Path = RESULTS_FOLDER, page: str = "docs") -> str:
     """``text`` with every results block made anew from ``folder``'s runs."""
     runs = {}
 
@@ -41,7 +41,7 @@ def regenerate(text: str, folder: Path = RESULTS_FOLDER) -> str:
         if name not in runs:
             path = folder / f"{name}.json"
             if not path.exists():
-                raise SystemExit(f"report.py: error: {DOC.name} names {name}, and {path} does not exist "
+                raise SystemExit(f"report.py: error: {page} names {name}, and {path} does not exist "
                                  f"(run the benchmark: python benchmarks/{name.split('.')[0]}.py)")
             runs[name] = json.loads(path.read_text())
         if key not in runs[name]["tables"]:
@@ -56,19 +56,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check that the docs match the runs")
     args = parser.parse_args()
-    text = DOC.read_text()
-    made = regenerate(text)
-    if args.check:
-        stale = [f"{a.group(2)} {a.group(3)}" for a, b in zip(BLOCK.finditer(text), BLOCK.finditer(made))
-                 if a.group(0) != b.group(0)]
-        if stale:
-            print(f"{DOC}: tables differ from their runs: {', '.join(stale)} (python benchmarks/report.py)",
-                  file=sys.stderr)
-            sys.exit(1)
-        print(f"{DOC}: {len(BLOCK.findall(text))} tables match their runs")
-        return
-    DOC.write_text(made)
-    print(f"{DOC}: {len(BLOCK.findall(made))} tables written")
+    stale, blocks = [], 0
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text()
+        made = regenerate(text, page=page.name)
+        blocks += len(BLOCK.findall(text))
+        if args.check:
+            stale += [f"{page.name}: {a.group(2)} {a.group(3)}"
+                      for a, b in zip(BLOCK.finditer(text), BLOCK.finditer(made)) if a.group(0) != b.group(0)]
+        elif made != text:
+            page.write_text(made)
+    if stale:
+        print(f"tables differ from their runs: {', '.join(stale)} (python benchmarks/report.py)", file=sys.stderr)
+        sys.exit(1)
+    print(f"{DOCS}: {blocks} tables {'match their runs' if args.check else 'made from their runs'}")
 
 
 if __name__ == "__main__":

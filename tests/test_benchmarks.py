@@ -27,7 +27,7 @@ def test_no_script_patches_sys_path_or_imports_a_sibling_other_than_measure():
         assert not imported & siblings, (path.name, imported & siblings)
 
 
-def test_the_tables_of_docs_benchmarks_md_are_those_of_the_committed_runs():
+def test_the_tables_of_the_docs_are_those_of_the_committed_runs():
     done = subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "tables match their runs" in done.stdout
