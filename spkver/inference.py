@@ -120,6 +120,50 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
     return batches
 
 
+class CompiledBackboneExtractor(torch.nn.Module):
+    """An extractor whose backbone runs as a frozen TorchScript graph: the same embeddings, faster on a CPU.
+
+    ``torch.jit.optimize_for_inference`` folds each BatchNorm into its convolution and keeps
+    activations in oneDNN's layouts (about 1.5x on ResNet34, bench_pretrained.py). The front-end stays
+    eager (Kaldi filterbanks are computed one utterance at a time). :func:`compiled_for_inference`
+    builds it and checks it against the eager backbone.
+    """
+
+    def __init__(self, extractor, backbone):
+        super().__init__()
+        self.frontend, self.backbone, self.embedding_dim = extractor.frontend, backbone, extractor.embedding_dim
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        embeddings = self.backbone(self.frontend(waveforms, lengths), lengths)
+        return embeddings.reshape(embeddings.shape[0], -1)
+
+
+@torch.no_grad()
+def compiled_for_inference(extractor, frames: int = 300):
+    """The extractor with its backbone traced, frozen and optimised for CPU inference, or the extractor itself
+    when that fails or changes an embedding (checked on an input of another length than the traced one)."""
+    import warnings
+
+    extractor.eval()
+    n_mels = extractor.frontend.n_mels
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, frames, n_mels, generator=generator)
+    check = torch.randn(3, frames // 2 + 37, n_mels, generator=generator)
+    ones = torch.ones(example.shape[0])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python values; the check below decides
+            traced = torch.jit.trace(extractor.backbone, (example, ones), check_trace=False)
+            backbone = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            expected = extractor.backbone(check, torch.ones(3)).reshape(3, -1)
+            got = backbone(check, torch.ones(3)).reshape(3, -1)
+    except Exception:  # any model TorchScript cannot trace runs eagerly, unchanged
+        return extractor
+    if not bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))):
+        return extractor
+    return CompiledBackboneExtractor(extractor, backbone)
+
+
 @torch.no_grad()
 def embed_waveform(extractor, audio: np.ndarray, quantum_seconds: float = 0.1, device="cpu") -> np.ndarray:
     """Embedding of one utterance (the one-by-one path)."""
@@ -211,6 +255,7 @@ class SpeakerEmbedder:
         self.cohort = cohort
         #: Enrolled speakers (:meth:`enroll`): name -> (embedding, seconds of audio).
         self.enrolled: Dict[str, tuple] = {}
+        self._compiled = None
         if llr_calibration is not None:
             llr_calibration.check_fingerprint(extractor_fingerprint(extractor), "this extractor")
             if llr_calibration.trained_on.get("scores") == "as-norm" and cohort is None:
@@ -252,13 +297,22 @@ class SpeakerEmbedder:
         lengths = torch.ones(waveforms.shape[0]) if lengths is None else lengths
         return self.extractor(waveforms.float().to(self.device), lengths.to(self.device)).cpu()
 
+    def _fast_extractor(self):
+        """On a CPU, the extractor with a compiled backbone (:func:`compiled_for_inference`), built once."""
+        if self.device.type != "cpu":
+            return self.extractor
+        if self._compiled is None:
+            self._compiled = compiled_for_inference(self.extractor)
+        return self._compiled
+
     def embed_file(self, path) -> np.ndarray:
         """Embedding ``(D,)`` of one whole file."""
-        return embed_waveform(self.extractor, read_audio(path, self.min_seconds), self.quantum_seconds, self.device)
+        return embed_waveform(self._fast_extractor(), read_audio(path, self.min_seconds), self.quantum_seconds,
+                              self.device)
 
     def embed_files(self, paths: Sequence, batch_size: int = 16, progress: bool = True) -> np.ndarray:
         """Embeddings ``(N, D)`` of whole files, batched by length, with a progress bar."""
-        return embed_files(self.extractor, paths, batch_size, self.quantum_seconds, self.device, progress,
+        return embed_files(self._fast_extractor(), paths, batch_size, self.quantum_seconds, self.device, progress,
                            self.min_seconds)
 
     def score_embeddings(self, a: np.ndarray, b: np.ndarray) -> float:

@@ -190,3 +190,22 @@ def test_a_public_folder_exports_to_a_folder_speechbrain_and_spkver_load_alike(t
     features = original.extractor.frontend(audio, torch.ones(1))
     (got,) = session.run(None, {"features": features.detach().numpy()})
     assert _cosines(got[0], original.embed_batch(audio)[0]) >= 0.9999
+
+
+def test_the_compiled_backbone_embeds_as_the_eager_one_and_an_untraceable_one_runs_eagerly():
+    from spkver.inference import CompiledBackboneExtractor, compiled_for_inference
+    from spkver.models import wespeaker_extractor
+
+    extractor = wespeaker_extractor("ResNet18", {"feat_dim": 80, "embed_dim": 256}).eval()
+    compiled = compiled_for_inference(extractor)
+    assert isinstance(compiled, CompiledBackboneExtractor)
+    waveforms = 0.1 * torch.randn(2, 16000 * 3)
+    with torch.no_grad():
+        assert _cosines(compiled(waveforms, torch.ones(2)), extractor(waveforms, torch.ones(2))).min() >= 0.99999
+
+    class LengthDependent(torch.nn.Module):  # a Python branch on the length: a trace would freeze it
+        def forward(self, features, lengths):
+            return features.mean(1) if features.shape[1] > 200 else features.std(1)
+
+    extractor.backbone = LengthDependent()
+    assert compiled_for_inference(extractor) is extractor
