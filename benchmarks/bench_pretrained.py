@@ -86,14 +86,17 @@ def _wespeaker_model(source: Path, state: dict):
 
 @torch.no_grad()
 def _wespeaker_loop(model, paths):
-    """WeSpeaker's CLI, file by file (wespeaker/cli/speaker.py: extract_embedding)."""
-    import torchaudio
+    """WeSpeaker's CLI, file by file (wespeaker/cli/speaker.py: extract_embedding).
+
+    The CLI reads with ``torchaudio.load(normalize=False)``, which in torchaudio 2.11 needs torchcodec
+    (not installed here); soundfile's ``dtype="int16"`` reads the same samples of a 16-bit wave.
+    """
     import torchaudio.compliance.kaldi as kaldi
 
     embeddings = []
     for path in paths:
-        pcm, rate = torchaudio.load(str(path), normalize=False)
-        pcm = pcm.to(torch.float)
+        samples, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
+        pcm = torch.from_numpy(samples.T.astype(np.float32))
         features = kaldi.fbank(pcm, num_mel_bins=80, frame_length=25, frame_shift=10, sample_frequency=rate,
                                window_type="hamming")
         features = (features - features.mean(dim=0))[None]
@@ -133,6 +136,7 @@ def main():
         results.table("architectures", f"Embedding speed by architecture ({args.files} files of 6 s, batch 16)",
                       ["model", "front-end", "parameters", "utterances / s", "vs spkver ECAPA C=512"], rows,
                       align=["---", "---", "---:", "---:", "---:"])
+        results.save()  # the first table survives a failure of the second
 
         folder = layouts.write_wespeaker_folder(scratch / "resnet34", "ResNet34", RESNET, classes=5994)
         state = torch.load(folder / "avg_model.pt")

@@ -25,6 +25,15 @@ symmetric in enrolment and test:
 A calibration stores the fingerprint of the extractor whose embeddings it was
 trained on; applying it to another extractor's scores is refused.
 
+**What a calibration is never fitted on.** Pairs that separate perfectly (every
+target above every non-target: the logistic regression's slope then grows
+without bound, a map that is certain of everything and wrong on the first new
+speaker) and fewer than :data:`MIN_NONTARGETS` non-target pairs (too few to see
+the low false-accept rates its decisions are made at) are refused with the
+reason. The score range and the quality measures' ranges it was fitted on are
+recorded (``trained_on["ranges"]``); :meth:`Calibration.range_warning` says in
+one line when an input falls outside them, where its LLRs are extrapolated.
+
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> labels = np.r_[np.ones(200), np.zeros(2000)].astype(bool)
@@ -46,10 +55,14 @@ import numpy as np
 from spkver.errors import UserError
 
 __all__ = ["QUALITY_MEASURES", "CalibrationError", "Calibration", "fit_calibration", "quality_features",
-           "load_calibration"]
+           "load_calibration", "check_development_pairs", "MIN_NONTARGETS", "RECALIBRATE"]
 
 #: The quality measures a calibration can use, each giving a ``_min`` and a ``_max`` feature.
 QUALITY_MEASURES = ("duration", "norm", "cohort_mean")
+#: Fewest non-target pairs a calibration (or a threshold) is fitted on.
+MIN_NONTARGETS = 300
+#: The advice every out-of-range warning ends with.
+RECALIBRATE = "calibrate on your own data with `spkver calibrate`"
 #: L2 penalty on the standardised weights: negligible, but a separable development list stays finite.
 _INVERSE_PENALTY = 1e6
 _FORMAT = "spkver-calibration-1"
@@ -105,6 +118,35 @@ class Calibration:
         quality = quality_features(store, scored.enroll_rows, scored.test_rows, self.measures, cohort=cohort,
                                    top_k=top_k, mean=mean, progress=progress)
         return self.llr(scored.scores, quality)
+
+    def range_warning(self, scores: np.ndarray, seconds: Optional[np.ndarray] = None,
+                      tolerance: float = 0.0) -> Optional[str]:
+        """One line when more than ``tolerance`` of the trials fall outside what the calibration was fitted on.
+
+        ``scores`` (N,) in the calibration's kind of score; ``seconds`` (N, 2): each trial's two sides'
+        durations. ``None`` when every input lies inside the recorded ranges (or none are recorded).
+        """
+        ranges = self.trained_on.get("ranges", {})
+        outside, described = np.zeros(np.size(scores), dtype=bool), []
+        if "score" in ranges:
+            low, high = ranges["score"]
+            beyond = (np.asarray(scores) < low) | (np.asarray(scores) > high)
+            if beyond.any():
+                outside |= beyond
+                described.append(f"scores {low:.2f} to {high:.2f}")
+        if "seconds" in ranges and seconds is not None:
+            low, high = ranges["seconds"]
+            sides = np.asarray(seconds, dtype=np.float64).reshape(len(outside), -1)
+            beyond = ((sides < low * 0.99) | (sides > high * 1.01)).any(axis=1)
+            if beyond.any():
+                outside |= beyond
+                described.append(f"audio of {low:.1f} to {high:.1f} s")
+        if not outside.any() or outside.mean() <= tolerance:
+            return None
+        share = "the input" if outside.size == 1 else f"{int(outside.sum())} of {outside.size} trials"
+        return (f"{share} fall{'s' if outside.size == 1 else ''} outside what the calibration was fitted on "
+                f"({', '.join(described)}): its LLRs are extrapolated there and may be over-confident; "
+                f"{RECALIBRATE}")
 
     def check_fingerprint(self, fingerprint: Optional[str], what: str) -> None:
         """Refuse scores from another extractor than the one this calibration was trained on."""
@@ -166,9 +208,30 @@ def _design_matrix(scores: np.ndarray, quality: Optional[Dict[str, np.ndarray]],
     return np.column_stack(columns)
 
 
+def check_development_pairs(scores: np.ndarray, labels: np.ndarray, min_nontargets: int = MIN_NONTARGETS,
+                            what: str = "a calibration") -> None:
+    """Refuse pairs that cannot set a calibration or a threshold: too few non-targets, or perfect separation."""
+    labels = np.asarray(labels).astype(bool)
+    nontargets = int((~labels).sum())
+    if nontargets < min_nontargets:
+        raise CalibrationError(f"{nontargets} non-target pairs are too few for {what} (at least {min_nontargets}: it "
+                               "decides at false-accept rates those pairs cannot show); add development speakers")
+    if labels.any() and float(np.min(scores[labels])) > float(np.max(scores[~labels])):
+        raise CalibrationError(f"the development pairs separate perfectly (every target above every non-target): "
+                               f"{what} fitted on them is certain of everything and over-confident on new speakers; "
+                               "calibrate on harder pairs: speakers held out of training "
+                               "(calibration_speakers), or your own data")
+
+
 def fit_calibration(scores, labels, quality: Optional[Dict[str, np.ndarray]] = None, prior: float = 0.01,
-                    fingerprint: Optional[str] = None, trained_on: Optional[dict] = None) -> Calibration:
-    """Train the score (+ quality) -> LLR map at target ``prior`` (see the module docstring)."""
+                    fingerprint: Optional[str] = None, trained_on: Optional[dict] = None,
+                    min_nontargets: int = MIN_NONTARGETS) -> Calibration:
+    """Train the score (+ quality) -> LLR map at target ``prior`` (see the module docstring).
+
+    Pairs that separate perfectly, or fewer than ``min_nontargets`` non-targets, are refused
+    (:func:`check_development_pairs`). The ranges of the scores and quality features are recorded in
+    ``trained_on["ranges"]`` (a ``"seconds"`` range given in ``trained_on`` is kept).
+    """
     from sklearn.linear_model import LogisticRegression
 
     if not 0.0 < prior < 1.0:
@@ -184,8 +247,10 @@ def fit_calibration(scores, labels, quality: Optional[Dict[str, np.ndarray]] = N
     if targets == 0 or targets == labels.size:
         raise CalibrationError(f"a calibration list needs both targets and non-targets; it has {targets} targets "
                                f"and {labels.size - targets} non-targets")
+    check_development_pairs(scores, labels, min_nontargets)
     names = ["score"] + sorted(quality or {})
     design = _design_matrix(scores, quality, names)
+    ranges = {name: [float(design[:, i].min()), float(design[:, i].max())] for i, name in enumerate(names)}
     centre, spread = design.mean(axis=0), design.std(axis=0)
     constant = spread == 0
     if constant[0]:
@@ -200,6 +265,7 @@ def fit_calibration(scores, labels, quality: Optional[Dict[str, np.ndarray]] = N
     slopes = model.coef_[0] / spread
     bias = float(model.intercept_[0] - slopes @ centre) - math.log(prior / (1.0 - prior))
     summary = {"trials": int(labels.size), "targets": targets, **(trained_on or {})}
+    summary["ranges"] = {**ranges, **summary.get("ranges", {})}
     return Calibration(features=names, weights=[float(w) for w in slopes], bias=bias, prior=prior,
                        fingerprint=fingerprint, trained_on=summary)
 

@@ -125,6 +125,12 @@ def command_score(args) -> int:
         llrs = None
         if calibration is not None:
             llrs = scored_stages[Stage.CALIBRATED].scores
+            seconds = None if store.durations is None else \
+                np.stack([store.durations[scored.enroll_rows], store.durations[scored.test_rows]], axis=1)
+            # A trial list always has a few trials beyond any development set's extremes: warn above 1 %.
+            warning = calibration.range_warning(scored.scores, seconds, tolerance=0.01)
+            if warning:
+                print(f"warning: {name}: {warning}", file=sys.stderr)
             if args.plot_calibration and row["cllr"] is not None:
                 bayes_curves[name] = metrics.bayes_error_curve(llrs, labels)
         if scored.num_skipped:
@@ -181,9 +187,13 @@ def command_calibrate(args) -> int:
     summary = {"source": str(args.trials), "scores": _score_kind(cohort)}
     if cohort is not None:
         summary["asnorm_topk"] = args.asnorm_topk
+    if store.durations is not None:
+        used = np.r_[scored.enroll_rows, scored.test_rows]
+        summary["ranges"] = {"seconds": [float(store.durations[used].min()), float(store.durations[used].max())]}
     try:
         calibration = fit_calibration(scored.scores, scored.trials.labels, quality, prior=args.prior,
-                                      fingerprint=store.fingerprint, trained_on=summary)
+                                      fingerprint=store.fingerprint, trained_on=summary,
+                                      min_nontargets=args.min_nontargets)
     except ValueError as error:
         raise CommandError(f"{args.trials}: {error}") from None
     calibration.save(args.out)
@@ -199,6 +209,19 @@ def command_calibrate(args) -> int:
               "another extractor's scores", file=sys.stderr)
     print(f"written to {args.out}")
     return 0
+
+
+def _count_or_auto(text: str):
+    """A count >= 0, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'auto', got {value}")
+    return value
 
 
 def _count_or_all(text: str):
@@ -335,32 +358,42 @@ def _embedding_inputs(args):
     if not lines:
         raise CommandError(f"{listing}: the list is empty")
     root = Path(args.root) if args.root else Path.cwd()
-    paths = [Path(line) if Path(line).is_absolute() else root / line for line in lines]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise CommandError(f"{listing}: {len(missing)} listed files do not exist (first: {', '.join(missing[:5])})")
-    return lines, paths
+    return lines, [Path(line) if Path(line).is_absolute() else root / line for line in lines]
 
 
 def command_embed(args) -> int:
-    from spkver.inference import SpeakerEmbedder, audio_seconds, extractor_fingerprint
+    from spkver.inference import SpeakerEmbedder, audio_seconds, check_headers, extractor_fingerprint
     from spkver.scoring import save_embeddings
 
     embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device)
     fingerprint = extractor_fingerprint(embedder.extractor)
     ids, paths = _embedding_inputs(args)
+    problems = check_headers(paths, embedder.min_seconds)  # every header, before the first batch
+    if problems and not args.skip_unreadable:
+        listing = "; ".join(reason for _, reason in problems[:3])
+        raise CommandError(f"{len(problems)} of {len(paths)} files cannot be embedded ({listing}"
+                           f"{'; ...' if len(problems) > 3 else ''}): fix them, or skip them with --skip-unreadable")
     out = Path(args.out)
     parts = out.with_name(out.name + ".parts")  # finished parts survive an interruption
     parts.mkdir(parents=True, exist_ok=True)
-    stores = []
+    stores, skipped = [], []
     for start in range(0, len(ids), EMBED_PART):
         part = parts / f"part-{start // EMBED_PART:05d}.npz"
+        chunk = paths[start:start + EMBED_PART]
+        left_out: list = []
         if not part.exists():
-            vectors = embedder.embed_files(paths[start:start + EMBED_PART], batch_size=args.batch_size,
-                                           progress=sys.stderr.isatty())
-            save_embeddings(part, ids[start:start + EMBED_PART], vectors,
-                            durations=audio_seconds(paths[start:start + EMBED_PART]), fingerprint=fingerprint,
+            vectors = embedder.embed_files(chunk, batch_size=args.batch_size, progress=sys.stderr.isatty(),
+                                           skipped=left_out if args.skip_unreadable else None)
+            bad = {index for index, _ in left_out}
+            kept = [i for i in range(len(chunk)) if i not in bad]
+            save_embeddings(part, [ids[start + i] for i in kept], vectors,
+                            durations=audio_seconds([chunk[i] for i in kept]), fingerprint=fingerprint,
                             mean=embedder.mean)
+            (parts / f"{part.stem}.skipped.tsv").write_text("".join(
+                f"{chunk[index]}\t{reason}\n" for index, reason in left_out))
+        skipped_part = parts / f"{part.stem}.skipped.tsv"
+        if skipped_part.exists():
+            skipped += [line for line in skipped_part.read_text().splitlines() if line]
         stores.append(load_embeddings(part))
     if any(store.fingerprint != fingerprint for store in stores):
         raise CommandError(f"{parts}: parts left by an interrupted run of another model (its fingerprint differs); "
@@ -368,11 +401,18 @@ def command_embed(args) -> int:
     save_embeddings(out, [i for store in stores for i in store.ids], np.concatenate([s.embeddings for s in stores]),
                     durations=np.concatenate([s.durations for s in stores]), fingerprint=fingerprint,
                     mean=embedder.mean)
-    for part in parts.glob("part-*.npz"):
-        part.unlink()
+    report = out.with_name(out.stem + ".skipped.tsv")
+    if skipped:
+        report.write_text("".join(line + "\n" for line in skipped))
+    else:
+        report.unlink(missing_ok=True)
+    for leftover in list(parts.glob("part-*")):
+        leftover.unlink()
     parts.rmdir()
     recorded = "; with the model's mean embedding, which spkver score subtracts" if embedder.mean is not None else ""
-    print(f"{len(ids)} embeddings ({stores[0].dim}-d) written to {out}{recorded}")
+    print(f"{sum(len(store.ids) for store in stores)} embeddings ({stores[0].dim}-d) written to {out}{recorded}")
+    if skipped:
+        print(f"{len(skipped)} files skipped, listed with the reason in {report}", file=sys.stderr)
     return 0
 
 
@@ -414,8 +454,18 @@ def command_average(args) -> int:
 def command_evaluate(args) -> int:
     from spkver.evaluation import EvaluationSettings, evaluate_model
     from spkver.inference import SpeakerEmbedder
+    from spkver.models import layout_of
 
     folder = Path(args.model)
+    if layout_of(folder) != "spkver":  # a public folder is never written to: its export is evaluated
+        if args.out is None:
+            raise CommandError(f"{folder} is a {layout_of(folder)} folder: give --out DIR, where spkver exports it "
+                               "and writes its evaluation (the folder itself is left as it is)")
+        from spkver.export import export_pretrained
+
+        folder = export_pretrained(folder, args.out)
+    elif args.out is not None:
+        raise CommandError("--out is for public model folders; a spkver folder is evaluated in place")
     if (folder / EvaluationSettings.FILE).exists():
         settings = EvaluationSettings.read(folder)
     elif args.manifests is None or args.trials is None:
@@ -550,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "two sides' values")
     calibrate.add_argument("--prior", type=_rate, default=0.01, help="target prior of the objective (default 0.01)")
     calibrate.add_argument("--out", required=True, metavar="JSON")
+    calibrate.add_argument("--min-nontargets", type=int, default=300, metavar="N",
+                           help="refuse a list with fewer non-target trials (default 300: fewer cannot show the "
+                                "false-accept rates the LLRs decide at)")
     calibrate.add_argument("--allow-missing", action="store_true",
                            help="skip trials whose utterances have no embedding")
     calibrate.set_defaults(handler=command_calibrate)
@@ -571,9 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     vox.add_argument("--chunk-seconds", type=float, default=3.0, help="training chunk length (default 3 s)")
     vox.add_argument("--min-seconds", type=float, default=1.0, help="shortest chunk kept (default 1 s)")
     vox.add_argument("--valid-fraction", type=float, default=0.01, help="utterances held for validation")
-    vox.add_argument("--calibration-speakers", type=int, default=0, metavar="N",
+    vox.add_argument("--calibration-speakers", type=_count_or_auto, default="auto", metavar="N",
                      help="hold N training speakers out of training for score calibration (calibration.csv; "
-                          "default 0: calibrate on the training speakers' held-out files)")
+                          "default auto: a tenth, at most 200; 0 calibrates on the training speakers' files)")
     vox.add_argument("--workers", type=int, default=8, help="parallel header readers")
     vox.set_defaults(handler=command_prepare_voxceleb)
 
@@ -586,8 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument("--trials-per-utterance", type=_count_or_all, default=8, metavar="K",
                                 help="trials each test file enrols, half cross-session targets ('all': every "
                                      "pair; default 8)")
-        parser.add_argument("--calibration-speakers", type=int, default=0, metavar="N",
-                            help="hold N speakers out of training for score calibration (calibration.csv)")
+        parser.add_argument("--calibration-speakers", type=_count_or_auto, default="auto", metavar="N",
+                            help="hold N speakers out of training for score calibration (calibration.csv; "
+                                 "default auto: a tenth, at most 200, none of fewer than 20)")
         parser.add_argument("--chunk-seconds", type=float, default=3.0, help="training chunk length (default 3 s)")
         parser.add_argument("--min-seconds", type=float, default=1.0,
                             help="shorter files are skipped and listed (default 1 s)")
@@ -654,7 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(handler=command_synth)
 
     embed = commands.add_parser("embed", help="embed audio files into a store that `spkver score` reads")
-    embed.add_argument("--model", required=True, metavar="FOLDER", help="experiment or exported model folder")
+    embed.add_argument("--model", required=True, metavar="FOLDER",
+                       help="a model folder: experiment, export, SpeechBrain hub or WeSpeaker folder")
     source = embed.add_mutually_exclusive_group(required=True)
     source.add_argument("--list", metavar="FILE", help="one audio path per line (the line is the ID)")
     source.add_argument("--dir", metavar="DIR", help="every wav/flac under DIR (IDs relative to it)")
@@ -662,6 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, metavar="NPZ")
     embed.add_argument("--batch-size", type=int, default=16)
     embed.add_argument("--device", default="cpu")
+    embed.add_argument("--skip-unreadable", action="store_true",
+                       help="skip files that are missing, unreadable, empty, too short, silent or without speech "
+                            "energy, listing them with the reason in NPZ's .skipped.tsv (default: refuse them all "
+                            "at once, before the first batch)")
     embed.set_defaults(handler=command_embed)
 
     verify = commands.add_parser("verify", help="score a pair of files and decide same/different speaker")
@@ -691,6 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stages", nargs="+", choices=[stage.value for stage in Stage],
                           help="stages to report (default: all)")
     evaluate.add_argument("--manifests", metavar="DIR", help="prepared manifests (default: the recipe's)")
+    evaluate.add_argument("--out", metavar="DIR", help="for a SpeechBrain hub or WeSpeaker folder: where its export "
+                                                       "and evaluation are written")
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(handler=command_evaluate)
 

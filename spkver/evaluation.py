@@ -35,7 +35,14 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from spkver import metrics
-from spkver.calibration import Calibration, CalibrationError, fit_calibration, quality_features
+from spkver.calibration import (
+    MIN_NONTARGETS,
+    Calibration,
+    CalibrationError,
+    check_development_pairs,
+    fit_calibration,
+    quality_features,
+)
 from spkver.checkpoints import AVERAGED_MODEL, write_average
 from spkver.data.datasets import manifest_roots
 from spkver.errors import UserError
@@ -86,6 +93,7 @@ class EvaluationSettings:
     calibration_short_seconds: float = 2.0
     calibration_utterances: int = 800
     calibration_far: Optional[float] = None
+    calibration_min_nontargets: int = MIN_NONTARGETS
 
     FILE = "evaluation.json"
 
@@ -201,7 +209,8 @@ _MIN_TARGETS_FOR_QUALITY = 100
 
 def calibrate_on_development(extractor, development: DevelopmentFiles, mean=None,
                              cohort: Optional[EmbeddingStore] = None, top_k: int = 300, prior: float = 0.01,
-                             short_seconds: float = 2.0, device="cpu", progress: bool = True) -> Calibration:
+                             short_seconds: float = 2.0, device="cpu", progress: bool = True,
+                             min_nontargets: int = MIN_NONTARGETS) -> Calibration:
     """A score-to-LLR map (:mod:`spkver.calibration`) trained on development pairs.
 
     The pairs: every two whole files, and every short crop (the first
@@ -241,9 +250,10 @@ def calibrate_on_development(extractor, development: DevelopmentFiles, mean=None
     kind = "cosine" if cohort is None else "as-norm"
     description = (f"{labels.size} pairs of {len(files)} files and {len(cropped)} {short_seconds:g} s crops of "
                    f"{len(set(development.speakers))} {development.kind}")
-    summary = {"source": description, "scores": kind, **({"asnorm_topk": top_k} if cohort is not None else {})}
+    summary = {"source": description, "scores": kind, **({"asnorm_topk": top_k} if cohort is not None else {}),
+               "ranges": {"seconds": [float(store.durations.min()), float(store.durations.max())]}}
     return fit_calibration(scored.scores, labels, quality, prior=prior, fingerprint=store.fingerprint,
-                           trained_on=summary)
+                           trained_on=summary, min_nontargets=min_nontargets)
 
 
 @dataclass
@@ -254,12 +264,14 @@ class Threshold:
     description: str
 
 
-def calibrate_threshold(development: DevelopmentFiles, mean=None, far=None) -> Threshold:
+def calibrate_threshold(development: DevelopmentFiles, mean=None, far=None,
+                        min_nontargets: int = MIN_NONTARGETS) -> Threshold:
     """Verification threshold from all pairs of the development files' cosine scores.
 
     At the EER by default, or at the lowest threshold whose FAR is at most ``far``.
     A folder with a calibration decides on the LLR instead (:func:`calibrate_on_development`).
-    Pairs that cannot set it are an :class:`EvaluationError`.
+    Pairs that cannot set it (one class only, fewer than ``min_nontargets`` non-targets, a perfect
+    separation, whose "EER threshold" is any value in a gap) are an :class:`EvaluationError`.
     """
     ids = development.store.ids
     first, second = np.triu_indices(len(ids), k=1)
@@ -270,6 +282,10 @@ def calibrate_threshold(development: DevelopmentFiles, mean=None, far=None) -> T
     trials = Trials([ids[i] for i in first], [ids[i] for i in second], labels.astype(np.int8),
                     source="development pairs")
     scores = cosine_scores(development.store, trials, mean=mean).scores
+    try:
+        check_development_pairs(scores, labels, min_nontargets, what="a threshold")
+    except CalibrationError as error:
+        raise EvaluationError(str(error)) from None
     pairs = f"{labels.size} pairs of {len(ids)} files of the {development.kind}"
     if far is None:
         rate, threshold = metrics.eer(scores, labels)
@@ -441,7 +457,8 @@ def evaluate_model(folder, extractor, settings: EvaluationSettings, device="cpu"
         logger.warning(f"not calibrated: {error}")
     if development is not None:
         try:
-            threshold = calibrate_threshold(development, mean, far=settings.calibration_far)
+            threshold = calibrate_threshold(development, mean, far=settings.calibration_far,
+                                            min_nontargets=settings.calibration_min_nontargets)
         except EvaluationError as error:
             why_no_threshold = str(error)
             logger.warning(f"no threshold: {error}")
@@ -450,7 +467,7 @@ def evaluate_model(folder, extractor, settings: EvaluationSettings, device="cpu"
                 calibration = calibrate_on_development(
                     extractor, development, mean, cohort if Stage.ASNORM in stages else None, settings.asnorm_topk,
                     prior=settings.calibration_prior, short_seconds=settings.calibration_short_seconds,
-                    device=device, progress=progress)
+                    device=device, progress=progress, min_nontargets=settings.calibration_min_nontargets)
             except CalibrationError as error:
                 logger.warning(f"not calibrated: {error}")
     if calibration is not None:

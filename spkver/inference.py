@@ -14,11 +14,11 @@ utterances of exactly equal trimmed length, so no batch is padded.
 """
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,46 +38,100 @@ class AudioError(UserError, ValueError):
     """An audio file cannot be embedded: the message names it."""
 
 
+logger = logging.getLogger(__name__)
+
 #: Shortest audio accepted for an embedding (ECAPA's frame layers see about 0.3 s of context).
 MIN_SECONDS = 0.5
 
 
+#: A file whose loudest frames (the 95th percentile of 25 ms frame levels) stay below this holds no speech.
+SPEECH_LEVEL_DBFS = -55.0
+
+
+def speech_level(audio: np.ndarray) -> float:
+    """The level in dBFS of the loudest 5 % of 25 ms frames (``-inf`` for digital silence).
+
+    >>> round(speech_level(0.1 * np.ones(16000, dtype=np.float32)))
+    -20
+    """
+    frame = int(0.025 * SAMPLE_RATE)
+    frames = audio[: audio.size // frame * frame].reshape(-1, frame) if audio.size >= frame else audio[None]
+    rms = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+    loud = float(np.percentile(rms, 95))
+    return 20 * math.log10(loud) if loud > 0 else -math.inf
+
+
 def read_audio(path, min_seconds: float = 0.0) -> np.ndarray:
-    """Mono float32 samples at 16 kHz; other rates are resampled and channels averaged, with a warning."""
+    """Mono float32 samples at 16 kHz, refused by name when they cannot be a speaker's voice.
+
+    Other rates are resampled and channels averaged (one log line each). A missing file, digital
+    silence, audio without speech energy (:data:`SPEECH_LEVEL_DBFS`), NaN or inf samples and audio
+    shorter than ``min_seconds`` are an :class:`AudioError` naming the file.
+    """
     import soundfile
 
+    if not Path(path).exists():
+        raise AudioError(f"{path}: no such file")
     try:
         audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:
         raise AudioError(f"{path}: cannot read audio ({str(error).splitlines()[0]})") from None
-    if audio.shape[1] > 1:
-        warnings.warn(f"{path}: {audio.shape[1]} channels, averaged to mono", stacklevel=2)
+    channels = audio.shape[1]
     audio = audio.mean(axis=1)
     if not np.isfinite(audio).all():
         raise AudioError(f"{path}: audio contains NaN or inf samples")
-    if rate != SAMPLE_RATE and audio.size:
-        import torchaudio
-
-        warnings.warn(f"{path}: sample rate {rate} Hz, resampled to {SAMPLE_RATE}", stacklevel=2)
-        audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
     if audio.size == 0:
         raise AudioError(f"{path}: empty audio")
+    if rate != SAMPLE_RATE or channels > 1:
+        logger.info(f"{path}: {rate} Hz, {channels} channel{'s' if channels > 1 else ''}: "
+                    f"{'resampled to 16 kHz' if rate != SAMPLE_RATE else ''}"
+                    f"{', ' if rate != SAMPLE_RATE and channels > 1 else ''}"
+                    f"{'averaged to mono' if channels > 1 else ''}")
+    if rate != SAMPLE_RATE:
+        import torchaudio
+
+        audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
     if audio.size < min_seconds * SAMPLE_RATE:
         raise AudioError(f"{path}: {audio.size / SAMPLE_RATE:.2f} s of audio, shorter than the "
                          f"{min_seconds} s minimum")
+    level = speech_level(audio)
+    if level == -math.inf:
+        raise AudioError(f"{path}: digital silence (every sample is 0): no voice to embed")
+    if level < SPEECH_LEVEL_DBFS:
+        raise AudioError(f"{path}: no speech energy: its loudest frames reach {level:.0f} dBFS, below the "
+                         f"{SPEECH_LEVEL_DBFS:g} dBFS a voice reaches")
     return audio
 
 
 def _resampled_frames(path) -> int:
     import soundfile
 
+    if not Path(path).exists():
+        raise AudioError(f"{path}: no such file")
     try:
         info = soundfile.info(str(path))
     except Exception as error:
         raise AudioError(f"{path}: cannot read audio ({str(error).splitlines()[0]})") from None
+    if info.frames <= 0:
+        raise AudioError(f"{path}: empty audio")
     if info.samplerate == SAMPLE_RATE:
         return info.frames
     return math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
+
+
+def check_headers(paths: Sequence, min_seconds: float = 0.0) -> List[Tuple[int, str]]:
+    """Every file's header read before any audio is: the (index, reason) of each that cannot be embedded."""
+    problems = []
+    for index, path in enumerate(paths):
+        try:
+            frames = _resampled_frames(path)
+        except AudioError as error:
+            problems.append((index, str(error)))
+            continue
+        if frames < min_seconds * SAMPLE_RATE:
+            problems.append((index, f"{path}: {frames / SAMPLE_RATE:.2f} s of audio, shorter than the "
+                                    f"{min_seconds} s minimum"))
+    return problems
 
 
 def audio_seconds(paths: Sequence) -> np.ndarray:
@@ -125,16 +179,21 @@ class CompiledBackboneExtractor(torch.nn.Module):
 
     ``torch.jit.optimize_for_inference`` folds each BatchNorm into its convolution and keeps
     activations in oneDNN's layouts (about 1.5x on ResNet34, bench_pretrained.py). The front-end stays
-    eager (Kaldi filterbanks are computed one utterance at a time). :func:`compiled_for_inference`
-    builds it and checks it against the eager backbone.
+    eager (Kaldi filterbanks are computed one utterance at a time). The backbone sees at most
+    ``micro_batch`` utterances at a time: on a CPU a batch of 16 long utterances outgrows the caches
+    and runs slower per utterance than one of 4. :func:`compiled_for_inference` builds it and checks
+    it against the eager backbone.
     """
 
-    def __init__(self, extractor, backbone):
+    def __init__(self, extractor, backbone, micro_batch: int = 4):
         super().__init__()
         self.frontend, self.backbone, self.embedding_dim = extractor.frontend, backbone, extractor.embedding_dim
+        self.micro_batch = micro_batch
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        embeddings = self.backbone(self.frontend(waveforms, lengths), lengths)
+        features = self.frontend(waveforms, lengths)
+        embeddings = torch.cat([self.backbone(features[i:i + self.micro_batch], lengths[i:i + self.micro_batch])
+                                for i in range(0, features.shape[0], self.micro_batch)])
         return embeddings.reshape(embeddings.shape[0], -1)
 
 
@@ -174,28 +233,52 @@ def embed_waveform(extractor, audio: np.ndarray, quantum_seconds: float = 0.1, d
 
 @torch.no_grad()
 def embed_files(extractor, paths: Sequence, batch_size: int = 16, quantum_seconds: float = 0.1, device="cpu",
-                progress: bool = True, min_seconds: float = 0.0, max_seconds: Optional[float] = None) -> np.ndarray:
+                progress: bool = True, min_seconds: float = 0.0, max_seconds: Optional[float] = None,
+                skipped: Optional[list] = None) -> np.ndarray:
     """Embeddings ``(N, D)`` of whole files, batched by trimmed length, in the order of ``paths``.
 
+    Every file's header is read before the first batch: files that are missing, unreadable, empty or
+    too short are reported all at once in one :class:`AudioError`, not one at a time after hours of
+    work. With a ``skipped`` list, they (and files refused when decoded: silence, no speech energy)
+    are appended to it as ``(index, reason)`` instead, and the rows returned are the other files'.
     ``max_seconds``: of each file's first ``max_seconds`` only (short crops, batched as well).
     """
     from tqdm import tqdm
 
+    problems = check_headers(paths, min_seconds)
+    if problems and skipped is None:
+        listing = "; ".join(reason for _, reason in problems[:3])
+        raise AudioError(f"{len(problems)} of {len(paths)} files cannot be embedded ({listing}"
+                         f"{'; ...' if len(problems) > 3 else ''}); skip them with --skip-unreadable")
+    bad = {index for index, _ in problems}
+    if skipped is not None:
+        skipped.extend(problems)
     quantum = int(quantum_seconds * SAMPLE_RATE)
     longest = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
-    lengths = [trimmed_length(min(_resampled_frames(path), longest or math.inf), quantum) for path in paths]
+    kept = [i for i in range(len(paths)) if i not in bad]
+    lengths = {i: trimmed_length(min(_resampled_frames(paths[i]), longest or math.inf), quantum) for i in kept}
     extractor.eval()
-    output = None
-    for batch in tqdm(length_batches(lengths, batch_size), desc="embedding", unit="batch", disable=not progress):
-        audio = [read_audio(paths[i], min_seconds)[:lengths[i]] for i in batch]
+    output = {}
+    for batch in tqdm(length_batches([lengths[i] for i in kept], batch_size), desc="embedding", unit="batch",
+                      disable=not progress):
+        indices, audio = [], []
+        for position in batch:
+            index = kept[position]
+            try:
+                audio.append(read_audio(paths[index], min_seconds)[:lengths[index]])
+                indices.append(index)
+            except AudioError as error:
+                if skipped is None:
+                    raise
+                skipped.append((index, str(error)))
+        if not audio:
+            continue
         waveforms = torch.from_numpy(np.stack(audio)).to(device)
-        embeddings = extractor(waveforms, torch.ones(len(batch), device=device)).cpu().numpy()
-        if output is None:
-            output = np.empty((len(paths), embeddings.shape[1]), dtype=np.float32)
-        output[batch] = embeddings
-    if output is None:
-        raise AudioError("no files to embed")
-    return output
+        embeddings = extractor(waveforms, torch.ones(len(audio), device=device)).cpu().numpy()
+        output.update(zip(indices, embeddings))
+    if not output:
+        raise AudioError("no files to embed" if not paths else f"none of the {len(paths)} files could be embedded")
+    return np.stack([output[i] for i in sorted(output)]).astype(np.float32)
 
 
 class Verification(NamedTuple):
@@ -310,10 +393,12 @@ class SpeakerEmbedder:
         return embed_waveform(self._fast_extractor(), read_audio(path, self.min_seconds), self.quantum_seconds,
                               self.device)
 
-    def embed_files(self, paths: Sequence, batch_size: int = 16, progress: bool = True) -> np.ndarray:
-        """Embeddings ``(N, D)`` of whole files, batched by length, with a progress bar."""
+    def embed_files(self, paths: Sequence, batch_size: int = 16, progress: bool = True,
+                    skipped: Optional[list] = None) -> np.ndarray:
+        """Embeddings ``(N, D)`` of whole files, batched by length, with a progress bar (``skipped``: see
+        :func:`embed_files`)."""
         return embed_files(self._fast_extractor(), paths, batch_size, self.quantum_seconds, self.device, progress,
-                           self.min_seconds)
+                           self.min_seconds, skipped=skipped)
 
     def score_embeddings(self, a: np.ndarray, b: np.ndarray) -> float:
         """Cosine of two embeddings after subtracting the training mean."""
@@ -357,6 +442,13 @@ class SpeakerEmbedder:
         llrs = None if calibration is None else calibration.scored_llrs(store, scored, self.cohort, self.mean)
         return scored.scores, llrs
 
+    def _warn_outside_calibration(self, scores, seconds) -> None:
+        """One log line when trials fall outside what the folder's calibration was fitted on."""
+        if self.llr_calibration is not None:
+            warning = self.llr_calibration.range_warning(np.atleast_1d(scores), np.asarray(seconds))
+            if warning:
+                logger.warning(warning)
+
     def verify(self, enrolled_or_path, path, prior: Optional[float] = None) -> Verification:
         r"""Score a file against an enrolled speaker (:meth:`enroll`) or another file, and decide.
 
@@ -364,7 +456,9 @@ class SpeakerEmbedder:
         least :math:`\log((1-p)/p)` for the target prior ``p`` (by default the
         calibration's); without one, when the score reaches the stored threshold.
         """
-        scores, llrs = self._score([self._entry(enrolled_or_path), self._entry(path)], [0], [1])
+        entries = [self._entry(enrolled_or_path), self._entry(path)]
+        scores, llrs = self._score(entries, [0], [1])
+        self._warn_outside_calibration(scores, [[entries[0][1], entries[1][1]]])
         score = float(scores[0])
         if llrs is None:
             return Verification(score, None if self.threshold is None else score >= self.threshold, None,
@@ -383,4 +477,5 @@ class SpeakerEmbedder:
         entries = [self.enrolled[name] for name in names] + [self._entry(path)]
         scores, llrs = self._score(entries, list(range(len(names))), [len(names)] * len(names))
         order = np.argsort(-scores, kind="stable")[:top_k]
+        self._warn_outside_calibration(scores[order[:1]], [[entries[order[0]][1], entries[-1][1]]])
         return [Identification(names[i], float(scores[i]), None if llrs is None else float(llrs[i])) for i in order]

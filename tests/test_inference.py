@@ -51,15 +51,33 @@ def test_unreadable_and_wrong_rate_audio_are_named(tmp_path):
     soundfile.write(tmp_path / "nan.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
     with pytest.raises(AudioError, match="nan.wav: audio contains NaN"):
         read_audio(tmp_path / "nan.wav")
-    with pytest.raises(AudioError, match="nope.wav: cannot read audio"):
+    with pytest.raises(AudioError, match="nope.wav: no such file"):
         read_audio(tmp_path / "nope.wav")
+    (tmp_path / "junk.wav").write_bytes(b"RIFF0000WAVEjunk")
+    with pytest.raises(AudioError, match="junk.wav: cannot read audio"):
+        read_audio(tmp_path / "junk.wav")
 
 
-def test_other_rates_and_stereo_are_resampled_and_downmixed_with_a_warning(tmp_path):
+def test_silence_and_audio_without_speech_energy_are_refused_by_name(tmp_path):
+    soundfile.write(tmp_path / "silence.wav", np.zeros(16000, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match=r"silence.wav: digital silence"):
+        read_audio(tmp_path / "silence.wav")
+    hiss = 3e-4 * np.random.default_rng(0).standard_normal(16000)  # about -70 dBFS
+    soundfile.write(tmp_path / "hiss.wav", hiss.astype(np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"hiss.wav: no speech energy: its loudest frames reach -6\d dBFS"):
+        read_audio(tmp_path / "hiss.wav")
+    quiet_voice = 0.01 * np.sin(2 * np.pi * 150 * np.arange(16000) / 16000)  # -43 dBFS: quiet, but a voice
+    soundfile.write(tmp_path / "quiet.wav", quiet_voice.astype(np.float32), 16000, subtype="FLOAT")
+    assert read_audio(tmp_path / "quiet.wav").shape == (16000,)
+
+
+def test_other_rates_and_stereo_are_resampled_and_downmixed_with_one_log_line(tmp_path, caplog, recwarn):
     t = np.arange(8000) / 8000
     stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t)], axis=1).astype(np.float32)
     soundfile.write(tmp_path / "8k.wav", stereo, 8000)
-    with pytest.warns(UserWarning) as record:
+    with caplog.at_level("INFO", logger="spkver.inference"):
         audio = read_audio(tmp_path / "8k.wav")
-    assert {"channels" in str(w.message) or "resampled" in str(w.message) for w in record} == {True}
     assert audio.shape == (16000,)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path / '8k.wav'}: 8000 Hz, 2 channels: resampled to 16 kHz, averaged to mono"]
+    assert not recwarn.list  # not a Python warning with a source line

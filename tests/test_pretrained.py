@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from spkver import cli
@@ -25,7 +26,8 @@ def experiment(tmp_path_factory, tiny_corpus):
     argv = [str(ROOT / "recipes/voxceleb/train.py"), str(ROOT / "hparams/ecapa512_qmargin.yaml"),
             f"--data_folder={corpus}", f"--trial_lists=[{corpus}/trials.txt]", f"--output_folder={output}",
             "--number_of_epochs=2", "--channels=16", "--embedding_dim=16", "--batch_size=8", "--num_workers=0",
-            "--lr_warmup_epochs=1", "--crop_seconds=1.0", "--mean_utterances=10", "--valid_fraction=0.3"]
+            "--lr_warmup_epochs=1", "--crop_seconds=1.0", "--mean_utterances=10", "--valid_fraction=0.3",
+            "--calibration_min_nontargets=10"]  # a tiny corpus has a few dozen development pairs
     saved = sys.argv
     sys.argv = argv
     try:
@@ -94,6 +96,45 @@ def test_enrolled_speakers_are_verified_and_identified_by_the_mean_of_normalised
     calibrated = embedder.identify(probe, top_k=3)
     assert len(calibrated) == 3 and all(r.llr is not None for r in calibrated)
     assert [r.score for r in calibrated] == sorted((r.score for r in calibrated), reverse=True)
+
+
+def test_verify_warns_in_one_line_when_the_audio_is_unlike_the_calibrations(experiment, tmp_path, caplog):
+    output, corpus = experiment
+    embedder = SpeakerEmbedder.from_pretrained(output)
+    low, high = embedder.llr_calibration.trained_on["ranges"]["seconds"]
+    files = _wavs(corpus)
+    long = np.concatenate([read_audio(path) for path in files[:8]])  # far longer than any calibration file
+    assert long.size / 16000 > high
+    soundfile.write(tmp_path / "long.wav", long, 16000)
+    with caplog.at_level("WARNING", logger="spkver.inference"):
+        embedder.verify(files[0], tmp_path / "long.wav")
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert f"audio of {low:.1f} to {high:.1f} s" in warning and "calibrate on your own data with `spkver calibrate`" \
+        in warning
+
+
+def test_embed_reads_every_header_first_and_reports_all_bad_files_at_once_or_skips_them(experiment, tmp_path,
+                                                                                       capsys):
+    output, corpus = experiment
+    good = _wavs(corpus)[:3]
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF0000WAVEjunk")
+    soundfile.write(tmp_path / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    listed = [str(path) for path in good] + [str(tmp_path / "gone.wav"), str(tmp_path / "corrupt.wav"),
+                                               str(tmp_path / "silent.wav")]
+    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    store = tmp_path / "emb.npz"
+    assert cli.main(["embed", "--model", str(output), "--list", str(tmp_path / "list.txt"), "--out", str(store)]) == 2
+    error = capsys.readouterr().err
+    assert "2 of 6 files cannot be embedded" in error and "gone.wav: no such file" in error
+    assert "corrupt.wav: cannot read audio" in error and "--skip-unreadable" in error
+    assert not store.with_name("emb.npz.parts").exists()  # refused before the first batch
+    assert cli.main(["embed", "--model", str(output), "--list", str(tmp_path / "list.txt"), "--out", str(store),
+                     "--skip-unreadable"]) == 0
+    assert load_embeddings(store).ids == [str(path) for path in good]
+    report = (tmp_path / "emb.skipped.tsv").read_text()
+    for name, reason in (("gone.wav", "no such file"), ("corrupt.wav", "cannot read"), ("silent.wav", "silence")):
+        assert any(name in line and reason in line for line in report.splitlines()), report
+    assert "3 files skipped, listed with the reason in" in capsys.readouterr().err
 
 
 def test_an_unfinished_checkpoint_save_is_not_loaded(experiment, tmp_path):

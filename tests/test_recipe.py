@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from spkver.scoring import read_trials
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "voxceleb" / "train.py"
 OBJECTIVES = ["softmax", "cosface", "arcface", "alphadiv", "qmargin", "a3m", "a3m_i"]
@@ -24,7 +26,8 @@ def _arguments(corpus, output, objective="qmargin", epochs=3, batch_size=8, extr
     defaults = [f"--data_folder={corpus}", f"--trial_lists=[{corpus}/trials.txt]", f"--output_folder={output}",
                 f"--number_of_epochs={epochs}", "--channels=16", "--embedding_dim=16", f"--batch_size={batch_size}",
                 "--num_workers=0", "--lr_warmup_epochs=1", "--margin_warmup_epochs=1", "--margin_warmup_start=0",
-                "--crop_seconds=1.0", "--mean_utterances=10", "--peak_lr=0.05", "--speed_perturb=null"]
+                "--crop_seconds=1.0", "--mean_utterances=10", "--peak_lr=0.05", "--speed_perturb=null",
+                "--calibration_min_nontargets=10"]  # a tiny corpus has a few dozen development pairs
     replaced = {argument.split("=")[0] for argument in extra}
     return [str(ROOT / "hparams" / f"ecapa512_{objective}.yaml"),
             *(argument for argument in defaults if argument.split("=")[0] not in replaced), *extra]
@@ -350,6 +353,37 @@ def test_finetuning_a_public_model_on_a_prepared_folder_keeps_its_front_end_and_
     a, b = SpeakerEmbedder.from_pretrained(output), SpeakerEmbedder.from_pretrained(exported)
     wav = next(iter(sorted(prepared_folder.parent.rglob("*.wav"))))
     np.testing.assert_allclose(a.embed_file(wav), b.embed_file(wav), rtol=1e-5, atol=1e-5)
+
+
+def test_spkver_evaluate_scores_a_public_folder_through_its_export_and_never_writes_into_it(prepared_folder, tmp_path,
+                                                                                          capsys):
+    from spkver.cli import main
+    from tests.layouts import write_wespeaker_folder
+
+    start = write_wespeaker_folder(tmp_path / "voxceleb_resnet34", "ResNet18", {"feat_dim": 80, "embed_dim": 256},
+                                   classes=8)
+    before = sorted(path.name for path in start.iterdir())
+    arguments = ["evaluate", "--model", str(start), "--manifests", str(prepared_folder), "--trials",
+                 str(prepared_folder / "trials.txt"), "--stages", "cosine"]
+    assert main(arguments) == 2
+    assert "is a WeSpeaker folder: give --out DIR" in capsys.readouterr().err
+    assert main(arguments + ["--out", str(tmp_path / "evaluated")]) == 0
+    assert sorted(path.name for path in start.iterdir()) == before
+    results = json.loads((tmp_path / "evaluated" / "results.json").read_text())
+    assert _after_training(results, "cosine")[0]["trials"] == len(read_trials(prepared_folder / "trials.txt"))
+
+
+def test_pairs_too_few_to_calibrate_leave_the_model_uncalibrated_and_say_why(tiny_corpus, tmp_path, monkeypatch):
+    output = tmp_path / "exp"
+    _run_in_process(_arguments(tiny_corpus, output, epochs=1, extra=["--calibration_min_nontargets=300"]),
+                    monkeypatch)
+    log = (output / "log.txt").read_text()
+    assert re.search(r"not calibrated: \d+ non-target pairs are too few for a calibration \(at least 300", log)
+    assert re.search(r"no threshold: \d+ non-target pairs are too few for a threshold", log)
+    card = json.loads((output / "spkver.json").read_text())
+    assert card["threshold"] is None and "too few for a threshold" in card["calibration"]
+    assert not (output / "calibration.json").exists()
+    assert "calibrated" not in json.loads((output / "results.json").read_text())["stages"]
 
 
 def test_finetuning_from_another_architecture_or_a_missing_folder_is_one_line(tiny_corpus, tmp_path, monkeypatch,

@@ -40,7 +40,8 @@ from spkver.errors import UserError
 logger = logging.getLogger(__name__)
 
 __all__ = ["PreparationError", "Utterance", "read_headers", "cache_audio", "write_manifests", "cross_session_trials",
-           "write_trials", "manifest_records", "prepare_utterances", "AUDIO_EXTENSIONS", "SAMPLE_RATE"]
+           "write_trials", "manifest_records", "prepare_utterances", "auto_calibration_speakers", "AUDIO_EXTENSIONS",
+           "SAMPLE_RATE"]
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".au", ".sph")
 SAMPLE_RATE = 16000
@@ -265,15 +266,26 @@ def whole_file_row(utterance: Utterance) -> dict:
     return _row(utterance, 0, int(round(utterance.duration * (utterance.sample_rate or SAMPLE_RATE))))
 
 
+def auto_calibration_speakers(speakers: int) -> int:
+    """Speakers to hold out for calibration by default: a tenth, at most 200 (VoxCeleb2's 5,994 give 200), none
+    of fewer than 20 (the training set could not spare them).
+
+    >>> auto_calibration_speakers(5994), auto_calibration_speakers(42), auto_calibration_speakers(12)
+    (200, 4, 0)
+    """
+    return 0 if speakers < 20 else min(200, max(2, round(speakers / 10)))
+
+
 def write_manifests(out: Path, roots: Dict[str, Path], training: List[Utterance], trial_utterances: List[Utterance],
                     summary: dict, skipped: List[Tuple[Utterance, str]], chunk_seconds: float = 3.0,
-                    min_seconds: float = 1.0, valid_fraction: float = 0.01, calibration_speakers: int = 0,
+                    min_seconds: float = 1.0, valid_fraction: float = 0.01, calibration_speakers="auto",
                     seed: int = 0) -> dict:
     """Split ``training`` (validation files, calibration speakers) and write every manifest; return the summary.
 
     ``calibration_speakers`` training speakers (a seeded choice) are held out of training altogether
     and their whole files listed in ``calibration.csv``: pairs of speakers the extractor never saw,
-    which a score calibration needs to be right on new speakers. Training files shorter than
+    which a score calibration needs to be right on new speakers (``"auto"``:
+    :func:`auto_calibration_speakers`). Training files shorter than
     ``min_seconds`` join ``skipped`` (and ``skipped.tsv``) with the reason.
     """
     too_short = [u for u in training if u.duration < min_seconds]
@@ -282,6 +294,8 @@ def write_manifests(out: Path, roots: Dict[str, Path], training: List[Utterance]
     if not training:
         raise PreparationError(f"no training utterances left ({len(skipped)} skipped: see {out / 'skipped.tsv'})"
                                if skipped else "no training utterances")
+    if calibration_speakers == "auto":
+        calibration_speakers = auto_calibration_speakers(len({u.speaker for u in training}))
     if calibration_speakers:
         candidates = sorted({u.speaker for u in training})
         if not 2 <= calibration_speakers < len(candidates):
@@ -372,7 +386,7 @@ def manifest_records(manifest: Path) -> List[Tuple[str, str, str]]:
 
 def prepare_utterances(out, roots: Dict[str, Path], utterances: List[Utterance], test_speakers: int = 0,
                        trials_per_utterance: Optional[int] = 8, chunk_seconds: float = 3.0, min_seconds: float = 1.0,
-                       valid_fraction: float = 0.01, calibration_speakers: int = 0, seed: int = 0, workers: int = 8,
+                       valid_fraction: float = 0.01, calibration_speakers="auto", seed: int = 0, workers: int = 8,
                        progress: bool = True, summary: Optional[dict] = None,
                        left_out: Sequence[Tuple[str, str]] = (), evaluation_ids: Iterable[str] = ()) -> dict:
     """Headers, the audio cache, a held-out test set and its trial list, and the manifests, for a corpus of speakers.

@@ -74,7 +74,7 @@ def scan_corpus(root, name: str) -> List[Utterance]:
 
 def prepare_voxceleb(out, vox1=None, vox2=None, trials: Sequence = (), train_on: Sequence[str] = ("vox1", "vox2"),
                      chunk_seconds: float = 3.0, min_seconds: float = 1.0, valid_fraction: float = 0.01,
-                     calibration_speakers: int = 0, seed: int = 0, workers: int = 8,
+                     calibration_speakers="auto", seed: int = 0, workers: int = 8,
                      progress: bool = True) -> dict:
     """Write the manifests; return the summary also saved as ``counts.json``.
 
