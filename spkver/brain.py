@@ -10,8 +10,9 @@ without (B, C) cosines (very many speakers).  Hparams used: ``objective``,
 :class:`~spkver.losses.MarginWarmup` or ``null``), ``lr_schedule`` (a
 :class:`LearningRateSchedule`), ``reinit_policy`` (a
 :class:`~spkver.losses.ReinitializationPolicy` or ``null``: A3M-I),
-``epoch_counter``, ``train_logger`` and ``prototype_lr_multiplier`` (the
-prototypes' learning rate as a multiple of the extractor's).
+``epoch_counter``, ``train_logger`` and ``lr_multipliers`` (the learning
+rates of named parameter groups -- ``prototypes``, the extractor's -- as
+multiples of the schedule's).
 
 Under ``torchrun`` (DDP) every rank trains on its own shard of each epoch
 (:class:`~spkver.distributed.ShardedBatchSampler`: no item twice, none
@@ -113,8 +114,8 @@ class BrainSettings:
     Read once, validated once (:meth:`from_hparams`): a wrong value is an
     :class:`~spkver.hparams.HparamsError` naming the key, before anything is trained.
 
-    >>> BrainSettings.from_hparams({"prototype_lr_multiplier": 5, "average_last": 4}).prototype_lr_multiplier
-    5.0
+    >>> BrainSettings.from_hparams({"lr_multipliers": {"prototypes": 5}, "average_last": 4}).lr_multipliers
+    {'prototypes': 5.0}
     >>> BrainSettings.from_hparams({"average_last": 0})
     Traceback (most recent call last):
     ...
@@ -126,7 +127,9 @@ class BrainSettings:
     augmenter: Optional[object] = None     #: training-time augmentation (``augment(waveforms, lengths)``)
     margin_warmup: Optional[MarginWarmup] = None
     reinit_policy: Optional[ReinitializationPolicy] = None  #: A3M-I
-    prototype_lr_multiplier: float = 1.0   #: the prototypes' learning rate as a multiple of the extractor's
+    #: Learning rates of named parameter groups as multiples of the schedule's: ``prototypes``, and the
+    #: extractor's groups (``extractor``; an SSL extractor's ``encoder`` and ``backend``). Others: 1.
+    lr_multipliers: Optional[dict] = None
     average_last: int = 1                  #: checkpoints kept: the evaluated model averages the last ones
 
     @classmethod
@@ -138,10 +141,14 @@ class BrainSettings:
         if not isinstance(settings.average_last, int) or isinstance(settings.average_last, bool) \
                 or settings.average_last < 1:
             raise HparamsError(f"average_last must be an integer >= 1 (1: no averaging), got {settings.average_last!r}")
-        multiplier = settings.prototype_lr_multiplier
-        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0 < multiplier < math.inf:
-            raise HparamsError(f"prototype_lr_multiplier must be a number > 0, got {multiplier!r}")
-        settings.prototype_lr_multiplier = float(multiplier)
+        multipliers = settings.lr_multipliers or {}
+        if not isinstance(multipliers, Mapping):
+            raise HparamsError(f"lr_multipliers must map parameter groups to numbers, got {multipliers!r}")
+        for name, multiplier in multipliers.items():
+            if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or \
+                    not 0 <= multiplier < math.inf:
+                raise HparamsError(f"lr_multipliers: {name} must be a number >= 0, got {multiplier!r}")
+        settings.lr_multipliers = {str(name): float(value) for name, value in multipliers.items()}
         if not isinstance(settings.seed, int):
             raise HparamsError(f"seed must be an integer, got {settings.seed!r}")
         if settings.batch_size is not None and (not isinstance(settings.batch_size, int) or settings.batch_size < 2):
@@ -281,23 +288,32 @@ class SpeakerBrain(sb.Brain):
             )
         super().on_fit_start()
 
+    def parameter_groups(self) -> dict:
+        """The named parameter groups ``lr_multipliers`` refers to: the extractor's own and ``prototypes``."""
+        return {**self.extractor.parameter_groups(), "prototypes": list(self.modules.classifier.parameters())}
+
     def init_optimizers(self):
-        """One optimiser, two parameter groups: the extractor at the scheduled learning rate and the
-        prototypes at ``prototype_lr_multiplier`` times it (the papers train a new prototype layer on
-        a pretrained extractor at 5x).
+        """One optimiser, a parameter group per name of :meth:`parameter_groups`, each at ``lr_multipliers``
+        times the scheduled learning rate (1 when not named): the papers train a new prototype layer on a
+        pretrained extractor at 5x, and an SSL encoder at 0.08x its back-end's rate.
 
         SpeechBrain's own ``init_optimizers`` builds it (and registers it for checkpoints), from an
-        ``opt_class`` that is handed the two groups; a sharded head's checkpoint hooks then gather
-        its rows from every rank.
+        ``opt_class`` that is handed the groups; a sharded head's checkpoint hooks then gather its rows
+        from every rank. A multiplier naming no group is an :class:`~spkver.hparams.HparamsError`.
         """
         if self.opt_class is None:
             return super().init_optimizers()
         base = self.opt_class
-        prototypes = list(self.modules.classifier.parameters())
-        extractor = list(self.modules.embedding_model.parameters())
-        multiplier = self.settings.prototype_lr_multiplier
-        self.opt_class = lambda _parameters: base([{"params": extractor, "lr_multiplier": 1.0},
-                                                   {"params": prototypes, "lr_multiplier": multiplier}])
+        groups = self.parameter_groups()
+        multipliers = self.settings.lr_multipliers or {}
+        unknown = sorted(set(multipliers) - set(groups))
+        if unknown:
+            raise HparamsError(f"lr_multipliers: {', '.join(unknown)} names no parameter group of this experiment "
+                               f"(its groups: {', '.join(groups)})")
+        chosen = [{"params": [p for p in parameters if p.requires_grad], "lr_multiplier": multipliers.get(name, 1.0),
+                   "name": name} for name, parameters in groups.items()]
+        chosen = [group for group in chosen if group["params"]]
+        self.opt_class = lambda _parameters: base(chosen)
         try:
             super().init_optimizers()
         finally:

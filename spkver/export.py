@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import yaml
 
+from spkver.errors import UserError
 from spkver.inference import SpeakerEmbedder
 
-__all__ = ["export_pretrained", "export_onnx", "speechbrain_objects"]
+__all__ = ["export_pretrained", "export_onnx", "speechbrain_objects", "ExportError"]
 
 _HEADER = """# Exported by spkver: a speaker-embedding extractor in SpeechBrain's pretrained layout.
 # EncoderClassifier.from_hparams(source=<this folder>) loads it; see spkver.json for the
@@ -100,9 +101,11 @@ def export_pretrained(model_folder, out, onnx: bool = False) -> Path:
     model_folder, out = Path(model_folder), Path(out).resolve()
     model = load_model(model_folder)
     embedder = SpeakerEmbedder.from_pretrained(model_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if model.extractor.spec["architecture"] == "ssl":
+        return _export_ssl(model, embedder, model_folder, out, onnx)
     extractor = embedder.extractor
     spec = extractor.spec
-    out.mkdir(parents=True, exist_ok=True)
     torch.save(extractor.backbone.state_dict(), out / "embedding_model.ckpt")
     _write_label_encoder(out / "label_encoder.txt", model.classes or [])
     objects = speechbrain_objects(spec)
@@ -134,6 +137,27 @@ def export_pretrained(model_folder, out, onnx: bool = False) -> Path:
     return out
 
 
+def _export_ssl(model, embedder, model_folder: Path, out: Path, onnx: bool) -> Path:
+    """An SSL extractor's self-contained spkver folder: the encoder's config in spkver.json, the whole
+    extractor's weights (LoRA merged) in embedding_model.ckpt; no SpeechBrain hyperparams (no SpeechBrain
+    class builds it)."""
+    extractor = embedder.extractor.merged()
+    torch.save(extractor.state_dict(), out / "embedding_model.ckpt")
+    card = {**model.card, "extractor": extractor.spec, "weights": "extractor"}
+    card.setdefault("threshold", None)
+    card.setdefault("calibration", f"none: exported from a {model.layout} ({model_folder})")
+    (out / "spkver.json").write_text(json.dumps(card, indent=2) + "\n")
+    _write_label_encoder(out / "label_encoder.txt", model.classes or [])
+    if embedder.mean is not None:
+        np.save(out / "mean_embedding.npy", embedder.mean)
+    for name in ("calibration.json", "cohort.npz"):
+        if (model_folder / name).exists():
+            shutil.copy(model_folder / name, out / name)
+    if onnx:
+        export_onnx(extractor, out / "embedding_model.onnx")
+    return out
+
+
 def export_onnx(extractor, path) -> Path:
     """The backbone as ONNX: input ``features`` (batch, frames, n_mels), output ``embeddings`` (batch, D)."""
     try:
@@ -150,9 +174,52 @@ def export_onnx(extractor, path) -> Path:
             embeddings = self.backbone(features)
             return embeddings.reshape(embeddings.shape[0], -1)
 
+    if extractor.spec["architecture"] == "ssl":
+        return _export_ssl_onnx(extractor, path)
     model = Backbone(extractor.backbone).eval().cpu()
     example = torch.randn(1, 200, extractor.frontend.n_mels)
     torch.onnx.export(model, (example,), str(path), input_names=["features"], output_names=["embeddings"],
                       dynamic_axes={"features": {0: "batch", 1: "frames"}, "embeddings": {0: "batch"}},
                       opset_version=17, dynamo=False)
+    return Path(path)
+
+
+class ExportError(UserError, RuntimeError):
+    """A model the ONNX exporter cannot write: names the model and the exporter's reason."""
+
+
+def _export_ssl_onnx(extractor, path) -> Path:
+    """The whole SSL extractor as ONNX (input ``waveforms`` (batch, samples)), where torch's exporter can trace it.
+
+    w2v-BERT's feature extractor (SeamlessM4T's) computes its filterbanks in NumPy, which a trace would
+    freeze into constants: refused. The written graph is checked against the extractor on an input of
+    another length (with onnxruntime, when installed) and removed if it differs.
+    """
+    extractor = extractor.eval().cpu()
+    if extractor.spec["encoder"] == "w2v-bert":
+        raise ExportError("ONNX export of w2v-BERT: its feature extractor (SeamlessM4T's filterbanks) runs in "
+                          "NumPy, which torch.onnx would freeze into constants; the spkver folder beside it is "
+                          "complete")
+    try:
+        torch.onnx.export(extractor, (torch.randn(1, 32000),), str(path), input_names=["waveforms"],
+                          output_names=["embeddings"], dynamic_axes={"waveforms": {0: "batch", 1: "samples"},
+                                                                     "embeddings": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    except Exception as error:  # the exporter's own failure: named, and the spkver folder is already written
+        Path(path).unlink(missing_ok=True)
+        raise ExportError(f"ONNX export of the {extractor.spec['encoder']} encoder failed in torch.onnx "
+                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); the spkver folder "
+                          "beside it is complete") from None
+    try:
+        import onnxruntime
+    except ImportError:
+        return Path(path)
+    check = torch.randn(2, 24000, generator=torch.Generator().manual_seed(0)) * 0.1
+    (got,) = onnxruntime.InferenceSession(str(path)).run(None, {"waveforms": check.numpy()})
+    with torch.no_grad():
+        expected = extractor(check).numpy()
+    if not np.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max())):
+        Path(path).unlink()
+        raise ExportError(f"ONNX export of the {extractor.spec['encoder']} encoder: the graph torch.onnx wrote "
+                          "differs from the model on another input length; not written")
     return Path(path)

@@ -382,7 +382,9 @@ class SpeakerEmbedder:
 
     def _fast_extractor(self):
         """On a CPU, the extractor with a compiled backbone (:func:`compiled_for_inference`), built once."""
-        if self.device.type != "cpu":
+        from spkver.models import EmbeddingExtractor
+
+        if self.device.type != "cpu" or not isinstance(self.extractor, EmbeddingExtractor):
             return self.extractor
         if self._compiled is None:
             self._compiled = compiled_for_inference(self.extractor)

@@ -254,3 +254,33 @@ def write_wespeaker_folder(folder: Path, model: str, model_args: dict, classes: 
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return folder
+
+
+# Hugging Face folders as `huggingface-cli download` leaves them (config.json, model.safetensors,
+# preprocessor_config.json), at tiny sizes for training in the suite; save_pretrained writes the layout.
+
+def write_tiny_wavlm(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A WavLM folder of ``layers`` transformer layers of width ``hidden`` (random weights)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.WavLMConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                      intermediate_size=2 * hidden, conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3),
+                                      conv_stride=(5, 2, 2), num_conv_pos_embeddings=16,
+                                      num_conv_pos_embedding_groups=4, num_buckets=32, max_bucket_distance=100)
+    transformers.WavLMModel(config).save_pretrained(folder)
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_w2vbert(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A w2v-BERT 2.0 folder of ``layers`` conformer layers of width ``hidden``, with its feature extractor."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Wav2Vec2BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                             intermediate_size=2 * hidden, conv_depthwise_kernel_size=5,
+                                             left_max_position_embeddings=8, right_max_position_embeddings=4)
+    transformers.Wav2Vec2BertModel(config).save_pretrained(folder)
+    transformers.SeamlessM4TFeatureExtractor().save_pretrained(folder)
+    return folder

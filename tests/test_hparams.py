@@ -150,3 +150,45 @@ def test_finetuning_follows_the_papers_schedule_from_the_starting_models_own_ext
 def test_finetuning_names_its_missing_starting_model(tmp_path):
     with pytest.raises(HparamsError, match=r"qmargin.yaml: 'init_from' is a !PLACEHOLDER and must be replaced"):
         load(HPARAMS / "finetune" / "qmargin.yaml", _required("qmargin.yaml", tmp_path))
+
+
+SSL_EXPERIMENTS = sorted(p.name for p in (HPARAMS / "ssl").glob("*.yaml") if not p.name.endswith("_recipe.yaml"))
+
+
+@pytest.fixture(scope="module")
+def ssl_folders(tmp_path_factory):
+    from tests.layouts import write_tiny_w2vbert, write_tiny_wavlm
+
+    root = tmp_path_factory.mktemp("hf")
+    return {"wavlm": write_tiny_wavlm(root / "wavlm"), "w2vbert": write_tiny_w2vbert(root / "w2vbert")}
+
+
+@pytest.mark.parametrize("name", SSL_EXPERIMENTS)
+def test_the_ssl_experiments_follow_the_papers_schedules(name, tmp_path, ssl_folders):
+    """WavLM + MHFA: 3 s crops, 30 epochs, 0.01 -> 4.4e-3 after 3 warm-up epochs, the margin ramped over epochs
+    2-5, the encoder at 0.08x; then 5 epochs at a fixed margin, 8e-3 -> 5e-5. w2v-BERT + MFA: prototypes at 5x,
+    2 s crops, 5 epochs at 1e-4 -> 5e-5, m = 0.2; then the large margin, m = 0.5 on 6 s crops."""
+    family = "wavlm" if name.startswith("wavlm") else "w2vbert"
+    values = {**_required(name, tmp_path), "ssl_folder": str(ssl_folders[family])}
+    if "fixed_margin" in name or "large_margin" in name:
+        values["init_from"] = str(tmp_path / "first_stage")
+    hparams, _ = load(HPARAMS / "ssl" / name, values)
+    schedule, objective, warmup = hparams["lr_schedule"], hparams["objective"], hparams["margin_warmup"]
+    assert hparams["embedding_model"].spec["architecture"] == "ssl"
+    expected_pair = (10.0, 1.5) if hparams["objective_name"] == "qmargin" else (32.0, 1.0)
+    assert (objective.scale, objective.alpha) == expected_pair
+    if name == "wavlm_fixed_margin.yaml":
+        assert (schedule.peak, schedule.final, schedule.warmup, schedule.epochs) == (0.008, 5e-5, 0, 5)
+        assert warmup.fraction(0.0) == 1.0
+    elif family == "wavlm":
+        assert (schedule.peak, schedule.final, schedule.warmup, schedule.epochs) == (0.01, 0.0044, 3, 30)
+        assert (warmup.start_epoch, warmup.warmup_epochs) == (2, 3) and hparams["crop_seconds"] == 3.0
+        assert hparams["lr_multipliers"] == {"encoder": 0.08} and hparams["embedding_model"].spec["backend"] == "mhfa"
+        assert hparams["embedding_model"].backbone.att_head.out_features == 64
+    else:
+        assert (schedule.peak, schedule.final, schedule.warmup, schedule.epochs) == (1e-4, 5e-5, 0, 5)
+        assert warmup.fraction(0.0) == 1.0 and hparams["embedding_model"].spec["backend"] == "mfa"
+        assert hparams["embedding_model"].spec["lora"]["r"] == 64
+        large = name == "w2vbert_large_margin.yaml"
+        assert (objective.base_margin, hparams["crop_seconds"]) == ((0.5, 6.0) if large else (0.2, 2.0))
+        assert hparams["lr_multipliers"] == ({} if large else {"prototypes": 5.0})

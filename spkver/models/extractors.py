@@ -105,6 +105,10 @@ class EmbeddingExtractor(nn.Module):
         embeddings = self.backbone(self.frontend(waveforms, lengths), lengths)
         return embeddings.reshape(embeddings.shape[0], -1)
 
+    def parameter_groups(self) -> dict:
+        """Named parameter groups for per-group learning rates (``lr_multipliers``): one, ``extractor``."""
+        return {"extractor": list(self.parameters())}
+
 
 def ecapa_tdnn(channels: int = 512, embedding_dim: int = 192, n_mels: int = 80) -> EmbeddingExtractor:
     """SpeechBrain's ECAPA-TDNN (channels C for the four frame layers, 3C for the last)."""

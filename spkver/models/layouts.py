@@ -12,6 +12,7 @@ import numpy as np
 from spkver.models.extractors import EmbeddingExtractor, ModelError, ecapa_tdnn, resnet34, speechbrain
 from spkver.models.folders import ModelFolderError, StartingModel, load_strictly
 from spkver.models.speechbrain import read_hub_folder
+from spkver.models.ssl import ssl_extractor
 from spkver.models.wespeaker import WESPEAKER_WEIGHTS, read_wespeaker_folder, wespeaker_extractor
 
 __all__ = ["ARCHITECTURES", "build_extractor", "read_spkver_folder", "LAYOUTS", "layout_of", "load_model",
@@ -19,7 +20,7 @@ __all__ = ["ARCHITECTURES", "build_extractor", "read_spkver_folder", "LAYOUTS", 
 
 #: Architecture names (an extractor's ``spec["architecture"]``) -> the function that builds it.
 ARCHITECTURES = {"ecapa_tdnn": ecapa_tdnn, "resnet34": resnet34, "speechbrain": speechbrain,
-                 "wespeaker": wespeaker_extractor}
+                 "wespeaker": wespeaker_extractor, "ssl": ssl_extractor}
 
 
 def build_extractor(architecture: str, **arguments) -> EmbeddingExtractor:
@@ -53,7 +54,8 @@ def read_spkver_folder(folder: Path) -> StartingModel:
         layout = "spkver experiment"
     elif exported.exists():
         weights = load_weights(exported)
-        load_strictly(extractor.backbone, weights, exported)  # SpeechBrain's layout: the backbone alone
+        # SpeechBrain's layout holds the backbone alone; an SSL model's export holds the whole extractor.
+        load_strictly(extractor if card.get("weights") == "extractor" else extractor.backbone, weights, exported)
         layout = "spkver export"
     elif checkpoint is not None:
         path = checkpoint.paramfiles["embedding_model"]
