@@ -86,7 +86,7 @@ def mfcc_embeddings(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("voices")
     synthesize_corpus(folder, speakers=48, utterances=6, seed=21, min_seconds=1.5, max_seconds=2.5, test_speakers=2,
-                      progress=False)
+                      difficulty=0.5, progress=False)
     speakers, vectors = [], []
     for path in sorted((folder / "wav").glob("*/*/*.wav")):
         audio, _ = soundfile.read(path, dtype="float32")
@@ -94,7 +94,7 @@ def mfcc_embeddings(tmp_path_factory):
         vectors.append(torch.cat([mfcc.mean(0), mfcc.std(0)]).numpy())
         speakers.append(path.relative_to(folder / "wav").parts[0])
     vectors = np.asarray(vectors)
-    return np.asarray(speakers), vectors - vectors.mean(axis=0)
+    return np.asarray(speakers), (vectors - vectors.mean(axis=0)) / vectors.std(axis=0)
 
 
 def _pairs(speakers, vectors):
@@ -112,5 +112,5 @@ def test_a_calibration_fitted_on_held_out_speakers_keeps_actual_dcf_near_the_min
     scores, labels = _pairs(speakers[other], vectors[other])
     actual = metrics.actual_dcf(calibration.llr(scores), labels, p_target=0.01)
     minimum = metrics.min_dcf(scores, labels, p_target=0.01)[0]
-    assert minimum < 0.9  # the features separate speakers: the bound below is not met by rejecting everything
+    assert minimum < 0.97  # the features separate speakers: the bound below is not met by rejecting everything
     assert actual <= 1.5 * minimum, (actual, minimum)

@@ -59,19 +59,26 @@ def test_settings_round_trip_through_the_folder_and_a_missing_file_is_named(tmp_
         EvaluationSettings.read(tmp_path / "elsewhere")
 
 
-def _development(speakers):
+def _development(speakers, spread=1.0):
     rng = np.random.default_rng(0)
-    store = EmbeddingStore([f"{s}/{i}" for i, s in enumerate(speakers)], rng.normal(size=(len(speakers), 8)))
+    centres = {speaker: rng.normal(size=8) for speaker in set(speakers)}
+    vectors = np.stack([centres[s] + spread * rng.normal(size=8) for s in speakers])
+    store = EmbeddingStore([f"{s}/{i}" for i, s in enumerate(speakers)], vectors)
     return DevelopmentFiles([f"{i}.wav" for i in range(len(speakers))], list(speakers), "test speakers", store)
 
 
 def test_the_threshold_is_a_value_or_an_error_never_a_sentence_in_its_place():
-    threshold = calibrate_threshold(_development(["a", "a", "b", "b", "c"]))
+    many = [f"s{i // 3}" for i in range(90)]  # 30 speakers x 3 files: 3,870 non-target pairs
+    threshold = calibrate_threshold(_development(many))
     assert isinstance(threshold.value, float) and threshold.description.startswith("EER threshold")
     with pytest.raises(EvaluationError, match="no two files of the test speakers share a speaker"):
         calibrate_threshold(_development(["a", "b", "c"]))
     with pytest.raises(EvaluationError, match="non-target pairs cannot measure FAR=1e-05"):
-        calibrate_threshold(_development(["a", "a", "b", "b"]), far=1e-5)
+        calibrate_threshold(_development(many), far=1e-5)
+    with pytest.raises(EvaluationError, match="8 non-target pairs are too few for a threshold"):
+        calibrate_threshold(_development(["a", "a", "b", "b", "c"]))
+    with pytest.raises(EvaluationError, match="separate perfectly"):
+        calibrate_threshold(_development(many, spread=0.01))
 
 
 def test_the_stages_a_list_is_scored_in_need_their_inputs():

@@ -64,7 +64,7 @@ def test_silence_and_audio_without_speech_energy_are_refused_by_name(tmp_path):
         read_audio(tmp_path / "silence.wav")
     hiss = 3e-4 * np.random.default_rng(0).standard_normal(16000)  # about -70 dBFS
     soundfile.write(tmp_path / "hiss.wav", hiss.astype(np.float32), 16000, subtype="FLOAT")
-    with pytest.raises(AudioError, match=r"hiss.wav: no speech energy: its loudest frames reach -6\d dBFS"):
+    with pytest.raises(AudioError, match=r"hiss.wav: no speech energy: its loudest frames reach -[67]\d dBFS"):
         read_audio(tmp_path / "hiss.wav")
     quiet_voice = 0.01 * np.sin(2 * np.pi * 150 * np.arange(16000) / 16000)  # -43 dBFS: quiet, but a voice
     soundfile.write(tmp_path / "quiet.wav", quiet_voice.astype(np.float32), 16000, subtype="FLOAT")

@@ -375,8 +375,8 @@ def test_spkver_evaluate_scores_a_public_folder_through_its_export_and_never_wri
 
 def test_pairs_too_few_to_calibrate_leave_the_model_uncalibrated_and_say_why(tiny_corpus, tmp_path, monkeypatch):
     output = tmp_path / "exp"
-    _run_in_process(_arguments(tiny_corpus, output, epochs=1, extra=["--calibration_min_nontargets=300"]),
-                    monkeypatch)
+    _run_in_process(_arguments(tiny_corpus, output, epochs=1, extra=["--calibration_min_nontargets=300",
+                                                                     "--valid_fraction=0.3"]), monkeypatch)
     log = (output / "log.txt").read_text()
     assert re.search(r"not calibrated: \d+ non-target pairs are too few for a calibration \(at least 300", log)
     assert re.search(r"no threshold: \d+ non-target pairs are too few for a threshold", log)

@@ -1,0 +1,105 @@
+"""Cost of the SSL front-ends at their real sizes: forward and forward+backward time and peak memory.
+
+WavLM Base+ (hidden 768, 12 layers: transformers' WavLMConfig defaults, the size of
+microsoft/wavlm-base-plus) with MHFA (64 heads) and w2v-BERT 2.0 (hidden 1024, 24 conformer layers:
+Wav2Vec2BertConfig's defaults, the size of facebook/w2v-bert-2.0) with MFA, random weights (the cost
+does not depend on them), each with the encoder frozen, fine-tuned (WavLM's convolutional feature
+encoder stays frozen, as in the recipe) and with LoRA (r = 64, alpha = 128), against spkver's
+ECAPA-TDNN C = 1024 in the same run. One batch of 3 s crops; the backward pass is of the sum of the
+embeddings; peak memory is the growth of the resident set (CUDA's allocator peak on a GPU).
+
+    python benchmarks/bench_ssl.py                              # CPU: batch 4
+    python benchmarks/bench_ssl.py --device cuda --batch 32     # the same measurement on a GPU
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from measure import Results, peak_bytes, sync
+
+from spkver.models import ecapa_tdnn
+from spkver.models.ssl import ssl_extractor
+
+MODES = {"frozen encoder": {"freeze_encoder": True}, "fine-tuned encoder": {},
+         "LoRA": {"lora": {"r": 64, "lora_alpha": 128}}}
+
+
+def _build(encoder: str, mode: str):
+    import transformers
+
+    if encoder == "wavlm":
+        config, backend, arguments = transformers.WavLMConfig().to_dict(), "mhfa", {"head_nb": 64}
+        preprocessor = {"do_normalize": True}
+    else:
+        config, backend, arguments = transformers.Wav2Vec2BertConfig().to_dict(), "mfa", {}
+        preprocessor = transformers.SeamlessM4TFeatureExtractor().to_dict()
+    options = {key: value for key, value in MODES[mode].items() if key != "lora"}
+    return ssl_extractor(encoder, config, backend, arguments, preprocessor, options, lora=MODES[mode].get("lora"))
+
+
+def _timed(run, device: str, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure(model, waveforms, device: str, repeats: int):
+    model = model.to(device)
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(waveforms, torch.ones(waveforms.shape[0], device=device))
+
+    def forward_backward():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(waveforms, torch.ones(waveforms.shape[0], device=device)).sum().backward()
+
+    forward_seconds = _timed(forward, device, repeats)
+    training_seconds = _timed(forward_backward, device, repeats)
+    peak = peak_bytes(forward_backward, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return forward_seconds, training_seconds, peak, trainable, total
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    waveforms = 0.1 * torch.randn(args.batch, 3 * 16000, device=args.device)
+    rows = []
+
+    def record(name, mode, model):
+        forward, training, peak, trainable, total = _measure(model, waveforms, args.device, args.repeats)
+        rows.append([name, mode, f"{total / 1e6:.1f} M", f"{trainable / 1e6:.2f} M", f"{forward:.2f}",
+                     f"{training:.2f}", f"{peak / 2 ** 30:.2f}"])
+        print(rows[-1], flush=True)
+
+    record("ECAPA-TDNN C=1024 (spkver)", "trained whole", ecapa_tdnn(channels=1024, embedding_dim=192))
+    reference = (float(rows[0][4]), float(rows[0][5]))
+    for encoder, name in (("wavlm", "WavLM Base+ + MHFA"), ("w2v-bert", "w2v-BERT 2.0 + MFA")):
+        for mode in MODES:
+            record(name, mode, _build(encoder, mode))
+    for row in rows:
+        row.insert(6, f"{float(row[5]) / reference[1]:.1f}")
+    results = Results("bench_ssl", args.device)
+    results.table("cost", f"One batch of {args.batch} crops of 3 s, random weights at the real sizes",
+                  ["model", "encoder", "parameters", "trained", "forward s", "forward+backward s",
+                   "vs ECAPA", "peak memory GiB (forward+backward)"], rows,
+                  align=["---", "---", "---:", "---:", "---:", "---:", "---:", "---:"])
+    results.save()
+
+
+if __name__ == "__main__":
+    main()
