@@ -6,17 +6,21 @@ Wav2Vec2BertConfig's defaults, the size of facebook/w2v-bert-2.0) with MFA, rand
 does not depend on them), each with the encoder frozen, fine-tuned (WavLM's convolutional feature
 encoder stays frozen, as in the recipe) and with LoRA (r = 64, alpha = 128), against spkver's
 ECAPA-TDNN C = 1024 in the same run. One batch of 3 s crops; the backward pass is of the sum of the
-embeddings; peak memory is the growth of the resident set (CUDA's allocator peak on a GPU).
+embeddings. Each model runs in a fresh process, whose peak resident memory is reported (weights,
+activations, gradients and workspace; on a GPU, CUDA's allocator peak): a process that had freed
+an earlier model would reuse its memory and hide the next one's.
 
     python benchmarks/bench_ssl.py                              # CPU: batch 4
     python benchmarks/bench_ssl.py --device cuda --batch 32     # the same measurement on a GPU
 """
 import argparse
+import json
 import statistics
+import sys
 import time
 
 import torch
-from measure import Results, peak_bytes, sync
+from measure import Results, run_measured, sync
 
 from spkver.models import ecapa_tdnn
 from spkver.models.ssl import ssl_extractor
@@ -65,10 +69,11 @@ def _measure(model, waveforms, device: str, repeats: int):
 
     forward_seconds = _timed(forward, device, repeats)
     training_seconds = _timed(forward_backward, device, repeats)
-    peak = peak_bytes(forward_backward, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return forward_seconds, training_seconds, peak, trainable, total
+    gpu_peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return {"forward": forward_seconds, "training": training_seconds, "trainable": trainable, "total": total,
+            "gpu_peak": gpu_peak}
 
 
 def main():
@@ -76,27 +81,34 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--one", nargs=2, metavar=("ENCODER", "MODE"), help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
-    waveforms = 0.1 * torch.randn(args.batch, 3 * 16000, device=args.device)
+    if args.one:
+        encoder, mode = args.one
+        waveforms = 0.1 * torch.randn(args.batch, 3 * 16000, device=args.device)
+        model = ecapa_tdnn(channels=1024, embedding_dim=192) if encoder == "ecapa" else _build(encoder, mode)
+        print("@json " + json.dumps(_measure(model, waveforms, args.device, args.repeats)))
+        return
+    runs = [("ECAPA-TDNN C=1024 (spkver)", "ecapa", "trained whole")]
+    runs += [(name, encoder, mode) for encoder, name in (("wavlm", "WavLM Base+ + MHFA"),
+                                                        ("w2v-bert", "w2v-BERT 2.0 + MFA")) for mode in MODES]
     rows = []
-
-    def record(name, mode, model):
-        forward, training, peak, trainable, total = _measure(model, waveforms, args.device, args.repeats)
-        rows.append([name, mode, f"{total / 1e6:.1f} M", f"{trainable / 1e6:.2f} M", f"{forward:.2f}",
-                     f"{training:.2f}", f"{peak / 2 ** 30:.2f}"])
+    for name, encoder, mode in runs:
+        _, peak_mib, output = run_measured([sys.executable, __file__, "--one", encoder, mode, "--device", args.device,
+                                            "--batch", str(args.batch), "--repeats", str(args.repeats)])
+        figures = json.loads(next(line for line in output.splitlines() if line.startswith("@json "))[6:])
+        peak = figures["gpu_peak"] / 2 ** 30 if figures["gpu_peak"] is not None else peak_mib / 1024
+        rows.append([name, mode, f"{figures['total'] / 1e6:.1f} M", f"{figures['trainable'] / 1e6:.2f} M",
+                     f"{figures['forward']:.2f}", f"{figures['training']:.2f}", f"{peak:.2f}"])
         print(rows[-1], flush=True)
-
-    record("ECAPA-TDNN C=1024 (spkver)", "trained whole", ecapa_tdnn(channels=1024, embedding_dim=192))
-    reference = (float(rows[0][4]), float(rows[0][5]))
-    for encoder, name in (("wavlm", "WavLM Base+ + MHFA"), ("w2v-bert", "w2v-BERT 2.0 + MFA")):
-        for mode in MODES:
-            record(name, mode, _build(encoder, mode))
+    reference = float(rows[0][5])
     for row in rows:
-        row.insert(6, f"{float(row[5]) / reference[1]:.1f}")
+        row.insert(6, f"{float(row[5]) / reference:.1f}")
     results = Results("bench_ssl", args.device)
+    memory = "GPU allocator peak GiB" if args.device.startswith("cuda") else "process peak memory GiB"
     results.table("cost", f"One batch of {args.batch} crops of 3 s, random weights at the real sizes",
                   ["model", "encoder", "parameters", "trained", "forward s", "forward+backward s",
-                   "vs ECAPA", "peak memory GiB (forward+backward)"], rows,
+                   "forward+backward vs ECAPA", memory], rows,
                   align=["---", "---", "---:", "---:", "---:", "---:", "---:", "---:"])
     results.save()
 

@@ -55,10 +55,12 @@ from spkver.scoring import (
     as_norm,
     cosine_scores,
     load_embeddings,
+    read_enrolment_map,
     read_trials,
     save_embeddings,
     score_stages,
     speaker_mean_cohort,
+    with_enrolment,
 )
 
 logger = logging.getLogger(__name__)
@@ -394,6 +396,9 @@ def _trial_utterances(extractor, settings: EvaluationSettings, device, progress)
 
 def _score_lists(store, settings: EvaluationSettings, stages, mean, cohort, calibration,
                  progress) -> Dict[Stage, List[dict]]:
+    enrolment_map = Path(settings.manifest_folder) / "enroll.map"
+    if enrolment_map.exists():  # trial lists whose enrolment side names speakers (spkver prepare cnceleb)
+        store = with_enrolment(store, read_enrolment_map(enrolment_map), mean, source=str(enrolment_map))
     table: Dict[Stage, List[dict]] = {stage: [] for stage in stages}
     for trials_path in settings.trial_lists:
         trials = read_trials(trials_path)

@@ -215,6 +215,14 @@ def test_prepare_cnceleb_reads_the_distributed_layout_and_its_enrolment_map(tiny
     assert set(listed.test) <= ids
     concat = read_trials(out / "trials_concat.txt")
     assert set(concat.enroll) == {f"enroll/{name}" for name in enrolment} and set(concat.enroll) <= ids
+    # The evaluation reads the enrolment map beside the manifests: every trial is scored.
+    from tests.layouts import write_wespeaker_folder
+
+    model = write_wespeaker_folder(tmp_path / "model", "ResNet18", {"feat_dim": 80, "embed_dim": 256}, classes=4)
+    assert main(["evaluate", "--model", str(model), "--manifests", str(out), "--trials", str(out / "trials.txt"),
+                 "--stages", "cosine", "--out", str(tmp_path / "evaluated")]) == 0
+    results = json.loads((tmp_path / "evaluated" / "results.json").read_text())
+    assert results["stages"]["cosine"]["after_training"][0]["trials"] == len(trials)
 
 
 def test_preparing_a_folder_that_is_not_there_or_holds_no_speakers_is_one_line(tmp_path, capsys):

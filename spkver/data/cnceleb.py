@@ -10,7 +10,8 @@
   into one file): in CN-Celeb1's root.
 
 Written beside the manifests: ``trials.txt`` (VoxCeleb format; the enrolment side names a speaker of
-``enroll.map``: score with ``spkver score --enroll DIR/enroll.map``), ``enroll.map`` (spkver's IDs),
+``enroll.map``: score with ``spkver score --enroll DIR/enroll.map``; the recipe's evaluation and
+``spkver evaluate`` read the manifest folder's ``enroll.map`` themselves), ``enroll.map`` (spkver's IDs),
 and ``trials_concat.txt`` (the enrolment side is the joined file, CN-Celeb's other protocol). The
 evaluation speakers (those of ``enroll.map``) are held out of training.
 """

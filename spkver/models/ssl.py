@@ -150,7 +150,7 @@ class SSLEncoder(nn.Module):
                 if key not in ("feature_extractor_type", "processor_class")})
         self._freeze(freeze_feature_encoder, freeze_encoder)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            self.model.activation_checkpointing_enable()  # transformers 5 (gradient_checkpointing_enable: an alias)
         self.lora = None
         if lora:
             self.add_lora(lora)
