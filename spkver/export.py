@@ -143,7 +143,7 @@ def _export_ssl(model, embedder, model_folder: Path, out: Path, onnx: bool) -> P
     class builds it)."""
     extractor = embedder.extractor.merged()
     torch.save(extractor.state_dict(), out / "embedding_model.ckpt")
-    card = {**model.card, "extractor": extractor.spec, "weights": "extractor"}
+    card = {**model.card, "extractor": extractor.spec}
     card.setdefault("threshold", None)
     card.setdefault("calibration", f"none: exported from a {model.layout} ({model_folder})")
     (out / "spkver.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -91,7 +91,7 @@ def _command(corpus, output, record, objective, epochs, extra=()):
             f"--number_of_epochs={epochs}", "--channels=16", "--embedding_dim=16", "--batch_size=4",
             "--num_workers=0", "--lr_warmup_epochs=1", "--margin_warmup_epochs=1", "--margin_warmup_start=0",
             "--crop_seconds=1.0", "--mean_utterances=10", "--peak_lr=0.05", "--speed_perturb=null",
-            "--valid_fraction=0.25", *extra]
+            "--valid_fraction=0.25", "--calibration_min_nontargets=10", *extra]  # a tiny corpus: few pairs
 
 
 def _environment():

@@ -159,17 +159,21 @@ def test_each_ssl_recipe_trains_evaluates_exports_and_its_export_reloads(experim
     assert cli.main(["embed", "--model", str(exported), "--dir", str(tiny_corpus / "wav"),
                      "--out", str(tmp_path / "emb.npz")]) == 0
     assert cli.main(["verify", "--model", str(exported), str(wav), str(wav)]) == 0
-    if encoder == "wavlm":  # the second stage starts from the first's folder: its extractor and prototypes
+    assert cli.main(["evaluate", "--model", str(exported), "--manifests", str(output / "manifests"),
+                     "--trials", f"{tiny_corpus}/trials.txt", "--stages", "cosine"]) == 0
+    assert (exported / "results.json").exists()
+    if encoder == "wavlm":  # the second stage starts from the exported folder: its extractor, class-mean prototypes
         second = tmp_path / "fixed_margin"
         monkeypatch.setattr(sys, "argv", [
-            str(RECIPE), str(ROOT / "hparams" / "ssl" / "wavlm_fixed_margin.yaml"), f"--init_from={output}",
+            str(RECIPE), str(ROOT / "hparams" / "ssl" / "wavlm_fixed_margin.yaml"), f"--init_from={exported}",
             f"--ssl_folder={folders[encoder]}", f"--data_folder={tiny_corpus}",
             f"--trial_lists=[{tiny_corpus}/trials.txt]", f"--output_folder={second}", "--number_of_epochs=1",
             "--batch_size=8", "--num_workers=0", "--crop_seconds=1.0", "--mean_utterances=10", "--average_last=1",
             "--calibration_min_nontargets=10", *overrides])
         runpy.run_path(str(RECIPE), run_name="__main__")
         log = (second / "log.txt").read_text()
-        assert f"fine-tuning from {output} (spkver experiment): extractor; the prototypes of its 7 speakers" in log
+        assert f"fine-tuning from {exported} (spkver export): extractor; prototypes start at the normalised " \
+            "class-mean embeddings" in log
     code = cli.main(["export", "--model", str(output), "--out", str(tmp_path / "onnx"), "--onnx"])
     if encoder == "w2v-bert":  # its feature extractor runs in NumPy: a trace would freeze it
         assert code == 2 and "ONNX export of w2v-BERT: its feature extractor" in capsys.readouterr().err

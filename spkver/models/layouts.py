@@ -54,8 +54,10 @@ def read_spkver_folder(folder: Path) -> StartingModel:
         layout = "spkver experiment"
     elif exported.exists():
         weights = load_weights(exported)
-        # SpeechBrain's layout holds the backbone alone; an SSL model's export holds the whole extractor.
-        load_strictly(extractor if card.get("weights") == "extractor" else extractor.backbone, weights, exported)
+        # SpeechBrain's layout holds the backbone alone; an SSL model's export (no SpeechBrain class builds
+        # it) holds the whole extractor.
+        whole = card["extractor"]["architecture"] == "ssl"
+        load_strictly(extractor if whole else extractor.backbone, weights, exported)
         layout = "spkver export"
     elif checkpoint is not None:
         path = checkpoint.paramfiles["embedding_model"]
