@@ -211,30 +211,24 @@ def command_calibrate(args) -> int:
     return 0
 
 
-def _count_or_auto(text: str):
-    """A count >= 0, or 'auto'."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'auto', got {value}")
-    return value
+def _count_or_word(word: str, meaning, minimum: int):
+    """An argument parser for a count >= ``minimum``, or ``word`` (returned as ``meaning``)."""
+    def parse(text: str):
+        if text == word:
+            return meaning
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a count or '{word}', got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a count >= {minimum} or '{word}', got {value}")
+        return value
+    return parse
 
 
-def _count_or_all(text: str):
-    """An argument that is a positive count, or 'all' (``None``)."""
-    if text == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'all', got {value}")
-    return value
+#: A positive count, or 'all' (``None``); a count >= 0, or 'auto'.
+_count_or_all = _count_or_word("all", None, 1)
+_count_or_auto = _count_or_word("auto", "auto", 0)
 
 
 def command_prepare_voxceleb(args) -> int:
@@ -362,7 +356,7 @@ def _embedding_inputs(args):
 
 
 def command_embed(args) -> int:
-    from spkver.inference import SpeakerEmbedder, audio_seconds, check_headers, extractor_fingerprint
+    from spkver.inference import SpeakerEmbedder, audio_seconds, check_headers, extractor_fingerprint, unembeddable
     from spkver.scoring import save_embeddings
 
     embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device)
@@ -370,9 +364,7 @@ def command_embed(args) -> int:
     ids, paths = _embedding_inputs(args)
     problems = check_headers(paths, embedder.min_seconds)  # every header, before the first batch
     if problems and not args.skip_unreadable:
-        listing = "; ".join(reason for _, reason in problems[:3])
-        raise CommandError(f"{len(problems)} of {len(paths)} files cannot be embedded ({listing}"
-                           f"{'; ...' if len(problems) > 3 else ''}): fix them, or skip them with --skip-unreadable")
+        raise CommandError(unembeddable(problems, len(paths)))
     out = Path(args.out)
     parts = out.with_name(out.name + ".parts")  # finished parts survive an interruption
     parts.mkdir(parents=True, exist_ok=True)

@@ -95,39 +95,29 @@ def _write_label_encoder(path: Path, classes) -> None:
 
 
 def export_pretrained(model_folder, out, onnx: bool = False) -> Path:
-    """Write the pretrained folder for any model folder spkver reads; return its path."""
-    from spkver.models import load_model
+    """Write the pretrained folder for any model folder spkver reads; return its path.
+
+    An SSL extractor (no SpeechBrain class builds it) is written as a self-contained spkver folder: the
+    encoder's config in spkver.json, the whole extractor's weights (LoRA merged) in
+    embedding_model.ckpt, no SpeechBrain hyperparams.
+    """
+    from spkver.models import WHOLE_EXTRACTOR_ARCHITECTURES, load_model
 
     model_folder, out = Path(model_folder), Path(out).resolve()
     model = load_model(model_folder)
-    embedder = SpeakerEmbedder.from_pretrained(model_folder)
+    embedder = SpeakerEmbedder.from_model(model)
     out.mkdir(parents=True, exist_ok=True)
-    if model.extractor.spec["architecture"] == "ssl":
-        return _export_ssl(model, embedder, model_folder, out, onnx)
-    extractor = embedder.extractor
-    spec = extractor.spec
-    torch.save(extractor.backbone.state_dict(), out / "embedding_model.ckpt")
+    whole = model.extractor.spec["architecture"] in WHOLE_EXTRACTOR_ARCHITECTURES
+    extractor = embedder.extractor.merged() if whole else embedder.extractor
+    torch.save((extractor if whole else extractor.backbone).state_dict(), out / "embedding_model.ckpt")
     _write_label_encoder(out / "label_encoder.txt", model.classes or [])
-    objects = speechbrain_objects(spec)
-    embedding_norm = {"embedding_norm_module": "", "embedding_norm_loadable": "", "embedding_norm_path": ""}
-    text = (_HEADER + f"pretrained_path: {out}\nsample_rate: 16000\n\n"
-            f"compute_features: {objects['compute_features']}\n\n"
-            "mean_var_norm: !new:speechbrain.processing.features.InputNormalization\n"
-            "    norm_type: sentence\n    std_norm: False\n\n"
-            f"embedding_model: {objects['embedding_model']}\n")
-    if embedder.mean is not None:  # SpeechBrain's global embedding normalisation (encode_batch(normalize=True))
-        mean = torch.from_numpy(embedder.mean).reshape(-1)
+    if embedder.mean is not None:
         np.save(out / "mean_embedding.npy", embedder.mean)
-        torch.save({"count": 1, "glob_mean": mean, "glob_std": torch.ones_like(mean)}, out / "mean_var_norm_emb.ckpt")
-        text += ("\nmean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization\n"
-                 "    norm_type: global\n    std_norm: False\n")
-        embedding_norm = {"embedding_norm_module": "\n    mean_var_norm_emb: !ref <mean_var_norm_emb>",
-                          "embedding_norm_loadable": "\n        mean_var_norm_emb: !ref <mean_var_norm_emb>",
-                          "embedding_norm_path":
-                              "\n        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt"}
-    (out / "hyperparams.yaml").write_text(text + _PRETRAINED.format(**embedding_norm))
-    card = dict(model.card) or {"extractor": spec, "threshold": None,
-                                "calibration": f"none: exported from a {model.layout} ({model_folder})"}
+    if not whole:
+        _write_speechbrain_hyperparams(out, extractor.spec, embedder.mean)
+    card = {**model.card, "extractor": extractor.spec}
+    card.setdefault("threshold", None)
+    card.setdefault("calibration", f"none: exported from a {model.layout} ({model_folder})")
     (out / "spkver.json").write_text(json.dumps(card, indent=2) + "\n")
     for name in ("calibration.json", "cohort.npz"):  # what verify and score reuse
         if (model_folder / name).exists():
@@ -137,25 +127,25 @@ def export_pretrained(model_folder, out, onnx: bool = False) -> Path:
     return out
 
 
-def _export_ssl(model, embedder, model_folder: Path, out: Path, onnx: bool) -> Path:
-    """An SSL extractor's self-contained spkver folder: the encoder's config in spkver.json, the whole
-    extractor's weights (LoRA merged) in embedding_model.ckpt; no SpeechBrain hyperparams (no SpeechBrain
-    class builds it)."""
-    extractor = embedder.extractor.merged()
-    torch.save(extractor.state_dict(), out / "embedding_model.ckpt")
-    card = {**model.card, "extractor": extractor.spec}
-    card.setdefault("threshold", None)
-    card.setdefault("calibration", f"none: exported from a {model.layout} ({model_folder})")
-    (out / "spkver.json").write_text(json.dumps(card, indent=2) + "\n")
-    _write_label_encoder(out / "label_encoder.txt", model.classes or [])
-    if embedder.mean is not None:
-        np.save(out / "mean_embedding.npy", embedder.mean)
-    for name in ("calibration.json", "cohort.npz"):
-        if (model_folder / name).exists():
-            shutil.copy(model_folder / name, out / name)
-    if onnx:
-        export_onnx(extractor, out / "embedding_model.onnx")
-    return out
+def _write_speechbrain_hyperparams(out: Path, spec: dict, mean) -> None:
+    """hyperparams.yaml (and, with an embedding mean, mean_var_norm_emb.ckpt) in SpeechBrain's layout."""
+    objects = speechbrain_objects(spec)
+    embedding_norm = {"embedding_norm_module": "", "embedding_norm_loadable": "", "embedding_norm_path": ""}
+    text = (_HEADER + f"pretrained_path: {out}\nsample_rate: 16000\n\n"
+            f"compute_features: {objects['compute_features']}\n\n"
+            "mean_var_norm: !new:speechbrain.processing.features.InputNormalization\n"
+            "    norm_type: sentence\n    std_norm: False\n\n"
+            f"embedding_model: {objects['embedding_model']}\n")
+    if mean is not None:  # SpeechBrain's global embedding normalisation (encode_batch(normalize=True))
+        mean = torch.from_numpy(mean).reshape(-1)
+        torch.save({"count": 1, "glob_mean": mean, "glob_std": torch.ones_like(mean)}, out / "mean_var_norm_emb.ckpt")
+        text += ("\nmean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization\n"
+                 "    norm_type: global\n    std_norm: False\n")
+        embedding_norm = {"embedding_norm_module": "\n    mean_var_norm_emb: !ref <mean_var_norm_emb>",
+                          "embedding_norm_loadable": "\n        mean_var_norm_emb: !ref <mean_var_norm_emb>",
+                          "embedding_norm_path":
+                              "\n        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt"}
+    (out / "hyperparams.yaml").write_text(text + _PRETRAINED.format(**embedding_norm))
 
 
 def export_onnx(extractor, path) -> Path:

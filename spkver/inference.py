@@ -27,9 +27,8 @@ from spkver.errors import UserError
 from spkver.models.folders import ModelFolderError
 
 __all__ = ["AudioError", "ModelFolderError", "SpeakerEmbedder", "Verification", "Identification", "read_audio",
-           "trimmed_length", "length_batches", "embed_files", "embed_waveform", "audio_seconds",
-           "extractor_fingerprint",
-           "MIN_SECONDS"]
+           "trimmed_length", "length_batches", "embed_files", "check_headers", "unembeddable", "embed_waveform",
+           "audio_seconds", "extractor_fingerprint", "MIN_SECONDS"]
 
 SAMPLE_RATE = 16000
 
@@ -119,19 +118,33 @@ def _resampled_frames(path) -> int:
     return math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
 
 
-def check_headers(paths: Sequence, min_seconds: float = 0.0) -> List[Tuple[int, str]]:
-    """Every file's header read before any audio is: the (index, reason) of each that cannot be embedded."""
-    problems = []
+def _read_headers(paths: Sequence, min_seconds: float = 0.0) -> Tuple[Dict[int, int], List[Tuple[int, str]]]:
+    """Every file's 16 kHz length from its header, and the (index, reason) of each that cannot be embedded."""
+    frames, problems = {}, []
     for index, path in enumerate(paths):
         try:
-            frames = _resampled_frames(path)
+            count = _resampled_frames(path)
         except AudioError as error:
             problems.append((index, str(error)))
             continue
-        if frames < min_seconds * SAMPLE_RATE:
-            problems.append((index, f"{path}: {frames / SAMPLE_RATE:.2f} s of audio, shorter than the "
+        if count < min_seconds * SAMPLE_RATE:
+            problems.append((index, f"{path}: {count / SAMPLE_RATE:.2f} s of audio, shorter than the "
                                     f"{min_seconds} s minimum"))
-    return problems
+        else:
+            frames[index] = count
+    return frames, problems
+
+
+def unembeddable(problems: Sequence[Tuple[int, str]], total: int) -> str:
+    """The one line that reports every file :func:`check_headers` found unembeddable."""
+    listing = "; ".join(reason for _, reason in problems[:3])
+    return (f"{len(problems)} of {total} files cannot be embedded ({listing}{'; ...' if len(problems) > 3 else ''}): "
+            "fix them, or skip them with --skip-unreadable")
+
+
+def check_headers(paths: Sequence, min_seconds: float = 0.0) -> List[Tuple[int, str]]:
+    """Every file's header read before any audio is: the (index, reason) of each that cannot be embedded."""
+    return _read_headers(paths, min_seconds)[1]
 
 
 def audio_seconds(paths: Sequence) -> np.ndarray:
@@ -245,18 +258,15 @@ def embed_files(extractor, paths: Sequence, batch_size: int = 16, quantum_second
     """
     from tqdm import tqdm
 
-    problems = check_headers(paths, min_seconds)
+    frames, problems = _read_headers(paths, min_seconds)
     if problems and skipped is None:
-        listing = "; ".join(reason for _, reason in problems[:3])
-        raise AudioError(f"{len(problems)} of {len(paths)} files cannot be embedded ({listing}"
-                         f"{'; ...' if len(problems) > 3 else ''}); skip them with --skip-unreadable")
-    bad = {index for index, _ in problems}
+        raise AudioError(unembeddable(problems, len(paths)))
     if skipped is not None:
         skipped.extend(problems)
     quantum = int(quantum_seconds * SAMPLE_RATE)
     longest = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
-    kept = [i for i in range(len(paths)) if i not in bad]
-    lengths = {i: trimmed_length(min(_resampled_frames(paths[i]), longest or math.inf), quantum) for i in kept}
+    kept = sorted(frames)
+    lengths = {i: trimmed_length(min(frames[i], longest or math.inf), quantum) for i in kept}
     extractor.eval()
     output = {}
     for batch in tqdm(length_batches([lengths[i] for i in kept], batch_size), desc="embedding", unit="batch",
@@ -355,9 +365,13 @@ class SpeakerEmbedder:
         """
         from spkver.models import load_model
 
-        model = load_model(folder)
-        folder, card, extractor = Path(folder), model.card, model.extractor
-        mean = model.mean
+        return cls.from_model(load_model(folder), device)
+
+    @classmethod
+    def from_model(cls, model, device="cpu") -> "SpeakerEmbedder":
+        """From a folder already read (a :class:`spkver.models.StartingModel`), with the calibration and cohort
+        files beside it."""
+        folder, card, extractor, mean = Path(model.folder), model.card, model.extractor, model.mean
         llr_calibration = cohort = None
         if (folder / "calibration.json").exists():
             from spkver.calibration import load_calibration

@@ -18,10 +18,10 @@ evaluation speakers (those of ``enroll.map``) are held out of training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 from spkver.data.manifests import AUDIO_EXTENSIONS, PreparationError, Utterance, prepare_utterances, write_trials
-from spkver.scoring import utterance_key
+from spkver.scoring import read_enrolment_map, utterance_key
 
 __all__ = ["prepare_cnceleb", "EVALUATION_LISTS"]
 
@@ -31,18 +31,6 @@ EVALUATION_LISTS = ("enroll.map", "trials.lst")
 def _audio(folder: Path, root_name: str, root: Path, prefix: str = "") -> List[Utterance]:
     return [Utterance(prefix + path.relative_to(folder).as_posix(), path, root_name, path.relative_to(root).as_posix())
             for path in sorted(folder.rglob("*")) if path.is_file() and path.suffix.lower() in AUDIO_EXTENSIONS]
-
-
-def _read_enroll_map(path: Path) -> Dict[str, List[str]]:
-    table = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) < 2:
-            raise PreparationError(f"{path}:{number}: expected '<enrolment id> <utterance> ...', got {line!r}")
-        table[fields[0]] = [utterance_key(field) for field in fields[1:]]
-    return table
 
 
 def prepare_cnceleb(roots: Sequence, out, **settings) -> dict:
@@ -65,7 +53,8 @@ def prepare_cnceleb(roots: Sequence, out, **settings) -> dict:
         missing = [name for name in EVALUATION_LISTS if not (lists / name).exists()]
         if missing:
             raise PreparationError(f"{lists}: no {' or '.join(missing)}")
-        enrolment = _read_enroll_map(lists / "enroll.map")
+        enrolment = {name: [utterance_key(path) for path in files]
+                     for name, files in read_enrolment_map(lists / "enroll.map").items()}
         for number, line in enumerate((lists / "trials.lst").read_text().splitlines(), 1):
             fields = line.split()
             if not fields:

@@ -19,9 +19,18 @@ from spkver.models.extractors import (
     speechbrain,
 )
 from spkver.models.folders import ModelFolderError, StartingModel
-from spkver.models.layouts import ARCHITECTURES, LAYOUTS, build_extractor, layout_of, load_extractor, load_model
+from spkver.models.layouts import (
+    ARCHITECTURES,
+    LAYOUTS,
+    WHOLE_EXTRACTOR_ARCHITECTURES,
+    build_extractor,
+    layout_of,
+    load_extractor,
+    load_model,
+)
 from spkver.models.wespeaker import wespeaker_extractor
 
 __all__ = ["ModelError", "ModelFolderError", "FilterbankFrontend", "KaldiFilterbank", "EmbeddingExtractor",
            "CosineClassifier", "StartingModel", "ecapa_tdnn", "resnet34", "speechbrain", "wespeaker_extractor",
-           "ARCHITECTURES", "build_extractor", "LAYOUTS", "layout_of", "load_model", "load_extractor", "FRONTENDS"]
+           "ARCHITECTURES", "WHOLE_EXTRACTOR_ARCHITECTURES", "build_extractor", "LAYOUTS", "layout_of", "load_model",
+           "load_extractor", "FRONTENDS"]

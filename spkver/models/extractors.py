@@ -13,6 +13,7 @@ rebuilds it (empty weights), which is how spkver.json describes every model fold
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -154,24 +155,17 @@ def speechbrain(backbone: str, arguments: dict, fbank: Optional[dict] = None) ->
     module, name = SPEECHBRAIN_BACKBONES[backbone]
     fbank = dict(fbank or {})
     n_mels = int(fbank.pop("n_mels", 40))  # Fbank's own default, as SpeechBrain would build it
+    network_class = getattr(importlib.import_module(module), name)
     try:
-        network = getattr(importlib.import_module(module), name)(**arguments)
+        network = network_class(**arguments)
     except TypeError as error:
         raise ModelError(f"{backbone}: arguments {arguments} do not fit ({error})") from None
-    embedding_dim = _output_width(network, n_mels)
+    # Both classes name the embedding width lin_neurons; an absent argument takes the class's own default.
+    default_width = inspect.signature(network_class).parameters["lin_neurons"].default
+    embedding_dim = int(arguments.get("lin_neurons", default_width))
     spec = {"architecture": "speechbrain", "backbone": backbone, "arguments": dict(arguments),
             "fbank": {"n_mels": n_mels, **fbank}}
     return EmbeddingExtractor(network, embedding_dim, n_mels, spec, frontend=FilterbankFrontend(n_mels, fbank=fbank))
-
-
-@torch.no_grad()
-def _output_width(network: nn.Module, n_mels: int) -> int:
-    """The embedding width of a backbone, from one forward pass of 1 s of features (constructors differ)."""
-    training = network.training
-    network.eval()
-    width = network(torch.zeros(1, 100, n_mels)).reshape(1, -1).shape[1]
-    network.train(training)
-    return width
 
 
 class CosineClassifier(nn.Module):

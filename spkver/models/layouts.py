@@ -15,8 +15,12 @@ from spkver.models.speechbrain import read_hub_folder
 from spkver.models.ssl import ssl_extractor
 from spkver.models.wespeaker import WESPEAKER_WEIGHTS, read_wespeaker_folder, wespeaker_extractor
 
-__all__ = ["ARCHITECTURES", "build_extractor", "read_spkver_folder", "LAYOUTS", "layout_of", "load_model",
-           "load_extractor"]
+__all__ = ["ARCHITECTURES", "WHOLE_EXTRACTOR_ARCHITECTURES", "build_extractor", "read_spkver_folder", "LAYOUTS",
+           "layout_of", "load_model", "load_extractor"]
+
+#: Architectures whose exported ``embedding_model.ckpt`` holds the whole extractor (no SpeechBrain class builds
+#: them); the others' holds the backbone alone, as SpeechBrain's layout does.
+WHOLE_EXTRACTOR_ARCHITECTURES = ("ssl",)
 
 #: Architecture names (an extractor's ``spec["architecture"]``) -> the function that builds it.
 ARCHITECTURES = {"ecapa_tdnn": ecapa_tdnn, "resnet34": resnet34, "speechbrain": speechbrain,
@@ -54,9 +58,7 @@ def read_spkver_folder(folder: Path) -> StartingModel:
         layout = "spkver experiment"
     elif exported.exists():
         weights = load_weights(exported)
-        # SpeechBrain's layout holds the backbone alone; an SSL model's export (no SpeechBrain class builds
-        # it) holds the whole extractor.
-        whole = card["extractor"]["architecture"] == "ssl"
+        whole = card["extractor"]["architecture"] in WHOLE_EXTRACTOR_ARCHITECTURES
         load_strictly(extractor if whole else extractor.backbone, weights, exported)
         layout = "spkver export"
     elif checkpoint is not None:
