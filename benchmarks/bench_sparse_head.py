@@ -16,11 +16,10 @@ sparse step at C classes spends its time (torch.profiler, the 15 costliest opera
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from measure import Results, peak_bytes, sync
+from measure import Results, median_seconds, peak_bytes, sync
 
 from spkver.losses import QMargin, StreamingSparseHead
 
@@ -94,17 +93,6 @@ def main():
                   ["classes", "head", "step (ms)", "peak extra memory (MiB)", "x prototype matrix", "time vs dense"],
                   table, align=["---:", "---", "---:", "---:", "---:", "---:"])
     results.save()
-
-
-def median_seconds(step, repeats: int, device: str) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def profile(step, device: str) -> None:

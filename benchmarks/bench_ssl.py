@@ -15,12 +15,10 @@ an earlier model would reuse its memory and hide the next one's.
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
-from measure import Results, run_measured, sync
+from measure import Results, median_seconds, run_measured
 
 from spkver.models import ecapa_tdnn
 from spkver.models.ssl import ssl_extractor
@@ -42,18 +40,6 @@ def _build(encoder: str, mode: str):
     return ssl_extractor(encoder, config, backend, arguments, preprocessor, options, lora=MODES[mode].get("lora"))
 
 
-def _timed(run, device: str, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        run()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _measure(model, waveforms, device: str, repeats: int):
     model = model.to(device)
 
@@ -67,8 +53,8 @@ def _measure(model, waveforms, device: str, repeats: int):
         model.zero_grad(set_to_none=True)
         model(waveforms, torch.ones(waveforms.shape[0], device=device)).sum().backward()
 
-    forward_seconds = _timed(forward, device, repeats)
-    training_seconds = _timed(forward_backward, device, repeats)
+    forward_seconds = median_seconds(forward, repeats, device, warmup=1)
+    training_seconds = median_seconds(forward_backward, repeats, device, warmup=1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     gpu_peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None

@@ -1,9 +1,12 @@
-"""Measurements shared by the benchmarks: the device's name, synchronisation, peak memory (Linux), a
-command timed in a fresh process, and :class:`Results`, through which every benchmark writes its figures."""
+"""Measurements shared by the benchmarks: the device's name, synchronisation, the median time of a call,
+peak memory (Linux), a command timed in a fresh process, and :class:`Results`, through which every
+benchmark writes its figures."""
 import datetime
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,6 +22,21 @@ def sync(device: str) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so that a timer sees all of it."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def median_seconds(run, repeats: int, device: str = "cpu", warmup: int = 0) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``run()``, after ``warmup`` calls not timed; each
+    call synchronised with the device, so that the timer sees all its work."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def status_kib(field: str) -> int:

@@ -355,11 +355,17 @@ def _embedding_inputs(args):
     return lines, [Path(line) if Path(line).is_absolute() else root / line for line in lines]
 
 
+def _precision_argument(parser) -> None:
+    parser.add_argument("--precision", default="fp32", metavar="fp32|bf16",  # checked by check_precision
+                        help="arithmetic of CPU embedding: fp32 (default), or bf16 where the CPU multiplies bfloat16 "
+                             "natively (AMX: 2-3x faster on ResNets; embeddings at cosine >= 0.9999 of fp32's)")
+
+
 def command_embed(args) -> int:
     from spkver.inference import SpeakerEmbedder, audio_seconds, check_headers, extractor_fingerprint, unembeddable
     from spkver.scoring import save_embeddings
 
-    embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device)
+    embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device, precision=args.precision)
     fingerprint = extractor_fingerprint(embedder.extractor)
     ids, paths = _embedding_inputs(args)
     problems = check_headers(paths, embedder.min_seconds)  # every header, before the first batch
@@ -411,7 +417,7 @@ def command_embed(args) -> int:
 def command_verify(args) -> int:
     from spkver.inference import SpeakerEmbedder
 
-    embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device)
+    embedder = SpeakerEmbedder.from_pretrained(args.model, device=args.device, precision=args.precision)
     if args.prior is not None and embedder.llr_calibration is None:
         raise CommandError(f"{args.model}: --prior needs a calibration (calibration.json), and the folder has none")
     result = embedder.verify(args.first, args.second, prior=args.prior)
@@ -709,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, metavar="NPZ")
     embed.add_argument("--batch-size", type=int, default=16)
     embed.add_argument("--device", default="cpu")
+    _precision_argument(embed)
     embed.add_argument("--skip-unreadable", action="store_true",
                        help="skip files that are missing, unreadable, empty, too short, silent or without speech "
                             "energy, listing them with the reason in NPZ's .skipped.tsv (default: refuse them all "
@@ -720,6 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("first", metavar="A.wav")
     verify.add_argument("second", metavar="B.wav")
     verify.add_argument("--device", default="cpu")
+    _precision_argument(verify)
     verify.add_argument("--prior", type=_rate, default=None,
                         help="target prior of the decision (default: the calibration's)")
     verify.set_defaults(handler=command_verify)

@@ -209,3 +209,71 @@ def test_the_compiled_backbone_embeds_as_the_eager_one_and_an_untraceable_one_ru
 
     extractor.backbone = LengthDependent()
     assert compiled_for_inference(extractor) is extractor
+
+
+@pytest.fixture
+def bfloat16_cpu(monkeypatch):
+    """A CPU taken to multiply bfloat16 natively (torch computes it the same way, emulated, on one that does not)."""
+    monkeypatch.setattr("spkver.inference.native_bfloat16", lambda: True)
+
+
+@pytest.mark.parametrize("architecture", ["wespeaker ResNet18", "spkver ECAPA-TDNN"])
+def test_bf16_embeds_in_bfloat16_within_cosine_1e_4_of_float32(bfloat16_cpu, architecture):
+    from spkver.inference import BF16_MIN_COSINE, Bfloat16Backbone, CompiledBackboneExtractor, compiled_for_inference
+    from spkver.models import ecapa_tdnn, wespeaker_extractor
+
+    extractor = (wespeaker_extractor("ResNet18", {"feat_dim": 80, "embed_dim": 256}) if "ResNet" in architecture
+                 else ecapa_tdnn(channels=256, embedding_dim=192)).eval()
+    fast = compiled_for_inference(extractor, precision="bf16")
+    assert isinstance(fast, CompiledBackboneExtractor) and isinstance(fast.backbone, Bfloat16Backbone)
+    assert {p.dtype for p in fast.backbone.parameters()} == {torch.bfloat16}
+    if "ResNet" in architecture:  # its BatchNorms are folded into the convolutions (ECAPA's follow a ReLU)
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fast.backbone.modules())
+    waveforms = 0.1 * torch.randn(3, 16000 * 3)
+    with torch.no_grad():
+        exact, got = extractor(waveforms, torch.ones(3)), fast(waveforms, torch.ones(3))
+    assert got.dtype == torch.float32
+    cosines = _cosines(got, exact)
+    assert cosines.min() >= BF16_MIN_COSINE and cosines.min() < 1 - 1e-7  # close, and really computed in bfloat16
+
+
+def test_bf16_falls_back_to_float32_with_a_log_line_when_it_would_move_the_embeddings(bfloat16_cpu, monkeypatch,
+                                                                                        caplog):
+    from spkver.inference import CompiledBackboneExtractor, compiled_for_inference
+    from spkver.models import wespeaker_extractor
+
+    monkeypatch.setattr("spkver.inference.BF16_MIN_COSINE", 1.0)  # no bfloat16 embedding is that close
+    extractor = wespeaker_extractor("ResNet18", {"feat_dim": 80, "embed_dim": 256}).eval()
+    with caplog.at_level("WARNING", logger="spkver.inference"):
+        fast = compiled_for_inference(extractor, precision="bf16")
+    assert isinstance(fast, CompiledBackboneExtractor) and isinstance(fast.backbone, torch.jit.ScriptModule)
+    assert "bf16 embedding: cosine" in caplog.text and "embedding in fp32" in caplog.text
+
+
+def test_a_precision_the_machine_cannot_run_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    from spkver.inference import PrecisionError
+
+    folder = write_wespeaker_folder(tmp_path / "model", "ResNet18", {"feat_dim": 80, "embed_dim": 256}, classes=4)
+    with pytest.raises(PrecisionError, match="precision 'fp16': choose one of fp32, bf16"):
+        SpeakerEmbedder.from_pretrained(folder, precision="fp16")
+    with pytest.raises(PrecisionError, match="on cuda embed in fp32"):
+        SpeakerEmbedder.from_pretrained(folder, device="cuda", precision="bf16")
+    monkeypatch.setattr("spkver.inference.native_bfloat16", lambda: False)
+    assert cli.main(["verify", "--model", str(folder), "a.wav", "b.wav", "--precision", "bf16"]) == 2
+    assert "no bfloat16 arithmetic (AMX or AVX512-BF16)" in capsys.readouterr().err
+
+
+def test_spkver_embed_with_bf16_writes_the_float32_embeddings_to_cosine_1e_4(bfloat16_cpu, tmp_path, speech):
+    from spkver.scoring import load_embeddings
+
+    folder = write_wespeaker_folder(tmp_path / "model", "ResNet18", {"feat_dim": 80, "embed_dim": 256}, classes=4)
+    listing = tmp_path / "files.txt"
+    listing.write_text("".join(f"{path}\n" for path in speech))
+    stores = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.npz"
+        assert cli.main(["embed", "--model", str(folder), "--list", str(listing), "--out", str(out),
+                         "--precision", precision]) == 0
+        stores[precision] = load_embeddings(out)
+    assert stores["bf16"].ids == stores["fp32"].ids
+    assert _cosines(stores["bf16"].embeddings, stores["fp32"].embeddings).min() >= 0.9999
