@@ -38,7 +38,6 @@ def test_an_internal_error_keeps_its_traceback_and_status_1(tmp_path):
     """A bug (here a TypeError injected into the score command) is not dressed up as bad input."""
     script = ("import sys, spkver.cli as cli\n"
               "def broken(args):\n    raise TypeError('an injected bug')\n"
-              "cli.command_score = broken\n"
               "parser = cli.build_parser\n"
               "def build():\n    p = parser()\n"
               "    p._subparsers._group_actions[0].choices['score'].set_defaults(handler=broken)\n    return p\n"

@@ -165,7 +165,7 @@ def test_bad_audio_is_an_error_naming_the_file(experiment, tmp_path):
 def test_embed_cli_writes_a_store_that_score_reads_and_resumes_from_finished_parts(experiment, tmp_path,
                                                                                    monkeypatch, capsys):
     output, corpus = experiment
-    monkeypatch.setattr(cli, "EMBED_PART", 10)
+    monkeypatch.setattr("spkver.cli.extractors.EMBED_PART", 10)
     out = tmp_path / "emb.npz"
     # A finished first part from an interrupted run is reused as it is.
     parts = tmp_path / "emb.npz.parts"
