@@ -422,6 +422,11 @@ class SpeakerEmbedder:
     def __init__(self, extractor, mean=None, threshold: Optional[float] = None, calibration: str = "",
                  device="cpu", min_seconds: float = MIN_SECONDS, quantum_seconds: float = 0.1,
                  llr_calibration=None, cohort=None, precision: str = "fp32"):
+        from spkver.models import EmbeddingExtractor
+
+        if precision == "bf16" and not isinstance(extractor, EmbeddingExtractor):
+            raise PrecisionError(f"precision 'bf16' is for filterbank extractors (spkver's, WeSpeaker's, "
+                                 f"SpeechBrain's); this {type(extractor).__name__} embeds in fp32")
         self.device = torch.device(device)
         #: ``fp32`` or ``bf16`` (:data:`PRECISIONS`): the arithmetic of CPU embedding.
         self.precision = check_precision(precision, device)

@@ -159,6 +159,8 @@ def test_each_ssl_recipe_trains_evaluates_exports_and_its_export_reloads(experim
     assert cli.main(["embed", "--model", str(exported), "--dir", str(tiny_corpus / "wav"),
                      "--out", str(tmp_path / "emb.npz")]) == 0
     assert cli.main(["verify", "--model", str(exported), str(wav), str(wav)]) == 0
+    assert cli.main(["verify", "--model", str(exported), str(wav), str(wav), "--precision", "bf16"]) == 2
+    assert "precision 'bf16' is for filterbank extractors" in capsys.readouterr().err
     assert cli.main(["evaluate", "--model", str(exported), "--manifests", str(output / "manifests"),
                      "--trials", f"{tiny_corpus}/trials.txt", "--stages", "cosine"]) == 0
     assert (exported / "results.json").exists()
