@@ -4,6 +4,8 @@ Each folder is written in its published layout with random weights at the real s
 (tests/layouts.py); SpeechBrain folders are loaded by SpeechBrain too, WeSpeaker architectures are held
 to embeddings WeSpeaker's own model code computed (tests/data/wespeaker_reference.json).
 """
+import shutil
+
 import numpy as np
 import pytest
 import soundfile
@@ -263,7 +265,7 @@ def test_a_precision_the_machine_cannot_run_is_refused_by_name(tmp_path, monkeyp
     assert "no bfloat16 arithmetic (AMX or AVX512-BF16)" in capsys.readouterr().err
 
 
-def test_spkver_embed_with_bf16_writes_the_float32_embeddings_to_cosine_1e_4(bfloat16_cpu, tmp_path, speech):
+def test_spkver_embed_with_bf16_writes_the_float32_embeddings_to_cosine_1e_4(bfloat16_cpu, tmp_path, speech, capsys):
     from spkver.scoring import load_embeddings
 
     folder = write_wespeaker_folder(tmp_path / "model", "ResNet18", {"feat_dim": 80, "embed_dim": 256}, classes=4)
@@ -277,3 +279,11 @@ def test_spkver_embed_with_bf16_writes_the_float32_embeddings_to_cosine_1e_4(bfl
         stores[precision] = load_embeddings(out)
     assert stores["bf16"].ids == stores["fp32"].ids
     assert _cosines(stores["bf16"].embeddings, stores["fp32"].embeddings).min() >= 0.9999
+    # An interrupted bf16 run is not resumed in fp32: the store would mix two arithmetics.
+    parts = tmp_path / "resumed.npz.parts"
+    parts.mkdir()
+    (parts / "precision").write_text("bf16")
+    shutil.copy(tmp_path / "bf16.npz", parts / "part-00000.npz")
+    assert cli.main(["embed", "--model", str(folder), "--list", str(listing), "--out", str(tmp_path / "resumed.npz"),
+                     "--precision", "fp32"]) == 2
+    assert "parts left by an interrupted run in bf16: resume it with --precision bf16" in capsys.readouterr().err

@@ -53,6 +53,11 @@ def command_embed(args) -> int:
     out = Path(args.out)
     parts = out.with_name(out.name + ".parts")  # finished parts survive an interruption
     parts.mkdir(parents=True, exist_ok=True)
+    precision = parts / "precision"  # parts of one store share one arithmetic
+    if any(parts.glob("part-*.npz")) and precision.exists() and precision.read_text() != embedder.precision:
+        raise CommandError(f"{parts}: parts left by an interrupted run in {precision.read_text()}: resume it with "
+                           f"--precision {precision.read_text()}, or delete the folder")
+    precision.write_text(embedder.precision)
     stores, skipped = [], []
     for start in range(0, len(ids), EMBED_PART):
         part = parts / f"part-{start // EMBED_PART:05d}.npz"
@@ -83,7 +88,7 @@ def command_embed(args) -> int:
         report.write_text("".join(line + "\n" for line in skipped))
     else:
         report.unlink(missing_ok=True)
-    for leftover in list(parts.glob("part-*")):
+    for leftover in [*parts.glob("part-*"), precision]:
         leftover.unlink()
     parts.rmdir()
     recorded = "; with the model's mean embedding, which spkver score subtracts" if embedder.mean is not None else ""
