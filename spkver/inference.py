@@ -298,7 +298,7 @@ def compiled_for_inference(extractor, frames: int = 300, precision: str = "fp32"
             got = backbone(check, lengths).reshape(3, -1)
             reference = extractor.backbone(check, lengths).reshape(3, -1)
             cosine = float(torch.nn.functional.cosine_similarity(got, reference).min())
-        except Exception as error:  # noqa: BLE001 - any failure falls back to float32, said in the log
+        except Exception as error:  # any failure falls back to float32, said in the log
             logger.warning("bf16 embedding: the backbone does not run in bfloat16 (%s); embedding in fp32", error)
         else:
             if cosine >= BF16_MIN_COSINE:
@@ -480,7 +480,11 @@ class SpeakerEmbedder:
 
     @torch.no_grad()
     def embed_batch(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Embeddings ``(B, D)`` of 16 kHz waveforms ``(B, T)`` with relative lengths ``(B,)``."""
+        """Embeddings ``(B, D)`` of 16 kHz waveforms ``(B, T)`` with relative lengths ``(B,)``.
+
+        Always by the eager float32 extractor, the reference the prepared CPU paths are checked against;
+        :meth:`embed_file` and :meth:`embed_files` run the prepared backbone at :attr:`precision`.
+        """
         if waveforms.dim() == 1:
             waveforms = waveforms[None]
         if not bool(torch.isfinite(waveforms).all()):
