@@ -40,7 +40,7 @@ from measure import Results, median_seconds
 from spkver.inference import Bfloat16Backbone, SpeakerEmbedder, native_bfloat16
 from spkver.metrics import eer, min_dcf
 from spkver.models import ecapa_tdnn, load_model
-from spkver.scoring import read_trials
+from spkver.scoring import EmbeddingStore, cosine_scores, read_trials
 
 
 def _layouts():
@@ -85,14 +85,9 @@ def _max_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _float32_peak(size: int = 2048, repeats: int = 30) -> float:
-    """This CPU's float32 matrix-multiply throughput in FLOP/s (torch's threads, a warmed-up product)."""
+    """This CPU's float32 matrix-multiply throughput in FLOP/s (torch's threads; the median product)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(2):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+    return 2 * size ** 3 / median_seconds(lambda: a @ b, repeats, warmup=2)
 
 
 def _wespeaker_model(source: Path, state: dict):
@@ -216,16 +211,14 @@ def _trained_decisions(results, args):
     trials = read_trials(args.trials)
     files = sorted(set(trials.enroll) | set(trials.test))
     paths = [args.audio / name for name in files]
-    row_of = {name: index for index, name in enumerate(files)}
     rows, embeddings, scores = [], {}, {}
     for precision in ("fp32", "bf16"):
         embedder = SpeakerEmbedder.from_pretrained(args.trained, precision=precision)
         embeddings[precision], seconds = _timed_embeddings(embedder, paths)
         if precision == "bf16" and not isinstance(embedder._fast_extractor().backbone, Bfloat16Backbone):
             raise SystemExit(f"{args.trained}: the extractor fell back to fp32 (see the log); no bf16 figures")
-        scores[precision] = np.array([embedder.score_embeddings(embeddings[precision][row_of[a]],
-                                                                embeddings[precision][row_of[b]])
-                                      for a, b in zip(trials.enroll, trials.test)])
+        scores[precision] = cosine_scores(EmbeddingStore(files, embeddings[precision]), trials,
+                                          mean=embedder.mean).scores
         rows.append([precision, f"{len(paths) / seconds:.1f}", f"{100 * eer(scores[precision], trials.labels)[0]:.3f}",
                      f"{min_dcf(scores[precision], trials.labels, 0.01)[0]:.4f}", "", "", ""])
     threshold = embedder.threshold
