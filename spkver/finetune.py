@@ -71,6 +71,27 @@ def _rows_by_name(prototypes: torch.Tensor, classes: List[str], speakers: dict, 
     return prototypes[order]
 
 
+def embedded_examples(extractor, loader, device="cpu", max_examples: Optional[int] = None):
+    """``(embeddings, speaker indices)`` of each batch of ``loader`` (SpeechBrain batches with ``sig`` and
+    ``speaker_index``) until ``max_examples`` examples are read, the extractor in evaluation mode meanwhile.
+
+    Run it under ``torch.no_grad()``; the extractor's mode is restored when the iteration ends.
+    """
+    training = extractor.training
+    extractor.eval()
+    seen = 0
+    try:
+        for batch in loader:
+            batch = batch.to(device)
+            waveforms, lengths = batch.sig
+            yield extractor(waveforms, lengths), batch.speaker_index.data.reshape(-1)
+            seen += waveforms.shape[0]
+            if max_examples is not None and seen >= max_examples:
+                break
+    finally:
+        extractor.train(training)
+
+
 @torch.no_grad()
 def class_mean_prototypes(extractor, loader, num_classes: int, device="cpu",
                           max_examples: Optional[int] = None) -> Tuple[torch.Tensor, int]:
@@ -78,20 +99,9 @@ def class_mean_prototypes(extractor, loader, num_classes: int, device="cpu",
     were seen (an unseen class's row is zero: the caller keeps its own start for it)."""
     from spkver.losses.reinit import ClassMeanAccumulator
 
-    training = extractor.training
-    extractor.eval()
     accumulator = ClassMeanAccumulator(num_classes, extractor.embedding_dim, device=device)
-    seen = 0
-    try:
-        for batch in loader:
-            batch = batch.to(device)
-            waveforms, lengths = batch.sig
-            accumulator.update(extractor(waveforms, lengths), batch.speaker_index.data.reshape(-1))
-            seen += waveforms.shape[0]
-            if max_examples is not None and seen >= max_examples:
-                break
-    finally:
-        extractor.train(training)
+    for embeddings, targets in embedded_examples(extractor, loader, device, max_examples):
+        accumulator.update(embeddings, targets)
     covered = int((accumulator.counts > 0).sum())
     return accumulator.prototypes(fallback=torch.zeros(num_classes, extractor.embedding_dim, device=device)), covered
 
@@ -188,22 +198,12 @@ def one_hot_fraction(extractor, prototypes: torch.Tensor, objective, loader, dev
     (the recipe's training set); the extractor runs in evaluation mode, and
     at most ``max_examples`` examples are read.
     """
-    training = extractor.training
-    extractor.eval()
     weight = F.normalize(prototypes.to(device), dim=1)
     one_hot, seen = 0, 0
-    try:
-        for batch in loader:
-            batch = batch.to(device)
-            waveforms, lengths = batch.sig
-            targets = batch.speaker_index.data.reshape(-1)
-            cosine = F.normalize(extractor(waveforms, lengths), dim=1) @ weight.T
-            one_hot += int(objective.one_hot_rows(cosine, targets).sum())
-            seen += targets.shape[0]
-            if max_examples is not None and seen >= max_examples:
-                break
-    finally:
-        extractor.train(training)
+    for embeddings, targets in embedded_examples(extractor, loader, device, max_examples):
+        cosine = F.normalize(embeddings, dim=1) @ weight.T
+        one_hot += int(objective.one_hot_rows(cosine, targets).sum())
+        seen += targets.shape[0]
     if seen == 0:
         raise FineTuningError("no training examples to measure the one-hot fraction on")
     return one_hot / seen

@@ -70,12 +70,7 @@ def read_audio(path, min_seconds: float = 0.0) -> np.ndarray:
     """
     import soundfile
 
-    if not Path(path).exists():
-        raise AudioError(f"{path}: no such file")
-    try:
-        audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except Exception as error:
-        raise AudioError(f"{path}: cannot read audio ({str(error).splitlines()[0]})") from None
+    audio, rate = _opened(path, lambda name: soundfile.read(name, dtype="float32", always_2d=True))
     channels = audio.shape[1]
     audio = audio.mean(axis=1)
     if not np.isfinite(audio).all():
@@ -92,8 +87,7 @@ def read_audio(path, min_seconds: float = 0.0) -> np.ndarray:
 
         audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
     if audio.size < min_seconds * SAMPLE_RATE:
-        raise AudioError(f"{path}: {audio.size / SAMPLE_RATE:.2f} s of audio, shorter than the "
-                         f"{min_seconds} s minimum")
+        raise AudioError(_too_short(path, audio.size, min_seconds))
     level = speech_level(audio)
     if level == -math.inf:
         raise AudioError(f"{path}: digital silence (every sample is 0): no voice to embed")
@@ -103,15 +97,24 @@ def read_audio(path, min_seconds: float = 0.0) -> np.ndarray:
     return audio
 
 
-def _resampled_frames(path) -> int:
-    import soundfile
-
+def _opened(path, read):
+    """``read(name)`` of soundfile's on the file, its failures an :class:`AudioError` naming the file."""
     if not Path(path).exists():
         raise AudioError(f"{path}: no such file")
     try:
-        info = soundfile.info(str(path))
+        return read(str(path))
     except Exception as error:
         raise AudioError(f"{path}: cannot read audio ({str(error).splitlines()[0]})") from None
+
+
+def _too_short(path, samples: int, min_seconds: float) -> str:
+    return f"{path}: {samples / SAMPLE_RATE:.2f} s of audio, shorter than the {min_seconds} s minimum"
+
+
+def _resampled_frames(path) -> int:
+    import soundfile
+
+    info = _opened(path, soundfile.info)
     if info.frames <= 0:
         raise AudioError(f"{path}: empty audio")
     if info.samplerate == SAMPLE_RATE:
@@ -129,8 +132,7 @@ def _read_headers(paths: Sequence, min_seconds: float = 0.0) -> Tuple[Dict[int, 
             problems.append((index, str(error)))
             continue
         if count < min_seconds * SAMPLE_RATE:
-            problems.append((index, f"{path}: {count / SAMPLE_RATE:.2f} s of audio, shorter than the "
-                                    f"{min_seconds} s minimum"))
+            problems.append((index, _too_short(path, count, min_seconds)))
         else:
             frames[index] = count
     return frames, problems
@@ -273,9 +275,9 @@ def compiled_for_inference(extractor, frames: int = 300, precision: str = "fp32"
 
     ``fp32``: traced, frozen and optimised by TorchScript (each BatchNorm folded into its convolution,
     activations in oneDNN's layouts): about 1.2x on ResNet34, at 1e-6 of the eager embeddings, and
-    87 % of a 2-core CPU's float32 matrix peak, so no exact float32 loop can be much faster
+    85 % of a 2-core CPU's float32 matrix peak, so no exact float32 loop can be much faster
     (docs/pretrained.md). ``bf16`` (:class:`Bfloat16Backbone`): bfloat16 weights and activations
-    with float32 accumulation, on CPUs with AMX 1.7-3.8x faster than float32 on the public architectures
+    with float32 accumulation, on CPUs with AMX 1.7-3.4x faster than float32 on the public architectures
     (ResNet34: 2.5x), the embeddings at cosine >= :data:`BF16_MIN_COSINE` of the float32 ones (1 - 1e-5
     to 1 - 6e-5 on them; a trained extractor's scores move by up to about 5e-3, docs/pretrained.md).
 

@@ -223,16 +223,21 @@ def load_embeddings(path) -> EmbeddingStore:
     return EmbeddingStore(ids, embeddings, source=str(path), durations=durations, fingerprint=fingerprint, mean=mean)
 
 
+def _text_of(path: Path, what: str) -> str:
+    """The text of a list file, or a :class:`ScoringError` naming it and why it cannot be read."""
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise ScoringError(f"{path}: cannot read {what} ({error.strerror})") from None
+
+
 def read_enrolment_map(path) -> Dict[str, List[str]]:
     """An enrolment map: ``speaker file file ...`` lines (CN-Celeb's ``enroll.map``), speaker -> utterance IDs.
 
     Errors name the file and line; a speaker listed twice is an error, not a silent merge.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ScoringError(f"{path}: cannot read the enrolment map ({error.strerror})") from None
+    text = _text_of(path, "the enrolment map")
     enrolment: Dict[str, List[str]] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
@@ -303,10 +308,7 @@ def read_trials(path) -> Trials:
     Errors name the file and line.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ScoringError(f"{path}: cannot read trial list ({error.strerror})") from None
+    text = _text_of(path, "trial list")
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ScoringError(f"{path}: the trial list is empty")

@@ -276,6 +276,23 @@ def auto_calibration_speakers(speakers: int) -> int:
     return 0 if speakers < 20 else min(200, max(2, round(speakers / 10)))
 
 
+def _seeded_speakers(speakers: List[str], count: int, seed: list, argument: str, kind: str, spare: int) -> set:
+    """``count`` of ``speakers`` drawn with ``seed``, leaving at least ``spare`` of them (none when ``count`` is 0);
+    a count outside [2, len - spare] is a :class:`PreparationError` naming ``argument``."""
+    if count and not 2 <= count <= len(speakers) - spare:
+        raise PreparationError(f"{argument} must lie in [2, {len(speakers) - spare}] (there are {len(speakers)} "
+                               f"{kind} speakers), got {count}")
+    chosen = np.random.default_rng(seed).choice(len(speakers), count, replace=False)
+    return {speakers[i] for i in chosen}
+
+
+def _without_short(utterances: List[Utterance], min_seconds: float):
+    """(the utterances of at least ``min_seconds``, and the others with the reason, as ``skipped.tsv`` lists them)."""
+    return ([u for u in utterances if u.duration >= min_seconds],
+            [(u, f"{u.duration:.2f} s, shorter than the {min_seconds} s minimum")
+             for u in utterances if u.duration < min_seconds])
+
+
 def write_manifests(out: Path, roots: Dict[str, Path], training: List[Utterance], trial_utterances: List[Utterance],
                     summary: dict, skipped: List[Tuple[Utterance, str]], chunk_seconds: float = 3.0,
                     min_seconds: float = 1.0, valid_fraction: float = 0.01, calibration_speakers="auto",
@@ -288,21 +305,16 @@ def write_manifests(out: Path, roots: Dict[str, Path], training: List[Utterance]
     :func:`auto_calibration_speakers`). Training files shorter than
     ``min_seconds`` join ``skipped`` (and ``skipped.tsv``) with the reason.
     """
-    too_short = [u for u in training if u.duration < min_seconds]
-    skipped = list(skipped) + [(u, f"{u.duration:.2f} s, shorter than the {min_seconds} s minimum") for u in too_short]
-    training = [u for u in training if u.duration >= min_seconds]
+    training, too_short = _without_short(training, min_seconds)
+    skipped = list(skipped) + too_short
     if not training:
         raise PreparationError(f"no training utterances left ({len(skipped)} skipped: see {out / 'skipped.tsv'})"
                                if skipped else "no training utterances")
     if calibration_speakers == "auto":
         calibration_speakers = auto_calibration_speakers(len({u.speaker for u in training}))
     if calibration_speakers:
-        candidates = sorted({u.speaker for u in training})
-        if not 2 <= calibration_speakers < len(candidates):
-            raise PreparationError(f"calibration_speakers must lie in [2, {len(candidates) - 1}] (there are "
-                                   f"{len(candidates)} training speakers), got {calibration_speakers}")
-        chosen = np.random.default_rng([seed, 2]).choice(len(candidates), calibration_speakers, replace=False)
-        held_out = {candidates[i] for i in chosen}
+        held_out = _seeded_speakers(sorted({u.speaker for u in training}), calibration_speakers, [seed, 2],
+                                    "calibration_speakers", "training", spare=1)
         calibration = sorted((u for u in training if u.speaker in held_out), key=lambda u: u.id)
         training = [u for u in training if u.speaker not in held_out]
     else:
@@ -412,15 +424,10 @@ def prepare_utterances(out, roots: Dict[str, Path], utterances: List[Utterance],
     if cached["converted"]:
         roots = {**roots, "cache": out / "cache"}
     readable = [u for u in utterances if id(u) not in failed]
-    skipped += [(u, f"{u.duration:.2f} s, shorter than the {min_seconds} s minimum")
-                for u in readable if u.duration < min_seconds]
-    readable = [u for u in readable if u.duration >= min_seconds]
-    speakers = sorted({u.speaker for u in readable})
-    if test_speakers and not 2 <= test_speakers <= len(speakers) - 2:
-        raise PreparationError(f"--test-speakers must lie in [2, {len(speakers) - 2}] (there are {len(speakers)} "
-                               f"readable speakers), got {test_speakers}")
-    chosen = np.random.default_rng([seed, 3]).choice(len(speakers), test_speakers, replace=False)
-    held_out = {speakers[i] for i in chosen}
+    readable, too_short = _without_short(readable, min_seconds)
+    skipped += too_short
+    held_out = _seeded_speakers(sorted({u.speaker for u in readable}), test_speakers, [seed, 3], "--test-speakers",
+                                "readable", spare=2)
     evaluation_ids = set(evaluation_ids)
     listed = [u for u in readable if utterance_key(u.id) in evaluation_ids]
     readable = [u for u in readable if utterance_key(u.id) not in evaluation_ids]
