@@ -1,4 +1,5 @@
 """A torch/torchaudio/SpeechBrain combination that cannot work fails with one readable line."""
+import re
 import subprocess
 import sys
 import warnings
@@ -92,3 +93,32 @@ def test_a_torchaudio_that_cannot_load_is_reported_by_spkver_environment(tmp_pat
         f"speechbrain {installed['speechbrain']} (Could not load this library: libtorchaudio.so (undefined symbol: "
         "torch_exception_get_what)); fix: reinstall the pair spkver pins, "
         "python -m pip install \"torch==2.11.0\" \"torchaudio==2.11.0\"")
+
+
+def _readme_commands() -> list[str]:
+    """The command lines of the README's set-up block."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Set-up", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_ci_installs_and_tests_exactly_as_the_readmes_set_up_says():
+    """Every step of the README's test command, in its order, is a line of ``.ci/run``."""
+    test_command = [line for line in _readme_commands() if "pytest" in line]
+    assert len(test_command) == 1
+    steps = [step.strip() for step in test_command[0].split("&&")]
+    ci_lines = [line.split("  #")[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert [line for line in ci_lines if line in steps] == steps
+    install = steps[:3]  # the demo installs the same way
+    assert all(line.split(" && ")[:3] == install for line in _readme_commands())
+
+
+def test_the_lock_holds_the_pinned_torch_pair_with_hashes():
+    """The lock and setup.cfg pin the same torch/torchaudio pair, and pip checks every file by hash."""
+    lock = (ROOT / "requirements" / "lock.txt").read_text()
+    for name in ("torch", "torchaudio"):
+        assert re.search(rf"^{name}{PINS[name]} \\\n    --hash=sha256:[0-9a-f]{{64}}", lock, re.M), name
+        assert f"    {name}{PINS[name]}\n" in (ROOT / "setup.cfg").read_text()
+    requirements = re.findall(r"^([A-Za-z0-9_.-]+)==\S+ \\$", lock, re.M)
+    assert len(requirements) > 50 and all(
+        re.search(rf"^{re.escape(name)}==\S+ \\\n    --hash=sha256:", lock, re.M) for name in requirements)
