@@ -54,9 +54,10 @@ def command_embed(args) -> int:
     parts = out.with_name(out.name + ".parts")  # finished parts survive an interruption
     parts.mkdir(parents=True, exist_ok=True)
     precision = parts / "precision"  # parts of one store share one arithmetic
-    if any(parts.glob("part-*.npz")) and precision.exists() and precision.read_text() != embedder.precision:
-        raise CommandError(f"{parts}: parts left by an interrupted run in {precision.read_text()}: resume it with "
-                           f"--precision {precision.read_text()}, or delete the folder")
+    started_in = precision.read_text() if precision.exists() else embedder.precision
+    if any(parts.glob("part-*.npz")) and started_in != embedder.precision:
+        raise CommandError(f"{parts}: parts left by an interrupted run in {started_in}: resume it with "
+                           f"--precision {started_in}, or delete the folder")
     precision.write_text(embedder.precision)
     stores, skipped = [], []
     for start in range(0, len(ids), EMBED_PART):
